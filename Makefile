@@ -1,0 +1,59 @@
+# LeukoCam — the commands people type. `make` alone prints this menu.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?=
+DATA ?= data/synthetic/cells
+MODEL ?= runs/latest/model.keras
+BUNDLE ?= runs/latest/bundle
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-train run test lint demo-model convert bench clean
+
+help:
+	@echo "LeukoCam — make targets"
+	@echo "  make run          start the appliance (replay camera, demo model) on http://127.0.0.1:8080"
+	@echo "  make test         create .venv, install everything, run the whole test suite"
+	@echo "  make install      .venv with the device side only (no TensorFlow)"
+	@echo "  make install-train .venv with the workstation side too (TensorFlow)"
+	@echo "  make lint         ruff over the code"
+	@echo "  make demo-model   regenerate the shipped synthetic demo bundle and sample fields"
+	@echo "  make convert      MODEL=... DATA=... BUNDLE=...  int8 bundle from a trained Keras model"
+	@echo "  make clean        remove build outputs (keeps .venv)"
+	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
+
+# Stamps make a second `make run` / `make test` quick: pip runs again only when pyproject.toml changes.
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.stamp-device: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[device]"
+	@touch $@
+
+$(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[device,train,dev]"
+	@touch $@ $(VENV)/.stamp-device
+
+install: $(VENV)/.stamp-device
+
+install-train: $(VENV)/.stamp-test
+
+run: $(VENV)/.stamp-device
+	$(BIN)/leukocam serve $(if $(CONFIG),--config $(CONFIG),)
+
+test: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-test
+	$(BIN)/ruff check device training convert tests
+
+demo-model: $(VENV)/.stamp-test
+	$(BIN)/leukocam demo-model
+
+convert: $(VENV)/.stamp-test
+	$(BIN)/leukocam convert $(MODEL) --data $(DATA) --out $(BUNDLE)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""LeukoCam device side: everything that runs on the Raspberry Pi.
+
+This package never imports TensorFlow; `training` and `convert` import from it,
+never the other way round (see DESIGN.md).
+"""
+
+__version__ = "0.1.0"

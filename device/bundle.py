@@ -1,0 +1,162 @@
+"""The model bundle: the contract between `convert` and the device.
+
+A bundle is a folder holding `model.tflite`, `model.json` and `golden.npz`.
+`load_bundle` checks the schema, the sha256 of the tflite file and the golden
+file before anything runs; the classifier then checks tensor shapes against
+model.json. Any mismatch is a BundleError that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from device.errors import BundleError
+from device.preprocess import PreprocessContract
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.tflite"
+META_FILE = "model.json"
+GOLDEN_FILE = "golden.npz"
+REQUIRED_KEYS = (
+    "schema_version",
+    "labels",
+    "input_size",
+    "preprocess",
+    "signature",
+    "outputs",
+    "threshold",
+    "review_band",
+    "cam",
+    "quantization",
+    "tflite_sha256",
+    "created",
+    "golden",
+)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Crops with the outputs the converter measured, for the start-up self-test."""
+
+    crops: np.ndarray
+    probabilities: np.ndarray
+    cams: np.ndarray
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    meta: dict
+    contract: PreprocessContract
+    golden: Golden
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["tflite_sha256"]
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """(negative label, positive label)."""
+        return tuple(self.meta["labels"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def review_band(self) -> tuple[float, float]:
+        low, high = self.meta["review_band"]
+        return float(low), float(high)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.meta.get("synthetic", False))
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and check a bundle folder.
+
+    Raises:
+        BundleError: a missing file, a schema this device does not read, a
+            tflite file whose sha256 differs from model.json, or bad fields.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle folder not found; set [model] bundle to a folder written by `leukocam convert`")
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no {META_FILE}; this is not a LeukoCam bundle (re-run `leukocam convert`)") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: unreadable or not JSON ({exc}); re-run `leukocam convert`") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_path}: missing fields {', '.join(missing)}; re-run `leukocam convert`")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise BundleError(
+            f"{meta_path}: schema_version {meta['schema_version']!r}, but this device reads version {SCHEMA_VERSION}; "
+            "convert the model with the matching LeukoCam version"
+        )
+    model_path = path / MODEL_FILE
+    if not model_path.is_file():
+        raise BundleError(f"{path}: no {MODEL_FILE}; the bundle is incomplete, copy it again")
+    actual = sha256_file(model_path)
+    if actual != meta["tflite_sha256"]:
+        raise BundleError(
+            f"{model_path}: sha256 {actual[:12]}… does not match model.json ({str(meta['tflite_sha256'])[:12]}…); "
+            "the model file was changed or damaged after conversion. Copy the bundle again; do not edit it"
+        )
+    labels = meta["labels"]
+    if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, str) for x in labels)):
+        raise BundleError(f"{meta_path}: labels must be [negative, positive], got {labels!r}")
+    try:
+        contract = PreprocessContract.from_dict(meta["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: bad preprocess contract ({exc})") from None
+    if contract.input_size != meta["input_size"]:
+        raise BundleError(f"{meta_path}: input_size {meta['input_size']} differs from preprocess.input_size {contract.input_size}")
+    low, high = meta["review_band"]
+    if not 0.0 <= low <= meta["threshold"] <= high <= 1.0:
+        raise BundleError(f"{meta_path}: need 0 <= review_band[0] <= threshold <= review_band[1] <= 1")
+    golden = _load_golden(path, meta)
+    return Bundle(path=path, meta=meta, contract=contract, golden=golden)
+
+
+def _load_golden(path: Path, meta: dict) -> Golden:
+    gpath = path / GOLDEN_FILE
+    try:
+        with np.load(gpath, allow_pickle=False) as npz:
+            crops, probs, cams = npz["crops"], npz["probabilities"], npz["cams"]
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{gpath}: unreadable golden file ({exc}); re-run `leukocam convert`") from None
+    expected = meta["golden"].get("sha256")
+    if expected and sha256_file(gpath) != expected:
+        raise BundleError(f"{gpath}: sha256 does not match model.json; the bundle was altered. Copy it again")
+    size = meta["input_size"]
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+        raise BundleError(f"{gpath}: golden crops have shape {crops.shape} {crops.dtype}, expected N x {size} x {size} x 3 uint8")
+    return Golden(crops=crops, probabilities=probs, cams=cams, tolerance=float(meta["golden"]["tolerance"]))

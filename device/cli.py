@@ -1,0 +1,173 @@
+"""The `leukocam` command line: one entry point, subcommands.
+
+Device commands live here. Workstation commands (synth, train, convert,
+demo-model) are registered by name and imported only when invoked, so
+`leukocam serve` on a Pi never imports `training`, `convert` or TensorFlow.
+A user mistake ends in a one-line message and exit code 2, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from device.errors import LeukoCamError
+
+# name -> ("module:attribute", short help). Imported on first use.
+LAZY_COMMANDS = {
+    "synth": ("training.cli:synth", "Generate SYNTHETIC single-cell datasets and smear fields."),
+    "train": ("training.cli:train", "Train the classifier on a folder dataset (needs the [train] extra)."),
+    "convert": ("convert.cli:convert", "Convert a trained Keras model into an int8 model bundle."),
+    "demo-model": ("training.cli:demo_model", "Rebuild the shipped synthetic demo bundle and sample fields."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            target, _ = LAZY_COMMANDS[name]
+            module, attr = target.split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as exc:
+                raise click.ClickException(
+                    f"`leukocam {name}` needs the workstation extras ({exc.name} is missing): "
+                    "pip install 'leukocam[train]' (or run `make install-train`)"
+                ) from None
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                rows.append((name, super().get_command(ctx, name).get_short_help_str(80)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LeukoCamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=LazyGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """LeukoCam: white-cell screening at the microscope (research use only, not a diagnosis)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                             help="TOML config (default: the embedded demo configuration).")
+
+
+@cli.command()
+@config_option
+@click.option("--host", default=None, help="Override [web] host.")
+@click.option("--port", type=int, default=None, help="Override [web] port.")
+def serve(config_path, host, port):
+    """Run the appliance: capture worker and dashboard in one process."""
+    import dataclasses
+
+    from waitress import create_server
+
+    from device.config import load_config
+    from device.service import Appliance
+    from device.web import create_app
+
+    cfg = load_config(config_path)
+    if host or port is not None:
+        cfg = dataclasses.replace(cfg, web=dataclasses.replace(
+            cfg.web, host=host or cfg.web.host, port=cfg.web.port if port is None else port))
+        cfg.validate()
+    log = logging.getLogger("leukocam")
+    appliance = Appliance(cfg)
+    log.info("config: %s", cfg.source)
+    log.info("model: %s (sha256 %s, %s%s)", appliance.bundle.path, appliance.bundle.sha256[:12], appliance.classifier.runtime,
+             ", SYNTHETIC demo model, not clinical" if appliance.bundle.synthetic else "")
+    if appliance.self_test:
+        log.info(appliance.self_test.message)
+    log.info(appliance.reconcile.summary())
+    app = create_app(appliance)
+    server = create_server(app, host=cfg.web.host, port=cfg.web.port, threads=cfg.web.threads)
+    stopping = threading.Event()
+
+    def shutdown(signum, _frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("signal %d: stopping", signum)
+            server.close()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    appliance.start()
+    log.info("dashboard on http://%s:%s/", cfg.web.host, server.effective_port)
+    try:
+        server.run()
+    except OSError:
+        if not stopping.is_set():
+            raise
+    finally:
+        appliance.stop()
+        log.info("stopped cleanly")
+
+
+@cli.command()
+@config_option
+@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--single-cell", is_flag=True, help="The image is one cell (C-NMC style), not a field.")
+def capture(config_path, image, single_cell):
+    """Capture one field (or analyse IMAGE), store it and print the result as JSON."""
+    from device.config import load_config
+    from device.service import Appliance
+
+    cfg = load_config(config_path)
+    with Appliance(cfg) as appliance:
+        if image:
+            with open(image, "rb") as fh:
+                outcome = appliance.analyse_upload(fh.read(), image, single_cell=single_cell)
+        else:
+            outcome = appliance.capture_now("cli")
+        result = appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None
+    click.echo(json.dumps({"outcome": outcome.__dict__, "capture": result}, indent=2, default=str))
+    if outcome.status == "error":
+        sys.exit(1)
+
+
+@cli.command("check-bundle")
+@click.argument("bundle", type=click.Path())
+def check_bundle(bundle):
+    """Load a model bundle, check its hash and shapes, and run its self-test."""
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+
+    b = load_bundle(bundle)
+    with Classifier(b) as clf:
+        result = clf.self_test()
+    click.echo(f"{b.path}: schema {b.meta['schema_version']}, sha256 {b.sha256[:12]}, input {b.meta['input_size']} px, "
+               f"{b.meta['quantization']['mode']}, runtime {clf.runtime}")
+    click.echo(result.message)
+    if not result.passed:
+        sys.exit(1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The device configuration: TOML in, a typed frozen object out.
+
+Validated once at start-up. Unknown keys and wrong types are errors that name
+the file, the key and what was expected. The dataclass defaults are the
+embedded default that `make run` uses: the replay camera over the shipped
+sample fields and the shipped demo bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_BUNDLE = PACKAGE_DIR / "demo" / "bundle"
+DEMO_FIELDS = PACKAGE_DIR / "demo" / "fields"
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    backend: str = "replay"
+    """Which camera: "replay" (a folder of images), "opencv" (UVC camera or video file)."""
+    replay_dir: str = ""
+    """Folder of field images for the replay camera; empty means the shipped synthetic sample fields."""
+    opencv_device: str = "0"
+    """OpenCV source: a camera index such as "0", or a video file path."""
+    retries: int = 3
+    """How often a failed capture is retried before the error is reported."""
+
+    def validate(self) -> None:
+        _choice("camera.backend", self.backend, ("replay", "opencv"))
+        _at_least("camera.retries", self.retries, 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    bundle: str = ""
+    """Path of the model bundle folder; empty means the shipped synthetic demo bundle."""
+    threads: int = 2
+    """Interpreter threads (a Pi 4/5 has 4 cores; leave some for the camera and the web server)."""
+    self_test: bool = True
+    """Run the bundle's golden crops at start-up and refuse a bundle that fails them."""
+
+    def validate(self) -> None:
+        _at_least("model.threads", self.threads, 1)
+
+
+@dataclass(frozen=True)
+class FinderConfig:
+    um_per_px: float = 0.0
+    """Pixel size of the field image in micrometres; 0 estimates it from the red cells (about 7.5 um across)."""
+    max_cells: int = 50
+    """At most this many white cells are classified per field (the rest are reported as skipped)."""
+
+    def validate(self) -> None:
+        _at_least("finder.um_per_px", self.um_per_px, 0.0)
+        _at_least("finder.max_cells", self.max_cells, 1)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    min_focus: float = 4.0
+    """Lowest accepted variance of the Laplacian (on a 0-255 grey image at working scale); below it the field is blurred."""
+    max_clipped_fraction: float = 0.05
+    """Highest accepted fraction of pixels at 0 or 255 in any channel (over- or under-exposure)."""
+
+    def validate(self) -> None:
+        _at_least("quality.min_focus", self.min_focus, 0.0)
+        _between("quality.max_clipped_fraction", self.max_clipped_fraction, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: str = "var/leukocam"
+    """Where the SQLite database and the image files live (on the Pi: /var/lib/leukocam)."""
+    min_free_mb: int = 200
+    """A capture is refused, and nothing written, when less disk space than this is free."""
+    max_image_pixels: int = 40_000_000
+    """Images larger than this many pixels are refused (decompression-bomb guard; 12 MP HQ frames fit)."""
+
+    def validate(self) -> None:
+        _at_least("store.min_free_mb", self.min_free_mb, 0)
+        _at_least("store.max_image_pixels", self.max_image_pixels, 1)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on. 127.0.0.1 is this machine only; 0.0.0.0 is the whole lab network."""
+    port: int = 8080
+    """TCP port of the dashboard."""
+    threads: int = 4
+    """WSGI worker threads."""
+    max_upload_mb: int = 40
+    """Largest accepted upload."""
+
+    def validate(self) -> None:
+        _between("web.port", self.port, 0, 65535)
+        _at_least("web.threads", self.threads, 1)
+        _at_least("web.max_upload_mb", self.max_upload_mb, 1)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    startup_captures: int = 3
+    """Captures taken automatically at start-up (the demo shows results without a button press); 0 on a rig."""
+    slide_id: str = ""
+    """Slide that new captures belong to until the operator starts another; empty = a dated default."""
+
+    def validate(self) -> None:
+        _at_least("service.startup_captures", self.startup_captures, 0)
+
+
+@dataclass(frozen=True)
+class Config:
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finder: FinderConfig = field(default_factory=FinderConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    source: str = "<embedded default>"
+    """Where this configuration came from (for messages and the status page)."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.model.bundle) if self.model.bundle else DEMO_BUNDLE
+
+    @property
+    def replay_dir(self) -> Path:
+        return Path(self.camera.replay_dir) if self.camera.replay_dir else DEMO_FIELDS
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} = {value!r}: expected a value >= {low}")
+
+
+def _between(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} = {value!r}: expected a value between {low} and {high}")
+
+
+def _type_ok(expected: object, value: object) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, type):
+        return isinstance(value, expected)
+    return True
+
+
+def _build(cls: type, data: dict, prefix: str) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+            f"allowed keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        expected = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a [{key}] table, got {type(value).__name__}")
+            kwargs[name] = _build(expected, value, key)
+        elif isinstance(expected, types.UnionType) or not _type_ok(expected, value):
+            raise ConfigError(
+                f"{key} = {value!r}: expected {getattr(expected, '__name__', expected)}, "
+                f"got {type(value).__name__}"
+            )
+        else:
+            kwargs[name] = float(value) if expected is float else value
+    return cls(**kwargs)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> Config:
+    """Build and validate a Config from a parsed TOML mapping."""
+    try:
+        cfg = _build(Config, data, "")
+        cfg = dataclasses.replace(cfg, source=source)
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load a TOML file, or return the embedded default when path is None."""
+    if path is None:
+        cfg = Config()
+        cfg.validate()
+        return cfg
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass an existing file to --config") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+    return parse_config(data, source=str(path))

@@ -1,0 +1,29 @@
+"""Errors a user can act on. Each message says what was wrong and what to do."""
+
+
+class LeukoCamError(Exception):
+    """Base class: an error with a message meant for the operator, not a stack trace."""
+
+
+class ConfigError(LeukoCamError):
+    """The TOML configuration is invalid."""
+
+
+class ImageError(LeukoCamError):
+    """An image could not be decoded or breaks a size limit."""
+
+
+class BundleError(LeukoCamError):
+    """A model bundle is missing, tampered with, or does not fit this device."""
+
+
+class CameraError(LeukoCamError):
+    """The camera failed or disappeared."""
+
+
+class StoreFullError(LeukoCamError):
+    """Not enough disk space to store a capture; nothing was written."""
+
+
+class BusyError(LeukoCamError):
+    """A capture is already in progress."""

@@ -1,0 +1,132 @@
+"""Safe image decoding and atomic file writes.
+
+Every image that enters the device (camera file, replay folder, upload) goes
+through `decode_image`, which refuses corrupt, truncated, zero-byte and
+oversized (decompression-bomb) input with an ImageError that says so. Every
+file the device stores goes through `atomic_write_bytes`, so a power cut leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from device.errors import ImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def check_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Raise ValueError unless image is a uint8 RGB array of shape HxWx3."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 (0-255), got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name}: expected shape HxWx3 (RGB), got {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name}: empty image {image.shape}")
+    return image
+
+
+def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file or bytes into uint8 RGB.
+
+    Args:
+        data: encoded bytes, or a path to an image file.
+        max_pixels: refuse images with more pixels than this, before decoding them.
+
+    Returns:
+        uint8 array HxWx3 in RGB order.
+
+    Raises:
+        ImageError: empty, unreadable, truncated or too large input.
+    """
+    label = str(data) if isinstance(data, (str, Path)) else "uploaded image"
+    if isinstance(data, (str, Path)):
+        try:
+            data = Path(data).read_bytes()
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read file ({exc.strerror})") from None
+    if not data:
+        raise ImageError(f"{label}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"{label}: {w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.0f} MP limit; "
+                    "use a smaller image or raise store.max_image_pixels"
+                )
+            img.load()
+            rgb = img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{label}: refused as a decompression bomb (too many pixels)") from None
+    except Exception as exc:  # PIL raises many types for corrupt or truncated data
+        raise ImageError(
+            f"{label}: not a readable image ({type(exc).__name__}: {exc}); "
+            "use a JPEG, PNG, BMP or TIFF file that opens in an image viewer"
+        ) from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92) -> bytes:
+    """Encode a uint8 RGB array as JPEG or PNG bytes."""
+    check_rgb(rgb)
+    buf = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(rgb).save(buf, format=fmt.upper())
+    return buf.getvalue()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write data to path via a temp file, fsync and rename.
+
+    A reader (or a reboot after a power cut) sees either no file or the whole
+    file. The temp file has a `.tmp` suffix so that start-up reconcile can
+    recognise leftovers.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path

@@ -1,0 +1,149 @@
+"""From a field image to classified cells: quality, find, crop, classify, CAM.
+
+`Analyzer` is built once (it holds the classifier) and is called per field. It
+returns a typed `FieldAnalysis` with per-stage timings; turning it into stored
+rows is `to_record`'s job, so the same analysis serves the camera loop, uploads
+and benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from device import cells as finder
+from device.classifier import Classifier
+from device.config import Config
+from device.heatmap import overlay
+from device.imaging import check_rgb, encode_image
+from device.preprocess import crop_cell
+from device.quality import QualityReport, assess
+from device.store import CaptureRecord, CellRecord
+
+
+@dataclass(frozen=True)
+class CellResult:
+    box: tuple[int, int, int, int]
+    """x0, y0, x1, y1 in field pixels (x1, y1 exclusive)."""
+    probability: float
+    """Blast probability from the model, 0-1."""
+    logit: float
+    label: str
+    positive: bool
+    needs_review: bool
+    """Inside the review band: a person decides."""
+    crop: np.ndarray
+    """The model's input, uint8 RGB S x S."""
+    heatmap: np.ndarray
+    """The crop with the predicted class's CAM overlaid, uint8 RGB S x S."""
+
+
+@dataclass(frozen=True)
+class FieldAnalysis:
+    status: str
+    """"ok", or "retake" when the quality gate failed or no white cell was found."""
+    message: str
+    quality: QualityReport
+    cells: tuple[CellResult, ...]
+    skipped: int
+    """White cells found beyond finder.max_cells and not classified."""
+    um_per_px: float | None
+    timings_ms: dict
+    """Milliseconds per stage: qc, find, crop, classify, cam."""
+    width: int
+    height: int
+
+
+class Analyzer:
+    """The on-device analysis of one field. Build once; call `analyse` per field."""
+
+    def __init__(self, classifier: Classifier, config: Config):
+        self.classifier = classifier
+        self.config = config
+        self.contract = classifier.bundle.contract
+
+    def analyse(self, field: np.ndarray, single_cell: bool = False) -> FieldAnalysis:
+        """Analyse a uint8 RGB field (or, with single_cell, an image that is already one cell)."""
+        check_rgb(field, "field")
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        qc = assess(field, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
+        if single_cell:
+            qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
+        timings["qc"] = _ms(t)
+
+        t = time.perf_counter()
+        um = self.config.finder.um_per_px or None
+        if single_cell:
+            found = [finder.single_cell(field)]
+        else:
+            if um is None:
+                um = finder.estimate_um_per_px(field)
+            found = finder.find_white_cells(field, finder.FinderOptions(um_per_px=um))
+        timings["find"] = _ms(t)
+        limit = self.config.finder.max_cells
+        skipped = max(0, len(found) - limit)
+        found = sorted(found, key=lambda c: -c.score)[:limit]
+
+        t = time.perf_counter()
+        crops = np.stack([crop_cell(field, c.box, c.mask, self.contract) for c in found]) if found else None
+        timings["crop"] = _ms(t)
+
+        t = time.perf_counter()
+        preds = self.classifier.classify(crops) if crops is not None else []
+        timings["classify"] = _ms(t)
+
+        t = time.perf_counter()
+        results = tuple(
+            CellResult(
+                box=tuple(int(v) for v in c.box), probability=p.probability, logit=p.logit, label=p.label,
+                positive=p.positive, needs_review=p.needs_review, crop=crop, heatmap=overlay(crop, p.heatmap()),
+            )
+            for c, p, crop in zip(found, preds, crops if crops is not None else [], strict=True)
+        )
+        timings["cam"] = _ms(t)
+
+        problems = list(qc.problems)
+        if not results:
+            problems.append("no white cell found: move to a field with white cells, check focus and stain, and retake")
+        status = "retake" if problems else "ok"
+        message = "; ".join(problems) if problems else f"{len(results)} white cell(s) classified"
+        return FieldAnalysis(status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0])
+
+
+def to_record(
+    analysis: FieldAnalysis,
+    field: np.ndarray,
+    *,
+    slide_id: str,
+    source: str,
+    trigger: str,
+    model_sha256: str,
+    model_synthetic: bool,
+    camera: dict | None = None,
+    extra_timings: dict | None = None,
+) -> CaptureRecord:
+    """Encode images and package an analysis for `Store.save_capture`."""
+    t = time.perf_counter()
+    cells = tuple(
+        CellRecord(
+            box=c.box, probability=c.probability, logit=c.logit, label=c.label, positive=c.positive,
+            needs_review=c.needs_review, crop_png=encode_image(c.crop, "PNG"), heatmap_png=encode_image(c.heatmap, "PNG"),
+        )
+        for c in analysis.cells
+    )
+    field_jpeg = encode_image(field, "JPEG", quality=90)
+    timings = dict(extra_timings or {}, **analysis.timings_ms, encode=_ms(t))
+    qc = analysis.quality.to_dict()
+    qc["skipped_cells"] = analysis.skipped
+    return CaptureRecord(
+        slide_id=slide_id, source=source, trigger=trigger, status=analysis.status, message=analysis.message,
+        width=analysis.width, height=analysis.height, um_per_px=analysis.um_per_px, model_sha256=model_sha256,
+        model_synthetic=model_synthetic, field_jpeg=field_jpeg, qc=qc, timings=timings, camera=camera or {}, cells=cells,
+    )
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)

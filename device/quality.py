@@ -1,0 +1,58 @@
+"""Quality checks on a field before classification: focus and exposure.
+
+The empty-field check ("no white cells") lives in the pipeline, since it needs
+the cell finder. Thresholds come from [quality] in the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from device.imaging import check_rgb
+
+WORK_SIDE = 1024
+"""Focus is measured at a fixed working size so that thresholds do not depend on the sensor."""
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    focus: float
+    """Variance of the Laplacian of the grey field at working size; low = blurred."""
+    clipped_fraction: float
+    """Largest fraction of pixels at 0 or 255 over the three channels."""
+    mean_brightness: float
+    """Mean grey level 0-255."""
+    problems: tuple[str, ...]
+    """Human-readable reasons to retake; empty when the field is usable."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["problems"] = list(self.problems)
+        d["ok"] = self.ok
+        return d
+
+
+def assess(rgb: np.ndarray, min_focus: float, max_clipped_fraction: float) -> QualityReport:
+    """Measure focus and exposure of a uint8 RGB field."""
+    check_rgb(rgb, "field")
+    h, w = rgb.shape[:2]
+    scale = min(1.0, WORK_SIDE / max(h, w))
+    small = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    focus = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    clipped = max(float(np.mean((small[..., c] == 0) | (small[..., c] == 255))) for c in range(3))
+    problems = []
+    if focus < min_focus:
+        problems.append(f"out of focus (sharpness {focus:.0f} < {min_focus:.0f}): turn the fine focus and retake")
+    if clipped > max_clipped_fraction:
+        problems.append(
+            f"badly exposed ({clipped:.1%} of pixels clipped > {max_clipped_fraction:.0%}): adjust the lamp or exposure and retake"
+        )
+    return QualityReport(focus, clipped, float(grey.mean()), tuple(problems))

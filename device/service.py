@@ -1,0 +1,200 @@
+"""The appliance: one process that owns the camera, the classifier and the store.
+
+A single worker thread takes capture requests from a queue of one, so there
+are never two overlapping captures: a press while busy is refused with a
+message. The dashboard and the button only enqueue. Camera errors are retried,
+then shown in the health report; they never stop the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date
+
+from device.bundle import Bundle, load_bundle
+from device.camera import Camera, build_camera
+from device.classifier import Classifier, SelfTestResult
+from device.config import Config
+from device.errors import BundleError, BusyError, CameraError, ImageError, LeukoCamError
+from device.imaging import decode_image
+from device.pipeline import Analyzer, to_record
+from device.store import ReconcileReport, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptureOutcome:
+    capture_id: int | None
+    status: str
+    message: str
+
+
+class Appliance:
+    """Builds every long-lived part once. Use as a context manager; `start()` runs the worker."""
+
+    def __init__(self, config: Config, camera: Camera | None = None):
+        self.config = config
+        self.started_at = time.time()
+        self.store = Store(config.store.data_dir, config.store.min_free_mb)
+        self.reconcile: ReconcileReport = self.store.reconcile()
+        self.bundle: Bundle = load_bundle(config.bundle_path)
+        self.classifier = Classifier(self.bundle, threads=config.model.threads)
+        self.self_test: SelfTestResult | None = None
+        if config.model.self_test:
+            self.self_test = self.classifier.self_test()
+            if not self.self_test.passed:
+                raise BundleError(f"{self.bundle.path}: {self.self_test.message}")
+        self.analyzer = Analyzer(self.classifier, config)
+        self.camera: Camera = camera if camera is not None else build_camera(config)
+        self.slide_id = config.service.slide_id or f"slide-{date.today():%Y%m%d}"
+        self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
+        self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
+        self._busy = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_outcome: CaptureOutcome | None = None
+        self.last_error: str | None = None
+        self.captures_done = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="capture-worker", daemon=True)
+        self._thread.start()
+        for _ in range(self.config.service.startup_captures):
+            self._queue.put("startup")  # blocks until the worker takes the previous one
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.camera.close()
+        self.classifier.close()
+
+    def __enter__(self) -> Appliance:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- requests ----------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._busy.is_set() or not self._queue.empty()
+
+    def request_capture(self, trigger: str = "web") -> None:
+        """Queue one capture. Raises BusyError when one is already running or waiting."""
+        if self.busy:
+            raise BusyError("a capture is already in progress; wait for its result, then press again")
+        try:
+            self._queue.put_nowait(trigger)
+        except queue.Full:
+            raise BusyError("a capture is already in progress; wait for its result, then press again") from None
+
+    def capture_now(self, trigger: str = "cli") -> CaptureOutcome:
+        """Capture and analyse synchronously in the caller's thread (the CLI's one-shot capture)."""
+        return self._capture(trigger)
+
+    def analyse_upload(self, data: bytes, name: str, single_cell: bool = False) -> CaptureOutcome:
+        """Decode an uploaded image and analyse it like a capture. Raises ImageError for bad files."""
+        image = decode_image(data, max_pixels=self.config.store.max_image_pixels)
+        return self._analyse_and_store(image, source=name, trigger="upload", camera={"backend": "upload"},
+                                       single_cell=single_cell, decode_ms=None)
+
+    # -- the worker --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                trigger = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._busy.set()
+            try:
+                self._capture(trigger)
+            except Exception as exc:  # the worker must survive anything a capture throws
+                log.exception("capture failed")
+                self.last_error = f"capture failed: {exc}"
+            finally:
+                self._busy.clear()
+
+    def _capture(self, trigger: str) -> CaptureOutcome:
+        retries = self.config.camera.retries
+        frame = None
+        t0 = time.perf_counter()
+        for attempt in range(retries + 1):
+            try:
+                frame = self.camera.capture()
+                break
+            except CameraError as exc:
+                self.last_error = f"camera error (attempt {attempt + 1} of {retries + 1}): {exc}"
+                log.warning(self.last_error)
+                if attempt < retries:
+                    time.sleep(min(0.2 * 2**attempt, 2.0))
+        if frame is None:
+            outcome = CaptureOutcome(None, "error", self.last_error or "camera failed")
+            self.last_outcome = outcome
+            return outcome
+        decode_ms = round((time.perf_counter() - t0) * 1000, 2)
+        return self._analyse_and_store(frame.image, source=frame.source, trigger=trigger, camera=frame.metadata,
+                                       single_cell=False, decode_ms=decode_ms)
+
+    def _analyse_and_store(self, image, *, source, trigger, camera, single_cell, decode_ms) -> CaptureOutcome:
+        with self._work_lock:
+            try:
+                self.store.check_space()
+                analysis = self.analyzer.analyse(image, single_cell=single_cell)
+                t = time.perf_counter()
+                extra = {"capture": decode_ms} if decode_ms is not None else {}
+                record = to_record(
+                    analysis, image, slide_id=self.slide_id, source=source, trigger=trigger,
+                    model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
+                    extra_timings=extra,
+                )
+                capture_id = self.store.save_capture(record)
+                log.info("capture %d (%s): %s; store %.0f ms", capture_id, trigger, analysis.message,
+                         (time.perf_counter() - t) * 1000)
+            except (LeukoCamError, ImageError) as exc:
+                self.last_error = str(exc)
+                outcome = CaptureOutcome(None, "error", str(exc))
+                self.last_outcome = outcome
+                if trigger == "upload":
+                    raise
+                return outcome
+        self.captures_done += 1
+        self.last_error = None if analysis.status == "ok" else self.last_error
+        outcome = CaptureOutcome(capture_id, analysis.status, analysis.message)
+        self.last_outcome = outcome
+        return outcome
+
+    # -- status ------------------------------------------------------------------------------
+    def health(self) -> dict:
+        worker_alive = self._thread is not None and self._thread.is_alive()
+        return {
+            "ok": worker_alive and (self.self_test is None or self.self_test.passed),
+            "worker_alive": worker_alive,
+            "busy": self.busy,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "captures_done": self.captures_done,
+            "last_error": self.last_error,
+            "last_outcome": None if self.last_outcome is None else self.last_outcome.__dict__,
+            "camera": self.camera.name,
+            "slide_id": self.slide_id,
+            "runtime": self.classifier.runtime,
+            "model": {
+                "path": str(self.bundle.path),
+                "sha256": self.bundle.sha256,
+                "name": self.bundle.meta.get("name", ""),
+                "synthetic": self.bundle.synthetic,
+                "threshold": self.bundle.threshold,
+                "review_band": list(self.bundle.review_band),
+                "input_size": self.bundle.meta["input_size"],
+                "quantization": self.bundle.meta["quantization"].get("mode"),
+            },
+            "self_test": None if self.self_test is None else self.self_test.message,
+            "store": {"captures": self.store.count_captures(), "free_mb": round(self.store.free_mb()),
+                      "reconcile": self.reconcile.summary()},
+        }

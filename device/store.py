@@ -1,0 +1,311 @@
+"""Durable results: SQLite (WAL) for rows, plain files for images.
+
+Write order is what makes a power cut harmless: every image of a capture is
+written atomically (temp file, fsync, rename) first, and only then is the
+capture committed in one transaction. A crash in between leaves files without
+a row, which `reconcile` reports at start-up (never deleting them silently); it
+can never leave a row whose files are half written. Disk space is checked
+before anything is written, so a full disk refuses a capture and loses nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from device.errors import StoreFullError
+from device.imaging import atomic_write_bytes, fsync_dir
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "leukocam.sqlite3"
+IMAGES_DIR = "images"
+
+# Each entry moves the schema from version i to i+1. Append; never edit a released step.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE captures (
+        id INTEGER PRIMARY KEY,
+        uid TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        slide_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'retake', 'error')),
+        message TEXT NOT NULL DEFAULT '',
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        um_per_px REAL,
+        model_sha256 TEXT NOT NULL,
+        model_synthetic INTEGER NOT NULL DEFAULT 0,
+        qc_json TEXT NOT NULL DEFAULT '{}',
+        timings_json TEXT NOT NULL DEFAULT '{}',
+        camera_json TEXT NOT NULL DEFAULT '{}',
+        field_file TEXT NOT NULL
+    );
+    CREATE INDEX captures_created ON captures (created_at);
+    CREATE INDEX captures_slide ON captures (slide_id);
+    CREATE TABLE cells (
+        id INTEGER PRIMARY KEY,
+        capture_id INTEGER NOT NULL REFERENCES captures (id),
+        idx INTEGER NOT NULL,
+        x0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x1 INTEGER NOT NULL, y1 INTEGER NOT NULL,
+        probability REAL NOT NULL,
+        logit REAL NOT NULL,
+        label TEXT NOT NULL,
+        positive INTEGER NOT NULL,
+        needs_review INTEGER NOT NULL,
+        crop_file TEXT NOT NULL,
+        heatmap_file TEXT NOT NULL,
+        UNIQUE (capture_id, idx)
+    );
+    CREATE INDEX cells_capture ON cells (capture_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    box: tuple[int, int, int, int]
+    probability: float
+    logit: float
+    label: str
+    positive: bool
+    needs_review: bool
+    crop_png: bytes
+    heatmap_png: bytes
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    slide_id: str
+    source: str
+    trigger: str
+    status: str
+    message: str
+    width: int
+    height: int
+    um_per_px: float | None
+    model_sha256: str
+    model_synthetic: bool
+    field_jpeg: bytes
+    qc: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    camera: dict = field(default_factory=dict)
+    cells: tuple[CellRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    orphan_dirs: tuple[str, ...]
+    """Image folders with no capture row (e.g. a power cut between files and commit). Kept, not deleted."""
+    missing_files: tuple[str, ...]
+    """Files that rows point to but that are not on disk."""
+    temp_files: tuple[str, ...]
+    """Half-written temp files from an interrupted write; never counted as results."""
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphan_dirs or self.missing_files or self.temp_files)
+
+    def summary(self) -> str:
+        if self.clean:
+            return "store consistent"
+        return (
+            f"store reconcile: {len(self.orphan_dirs)} image folder(s) without a capture row, "
+            f"{len(self.missing_files)} missing file(s), {len(self.temp_files)} interrupted temp file(s); "
+            "nothing was deleted (see the status page)"
+        )
+
+
+class Store:
+    """The results store under one data folder. Cheap connections, opened per call."""
+
+    def __init__(self, data_dir: str | Path, min_free_mb: int = 200):
+        self.data_dir = Path(data_dir)
+        self.min_free_mb = min_free_mb
+        self.images_dir = self.data_dir / IMAGES_DIR
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.data_dir / DB_FILE
+        self._migrate()
+
+    # -- connections -------------------------------------------------------------------------
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection in WAL mode with foreign keys on; commits on success, rolls back on error."""
+        conn = sqlite3.connect(self.db_path, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            yield conn
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            conn.close()
+
+    def _migrate(self) -> None:
+        with self.connect() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.db_path}: database schema {version} is newer than this LeukoCam ({SCHEMA_VERSION}); upgrade LeukoCam"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                conn.executescript("BEGIN;" + MIGRATIONS[step] + f"PRAGMA user_version={step + 1}; COMMIT;")
+                log.info("store: migrated schema to version %d", step + 1)
+
+    # -- writing -----------------------------------------------------------------------------
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.data_dir).free / 1e6
+
+    def check_space(self, need_bytes: int = 0) -> None:
+        """Raise StoreFullError unless min_free_mb plus need_bytes are free."""
+        free = self.free_mb()
+        if free - need_bytes / 1e6 < self.min_free_mb:
+            raise StoreFullError(
+                f"disk almost full: {free:.0f} MB free, {self.min_free_mb} MB must stay free; "
+                "capture refused, nothing was written. Export and delete old results, or use a larger SD card"
+            )
+
+    def save_capture(self, rec: CaptureRecord) -> int:
+        """Write a capture's files, then commit its rows. Returns the capture id."""
+        payload = len(rec.field_jpeg) + sum(len(c.crop_png) + len(c.heatmap_png) for c in rec.cells)
+        self.check_space(payload)
+        uid = uuid.uuid4().hex
+        now = datetime.now(UTC)
+        rel_dir = Path(now.strftime("%Y/%m/%d")) / uid
+        folder = self.images_dir / rel_dir
+        try:
+            field_file = rel_dir / "field.jpg"
+            atomic_write_bytes(self.images_dir / field_file, rec.field_jpeg)
+            cell_files = []
+            for i, cell in enumerate(rec.cells):
+                crop_file, heat_file = rel_dir / f"cell_{i:03d}.png", rel_dir / f"cell_{i:03d}_cam.png"
+                atomic_write_bytes(self.images_dir / crop_file, cell.crop_png)
+                atomic_write_bytes(self.images_dir / heat_file, cell.heatmap_png)
+                cell_files.append((crop_file, heat_file))
+            fsync_dir(folder.parent)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFullError(
+                    "disk full while writing the capture; it was refused and its partial files removed. "
+                    "Free some space (export and delete old results)"
+                ) from None
+            raise
+        try:
+            with self.connect() as conn:
+                cur = conn.execute(
+                    """INSERT INTO captures (uid, created_at, slide_id, source, trigger, status, message, width, height,
+                       um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        uid, now.isoformat(timespec="milliseconds"), rec.slide_id, rec.source, rec.trigger, rec.status,
+                        rec.message, rec.width, rec.height, rec.um_per_px, rec.model_sha256, int(rec.model_synthetic),
+                        json.dumps(rec.qc), json.dumps(rec.timings), json.dumps(rec.camera), str(field_file),
+                    ),
+                )
+                capture_id = int(cur.lastrowid)
+                conn.executemany(
+                    """INSERT INTO cells (capture_id, idx, x0, y0, x1, y1, probability, logit, label, positive,
+                       needs_review, crop_file, heatmap_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    [
+                        (capture_id, i, *map(int, c.box), float(c.probability), float(c.logit), c.label,
+                         int(c.positive), int(c.needs_review), str(files[0]), str(files[1]))
+                        for i, (c, files) in enumerate(zip(rec.cells, cell_files, strict=True))
+                    ],
+                )
+        except sqlite3.OperationalError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if "full" in str(exc).lower():
+                raise StoreFullError("disk full while committing the capture; it was refused, nothing else changed") from None
+            raise
+        return capture_id
+
+    # -- reading -----------------------------------------------------------------------------
+    def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
+        """Newest captures first, each with its cell count, blast count and review count."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """SELECT c.*, COUNT(k.id) AS n_cells,
+                          COALESCE(SUM(k.positive), 0) AS n_positive,
+                          COALESCE(SUM(k.needs_review), 0) AS n_review
+                   FROM captures c LEFT JOIN cells k ON k.capture_id = c.id
+                   GROUP BY c.id ORDER BY c.id DESC LIMIT ? OFFSET ?""",
+                (limit, offset),
+            ).fetchall()
+        return [_capture_dict(r) for r in rows]
+
+    def count_captures(self) -> int:
+        with self.connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+
+    def get_capture(self, capture_id: int) -> dict | None:
+        """One capture with its cells, or None."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM captures WHERE id = ?", (capture_id,)).fetchone()
+            if row is None:
+                return None
+            cells = conn.execute("SELECT * FROM cells WHERE capture_id = ? ORDER BY idx", (capture_id,)).fetchall()
+        cap = _capture_dict(row)
+        cap["cells"] = [dict(c) for c in cells]
+        for c in cap["cells"]:
+            c["needs_review"] = bool(c["needs_review"])
+            c["positive"] = bool(c["positive"])
+            c["box"] = [c.pop("x0"), c.pop("y0"), c.pop("x1"), c.pop("y1")]
+        cap["n_cells"] = len(cells)
+        return cap
+
+    def image_file(self, kind: str, item_id: int) -> Path | None:
+        """Resolve a stored image by id: kind is 'field' (capture id), 'crop' or 'heatmap' (cell id)."""
+        column, table = {"field": ("field_file", "captures"), "crop": ("crop_file", "cells"),
+                         "heatmap": ("heatmap_file", "cells")}.get(kind, (None, None))
+        if column is None:
+            return None
+        with self.connect() as conn:
+            row = conn.execute(f"SELECT {column} FROM {table} WHERE id = ?", (item_id,)).fetchone()  # noqa: S608 (fixed names)
+        if row is None:
+            return None
+        path = (self.images_dir / row[0]).resolve()
+        return path if path.is_relative_to(self.images_dir.resolve()) else None
+
+    # -- start-up ----------------------------------------------------------------------------
+    def reconcile(self) -> ReconcileReport:
+        """Compare rows and files. Reports problems; deletes nothing."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT uid, field_file FROM captures").fetchall()
+            cell_files = conn.execute("SELECT crop_file, heatmap_file FROM cells").fetchall()
+        known_dirs = {str(Path(r["field_file"]).parent) for r in rows}
+        dirs = {str(p.relative_to(self.images_dir)) for p in self.images_dir.glob("*/*/*/*") if p.is_dir()}
+        orphans = tuple(sorted(dirs - known_dirs))
+        referenced = [r["field_file"] for r in rows] + [f for r in cell_files for f in r]
+        missing = tuple(f for f in referenced if not (self.images_dir / f).is_file())
+        temps = tuple(sorted(str(p.relative_to(self.images_dir)) for p in self.images_dir.rglob("*.tmp")))
+        report = ReconcileReport(orphans, missing, temps)
+        if not report.clean:
+            log.warning(report.summary())
+        return report
+
+
+def _capture_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    for key in ("qc", "timings", "camera"):
+        d[key] = json.loads(d.pop(f"{key}_json") or "{}")
+    d["model_synthetic"] = bool(d["model_synthetic"])
+    return d
+
+

@@ -1,0 +1,54 @@
+"""`leukocam serve` as a real process: waitress, start-up captures, health, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_shows_results_and_stops_cleanly_on_sigterm(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "leukocam.toml"
+    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
+                   f'[web]\nport = {port}\n[service]\nstartup_captures = 2\n')
+    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, listing = time.time() + 120, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/captures", timeout=5) as r:
+                    listing = json.load(r)
+                if listing["total"] >= 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert listing and listing["total"] >= 2, "no start-up captures within the deadline"
+        assert sum(c["n_cells"] for c in listing["captures"]) > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as r:
+            health = json.load(r)
+        assert health["ok"] and health["worker_alive"] and health["model"]["synthetic"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            html = r.read().decode()
+        assert "/images/heatmap/" in html and r.headers["Server"] == "waitress"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped cleanly" in out

@@ -1,0 +1,144 @@
+"""The appliance: replay camera -> find -> classify -> store, with its failure modes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from device.camera import Frame
+from device.camera.replay import ReplayCamera
+from device.errors import BusyError, CameraError, ImageError
+from device.imaging import encode_image
+from device.service import Appliance
+
+
+class FlakyCamera:
+    """A camera that disappears for a number of captures, then comes back (like a loose ribbon cable)."""
+
+    name = "flaky"
+
+    def __init__(self, inner, failures: int):
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def capture(self) -> Frame:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise CameraError("camera not responding (simulated unplug)")
+        return self.inner.capture()
+
+    def close(self):
+        self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_capture_finds_and_classifies_cells_of_a_sample_field(config, demo_fields_dir):
+    with Appliance(config) as app:
+        outcome = app.capture_now("test")
+        assert outcome.status == "ok", outcome.message
+        cap = app.store.get_capture(outcome.capture_id)
+    truth = json.loads((demo_fields_dir / cap["source"].replace(".jpg", ".json")).read_text())
+    assert truth["synthetic"] is True
+    assert cap["n_cells"] == len(truth["cells"])
+    assert cap["model_sha256"] == app.bundle.sha256 and cap["model_synthetic"]
+    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode"):
+        assert stage in cap["timings"]
+    for cell in cap["cells"]:
+        assert 0.0 <= cell["probability"] <= 1.0
+        assert app.store.image_file("heatmap", cell["id"]).is_file()
+
+
+def test_demo_model_labels_sample_field_cells_better_than_chance(config, demo_fields_dir):
+    # Ground truth of the synthetic fields lets us score the whole on-device pipeline.
+    right = total = 0
+    with Appliance(config) as app:
+        for _ in range(len(list(demo_fields_dir.glob("*.jpg")))):
+            cap = app.store.get_capture(app.capture_now("test").capture_id)
+            truth = json.loads((demo_fields_dir / cap["source"].replace(".jpg", ".json")).read_text())["cells"]
+            for cell in cap["cells"]:
+                cx, cy = (cell["box"][0] + cell["box"][2]) / 2, (cell["box"][1] + cell["box"][3]) / 2
+                match = [t for t in truth if t["box"][0] <= cx <= t["box"][2] and t["box"][1] <= cy <= t["box"][3]]
+                assert match, f"found cell at {cx:.0f},{cy:.0f} matches no true white cell"
+                total += 1
+                right += (match[0]["label"] == "all") == cell["positive"]
+    assert total >= 5
+    assert right / total >= 0.6
+
+
+def test_worker_queues_one_capture_and_refuses_overlap(config):
+    with Appliance(config) as app:
+        app.start()
+        app.request_capture("web")
+        with pytest.raises(BusyError, match="already in progress"):
+            app.request_capture("web")
+        deadline = time.time() + 60
+        while app.captures_done < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.captures_done == 1
+        assert app.store.count_captures() == 1
+        assert app.health()["ok"]
+
+
+def test_camera_error_is_retried_then_reported_without_crashing(config, demo_fields_dir):
+    cam = FlakyCamera(ReplayCamera(demo_fields_dir), failures=2)
+    with Appliance(config, camera=cam) as app:
+        outcome = app.capture_now("test")
+        assert outcome.status == "ok"  # 3 retries cover 2 failures
+        assert cam.calls == 3
+    cam = FlakyCamera(ReplayCamera(demo_fields_dir), failures=100)
+    with Appliance(config, camera=cam) as app:
+        app.start()
+        app.request_capture("button")
+        deadline = time.time() + 30
+        while (app.last_outcome is None) and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.last_outcome.status == "error"
+        health = app.health()
+        assert health["worker_alive"], "a camera failure must not stop the worker"
+        assert "camera" in health["last_error"] and "simulated unplug" in health["last_error"]
+        assert app.store.count_captures() == 0
+
+
+def test_full_disk_refuses_capture_and_keeps_old_results(config, monkeypatch):
+    with Appliance(config) as app:
+        first = app.capture_now("test")
+        before = app.store.get_capture(first.capture_id)
+        monkeypatch.setattr(app.store, "min_free_mb", 10**12)
+        outcome = app.capture_now("test")
+        assert outcome.status == "error" and "disk" in outcome.message
+        assert app.store.count_captures() == 1
+        assert app.store.get_capture(first.capture_id) == before
+
+
+def test_upload_of_single_cell_and_bad_files(config):
+    with Appliance(config) as app:
+        cell = app.bundle.golden.crops[0]
+        outcome = app.analyse_upload(encode_image(cell, "PNG"), "cell.png", single_cell=True)
+        cap = app.store.get_capture(outcome.capture_id)
+        assert cap["n_cells"] == 1
+        expected = app.classifier.classify(cell[None])[0].probability
+        assert cap["cells"][0]["probability"] == pytest.approx(expected, abs=0.05)
+        for bad in (b"", b"not an image", encode_image(np.zeros((8, 8, 3), np.uint8))[:40]):
+            with pytest.raises(ImageError):
+                app.analyse_upload(bad, "bad.jpg")
+        assert app.store.count_captures() == 1
+
+
+def test_blurred_field_is_stored_as_retake(config, demo_fields_dir):
+    import cv2
+
+    from device.imaging import decode_image
+
+    field = decode_image(next(demo_fields_dir.glob("*.jpg")))
+    blurred = cv2.GaussianBlur(field, (0, 0), 6)
+    with Appliance(config) as app:
+        outcome = app.analyse_upload(encode_image(blurred, "PNG"), "blurred.png")
+        assert outcome.status == "retake" and "focus" in outcome.message
+        assert app.store.get_capture(outcome.capture_id)["status"] == "retake"

@@ -1,0 +1,479 @@
+"""Tests for the results store (device/store.py).
+
+Everything runs against a real SQLite file and real image files in tmp_path.
+The power-cut test kills a real writer process with SIGKILL while it saves
+captures, several times, and then checks that the database is intact, that
+every committed row has whole, decodable files, and that reconcile reports
+leftovers without deleting them. Monkeypatching is used only to make the disk
+fill up in the middle of a capture and to stop a capture just before its commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import device.store
+from device.errors import LeukoCamError, StoreFullError
+from device.imaging import decode_image, encode_image
+from device.store import (
+    DB_FILE,
+    IMAGES_DIR,
+    SCHEMA_VERSION,
+    CaptureRecord,
+    CellRecord,
+    Store,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rgb(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _cell(seed: int, positive: bool, needs_review: bool) -> CellRecord:
+    return CellRecord(
+        box=(10 + seed, 20, 60 + seed, 70),
+        probability=0.9 if positive else 0.2,
+        logit=2.2 if positive else -1.4,
+        label="blast" if positive else "normal",
+        positive=positive,
+        needs_review=needs_review,
+        crop_png=encode_image(_rgb(16, 16, seed), "PNG"),
+        heatmap_png=encode_image(_rgb(16, 16, seed + 100), "PNG"),
+    )
+
+
+def _record(seed: int = 0, cells: tuple[CellRecord, ...] | None = None, message: str = "") -> CaptureRecord:
+    if cells is None:
+        cells = (_cell(seed + 1, positive=True, needs_review=False), _cell(seed + 2, positive=False, needs_review=True))
+    return CaptureRecord(
+        slide_id="slide-A",
+        source="replay:field_01.jpg",
+        trigger="test",
+        status="ok",
+        message=message,
+        width=40,
+        height=30,
+        um_per_px=0.1,
+        model_sha256="ab" * 32,
+        model_synthetic=True,
+        field_jpeg=encode_image(_rgb(30, 40, seed), "JPEG"),
+        qc={"focus": 12.5, "clipped": 0.01},
+        timings={"total_ms": 42.0},
+        camera={"backend": "replay"},
+        cells=cells,
+    )
+
+
+def _files(store: Store) -> dict[str, bytes]:
+    """Every file under images/, relative path -> content."""
+    return {str(p.relative_to(store.images_dir)): p.read_bytes()
+            for p in store.images_dir.rglob("*") if p.is_file()}
+
+
+def _db(store: Store) -> sqlite3.Connection:
+    return sqlite3.connect(store.db_path)
+
+
+def _row_count(store: Store, table: str) -> int:
+    with _db(store) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: S608
+
+
+@pytest.fixture()
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "data", min_free_mb=0)
+
+
+# -- save and read back -------------------------------------------------------------------------
+
+def test_save_and_read_back_a_capture(store):
+    rec = _record(seed=1)
+    cid = store.save_capture(rec)
+    assert store.count_captures() == 1
+
+    cap = store.get_capture(cid)
+    assert cap["id"] == cid
+    assert cap["slide_id"] == "slide-A" and cap["status"] == "ok" and cap["trigger"] == "test"
+    assert (cap["width"], cap["height"], cap["um_per_px"]) == (40, 30, 0.1)
+    assert cap["model_synthetic"] is True
+    assert cap["qc"] == {"focus": 12.5, "clipped": 0.01}
+    assert cap["timings"] == {"total_ms": 42.0} and cap["camera"] == {"backend": "replay"}
+    assert len(cap["uid"]) == 32
+    assert cap["n_cells"] == 2
+    first, second = cap["cells"]
+    assert [c["idx"] for c in cap["cells"]] == [0, 1]
+    assert first["box"] == [12, 20, 62, 70] and second["box"] == [13, 20, 63, 70]
+    assert first["positive"] is True and first["needs_review"] is False and first["label"] == "blast"
+    assert second["positive"] is False and second["needs_review"] is True
+    assert first["probability"] == pytest.approx(0.9) and second["logit"] == pytest.approx(-1.4)
+
+    # the files are on disk with exactly the bytes given, in one folder per capture
+    folder = store.images_dir / Path(cap["field_file"]).parent
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cell_000.png", "cell_000_cam.png", "cell_001.png", "cell_001_cam.png", "field.jpg"]
+    assert (store.images_dir / cap["field_file"]).read_bytes() == rec.field_jpeg
+    for c, cell in zip(cap["cells"], rec.cells, strict=True):
+        assert (store.images_dir / c["crop_file"]).read_bytes() == cell.crop_png
+        assert (store.images_dir / c["heatmap_file"]).read_bytes() == cell.heatmap_png
+    assert store.reconcile().clean
+
+
+def test_recent_captures_counts_and_order(store):
+    first = store.save_capture(_record(seed=1))
+    empty = store.save_capture(_record(seed=2, cells=()))
+    three = store.save_capture(_record(seed=3, cells=(
+        _cell(1, True, True), _cell(2, True, False), _cell(3, False, False))))
+
+    recent = store.recent_captures()
+    assert [c["id"] for c in recent] == [three, empty, first]  # newest first
+    counts = {c["id"]: (c["n_cells"], c["n_positive"], c["n_review"]) for c in recent}
+    assert counts == {first: (2, 1, 1), empty: (0, 0, 0), three: (3, 2, 1)}
+    assert recent[0]["qc"] == {"focus": 12.5, "clipped": 0.01}  # JSON columns decoded
+    assert [c["id"] for c in store.recent_captures(limit=1, offset=1)] == [empty]
+    assert store.count_captures() == 3
+    assert store.get_capture(empty)["cells"] == []
+
+
+def test_get_capture_unknown_id_is_none(store):
+    assert store.get_capture(1) is None
+    store.save_capture(_record())
+    assert store.get_capture(999) is None
+
+
+def test_image_file_resolves_by_id(store):
+    rec = _record(seed=4)
+    cid = store.save_capture(rec)
+    cells = store.get_capture(cid)["cells"]
+
+    field_path = store.image_file("field", cid)
+    assert field_path.is_file() and field_path.read_bytes() == rec.field_jpeg
+    np.testing.assert_array_equal(decode_image(field_path).shape, (30, 40, 3))
+    for c, cell in zip(cells, rec.cells, strict=True):
+        assert store.image_file("crop", c["id"]).read_bytes() == cell.crop_png
+        assert store.image_file("heatmap", c["id"]).read_bytes() == cell.heatmap_png
+
+    assert store.image_file("thumbnail", cid) is None
+    assert store.image_file("field", cid + 1) is None
+    assert store.image_file("crop", 9999) is None
+    assert store.image_file("heatmap", -1) is None
+
+
+def test_image_file_refuses_a_path_outside_the_images_folder(store):
+    cid = store.save_capture(_record())
+    (store.data_dir / "secret.txt").write_text("not an image")
+    with _db(store) as conn:
+        conn.execute("UPDATE captures SET field_file = '../secret.txt' WHERE id = ?", (cid,))
+    assert store.image_file("field", cid) is None
+
+
+# -- schema, WAL and migrations -------------------------------------------------------------------
+
+def test_database_is_wal_with_current_schema_version(store):
+    with _db(store) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"captures", "cells"} <= tables
+    assert store.db_path == store.data_dir / DB_FILE
+    assert store.images_dir == store.data_dir / IMAGES_DIR and store.images_dir.is_dir()
+
+
+def test_reopening_keeps_data_and_schema(tmp_path):
+    data = tmp_path / "data"
+    cid = Store(data, min_free_mb=0).save_capture(_record(seed=5))
+    with sqlite3.connect(data / DB_FILE) as conn:
+        schema_before = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+
+    for _ in range(2):  # migrations are idempotent
+        again = Store(data, min_free_mb=0)
+        assert again.count_captures() == 1
+        assert again.get_capture(cid)["n_cells"] == 2
+    with sqlite3.connect(data / DB_FILE) as conn:
+        assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert again.save_capture(_record(seed=6)) == cid + 1
+
+
+def test_newer_schema_is_refused_with_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / DB_FILE) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    # RuntimeError today; a LeukoCamError subclass would also be acceptable (see the report)
+    with pytest.raises((RuntimeError, LeukoCamError), match="newer than this LeukoCam") as info:
+        Store(data)
+    assert "upgrade LeukoCam" in str(info.value)
+    with sqlite3.connect(data / DB_FILE) as conn:  # and it did not touch the database
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+
+
+# -- full disk ------------------------------------------------------------------------------------
+
+def test_full_disk_before_writing_refuses_and_writes_nothing(tmp_path):
+    data = tmp_path / "data"
+    old = Store(data, min_free_mb=0)
+    old.save_capture(_record(seed=7))
+    before = _files(old)
+
+    full = Store(data, min_free_mb=10**12)  # more than any disk has free
+    with pytest.raises(StoreFullError, match="nothing was written") as info:
+        full.save_capture(_record(seed=8))
+    assert "MB free" in str(info.value)
+    assert full.count_captures() == 1
+    assert _row_count(full, "cells") == 2
+    assert _files(full) == before
+    with pytest.raises(StoreFullError):
+        full.check_space()
+    old.check_space()  # min_free_mb=0 passes
+
+
+def test_check_space_counts_the_payload(store):
+    store.min_free_mb = int(store.free_mb()) - 1000  # about 1 GB of headroom
+    store.check_space(need_bytes=0)
+    with pytest.raises(StoreFullError):
+        store.check_space(need_bytes=10**15)  # a payload no disk has room for
+
+
+class _FillsUp:
+    """Wraps atomic_write_bytes: the n-th call fails as a full disk would."""
+
+    def __init__(self, fail_on: int, err: int = errno.ENOSPC):
+        self.fail_on, self.err, self.paths = fail_on, err, []
+        self.real = device.store.atomic_write_bytes
+
+    def __call__(self, path, data):
+        self.paths.append(Path(path))
+        if len(self.paths) == self.fail_on:
+            raise OSError(self.err, os.strerror(self.err), str(path))
+        return self.real(path, data)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("fail_on", [1, 2, 5])
+def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
+    kept = _record(seed=9)
+    kept_id = store.save_capture(kept)
+    before = _files(store)
+
+    fills = _FillsUp(fail_on, err)
+    monkeypatch.setattr(device.store, "atomic_write_bytes", fills)
+    with pytest.raises(StoreFullError, match="partial files removed"):
+        store.save_capture(_record(seed=10))
+    monkeypatch.undo()
+
+    assert len(fills.paths) == fail_on
+    assert not fills.paths[0].parent.exists()  # the capture's own folder is gone
+    assert store.count_captures() == 1 and _row_count(store, "cells") == 2
+    assert _files(store) == before  # earlier captures byte-identical, nothing new
+    cap = store.get_capture(kept_id)
+    assert decode_image(store.images_dir / cap["field_file"]).shape == (30, 40, 3)
+    report = store.reconcile()
+    assert report.orphan_dirs == () and report.missing_files == () and report.temp_files == ()
+
+
+def test_other_write_errors_are_not_reported_as_full(store, monkeypatch):
+    fills = _FillsUp(2, errno.EIO)
+    monkeypatch.setattr(device.store, "atomic_write_bytes", fills)
+    with pytest.raises(OSError) as info:
+        store.save_capture(_record())
+    assert not isinstance(info.value, StoreFullError) and info.value.errno == errno.EIO
+    assert not fills.paths[0].parent.exists()
+    assert store.count_captures() == 0
+
+
+def test_database_full_at_commit_refuses_and_removes_files(store, monkeypatch):
+    kept_id = store.save_capture(_record(seed=11))
+    before = _files(store)
+    real_connect = store.connect
+
+    @contextmanager
+    def capped_connect():
+        # A real SQLITE_FULL: the database may not grow beyond its current size.
+        with real_connect() as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            yield conn
+
+    monkeypatch.setattr(store, "connect", capped_connect)
+    with pytest.raises(StoreFullError, match="disk full while committing"):
+        store.save_capture(_record(seed=12, message="x" * 200_000))  # needs new pages
+    monkeypatch.undo()
+
+    assert store.count_captures() == 1
+    assert _files(store) == before
+    assert store.get_capture(kept_id)["n_cells"] == 2
+
+
+# -- power cut -------------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from device.imaging import encode_image
+    from device.store import CaptureRecord, CellRecord, Store
+
+    store = Store(sys.argv[1], min_free_mb=0)
+    rng = np.random.default_rng(int(sys.argv[2]))
+
+    def png(h, w):
+        return encode_image(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "PNG")
+
+    while True:
+        cells = tuple(
+            CellRecord(box=(i, i, i + 8, i + 8), probability=0.5, logit=0.0, label="normal",
+                       positive=bool(i % 2), needs_review=False, crop_png=png(24, 24), heatmap_png=png(24, 24))
+            for i in range(3)
+        )
+        store.save_capture(CaptureRecord(
+            slide_id="power-cut", source="test", trigger="loop", status="ok", message="",
+            width=64, height=48, um_per_px=None, model_sha256="0" * 64, model_synthetic=True,
+            field_jpeg=encode_image(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)),
+            cells=cells,
+        ))
+    """
+)
+
+
+def _wait_for(store: Store, count: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while store.count_captures() < count:
+        if proc.poll() is not None:
+            raise AssertionError(f"writer exited early: {proc.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"writer did not reach {count} captures in {timeout} s")
+        time.sleep(0.01)
+
+
+def _assert_consistent(store: Store) -> None:
+    with _db(store) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        orphan_cells = conn.execute(
+            "SELECT COUNT(*) FROM cells WHERE capture_id NOT IN (SELECT id FROM captures)").fetchone()[0]
+        assert orphan_cells == 0
+    for cap in store.recent_captures(limit=10_000):
+        assert cap["n_cells"] == 3  # a capture is committed with all its cells or not at all
+        full = store.get_capture(cap["id"])
+        assert decode_image(store.image_file("field", cap["id"])).shape == (48, 64, 3)
+        for cell in full["cells"]:
+            assert decode_image(store.image_file("crop", cell["id"])).shape == (24, 24, 3)
+            assert decode_image(store.image_file("heatmap", cell["id"])).shape == (24, 24, 3)
+
+
+def test_power_cut_while_saving_keeps_the_store_consistent(tmp_path):
+    data = tmp_path / "data"
+    store = Store(data, min_free_mb=0)  # migrate before the writer starts
+    rnd = random.Random(20260101)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    target = 0
+    for round_no in range(3):
+        target += 5
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data), str(round_no)],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_for(store, target, proc)
+            time.sleep(rnd.uniform(0.0, 0.03))  # somewhere inside a later capture
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL
+        target = store.count_captures()
+        _assert_consistent(store)
+
+    assert store.count_captures() >= 15
+    files_before = _files(store)
+    report = store.reconcile()
+    assert report.missing_files == ()
+    # whatever it reports is a leftover of an interrupted capture, and it is still there
+    for rel in report.orphan_dirs:
+        assert (store.images_dir / rel).is_dir()
+        assert "/" in rel and len(Path(rel).name) == 32  # YYYY/MM/DD/<uid>
+    for rel in report.temp_files:
+        assert (store.images_dir / rel).is_file() and rel.endswith(".tmp")
+    assert _files(store) == files_before  # reconcile deleted and changed nothing
+    assert store.reconcile() == report
+    # and the store still takes new captures after the crashes
+    cid = Store(data, min_free_mb=0).save_capture(_record(seed=13))
+    assert store.get_capture(cid)["n_cells"] == 2
+
+
+class _PowerCut(BaseException):
+    """Stands for the process dying: nothing after it runs, no cleanup code catches it."""
+
+
+def test_crash_between_files_and_commit_is_reported_not_deleted(store, monkeypatch):
+    kept_id = store.save_capture(_record(seed=14))
+
+    @contextmanager
+    def dies():
+        raise _PowerCut
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(store, "connect", dies)
+    with pytest.raises(_PowerCut):
+        store.save_capture(_record(seed=15))
+    monkeypatch.undo()
+
+    # by hand: another capture folder without a row, and a half-written temp file
+    hand_dir = store.images_dir / "2026" / "01" / "01" / ("ab" * 16)
+    hand_dir.mkdir(parents=True)
+    (hand_dir / "field.jpg").write_bytes(encode_image(_rgb(8, 8, 0)))
+    kept_dir = store.images_dir / Path(store.get_capture(kept_id)["field_file"]).parent
+    temp = kept_dir / ".cell_000.png.x.tmp"
+    temp.write_bytes(b"\x89PNG half")
+    files_before = _files(store)
+
+    report = store.reconcile()
+    assert store.count_captures() == 1
+    assert len(report.orphan_dirs) == 2
+    assert "2026/01/01/" + "ab" * 16 in report.orphan_dirs
+    crashed = next(d for d in report.orphan_dirs if d != "2026/01/01/" + "ab" * 16)
+    assert sorted(p.name for p in (store.images_dir / crashed).iterdir()) == [
+        "cell_000.png", "cell_000_cam.png", "cell_001.png", "cell_001_cam.png", "field.jpg"]
+    assert report.temp_files == (str(temp.relative_to(store.images_dir)),)
+    assert report.missing_files == ()
+    assert not report.clean
+    assert "2 image folder(s) without a capture row" in report.summary()
+    assert "1 interrupted temp file(s)" in report.summary()
+    assert "nothing was deleted" in report.summary()
+    # reconcile deletes nothing: the orphans and the temp file are all still there
+    assert _files(store) == files_before
+    assert store.reconcile() == report
+
+
+def test_reconcile_reports_missing_files(store):
+    cid = store.save_capture(_record(seed=16))
+    cap = store.get_capture(cid)
+    (store.images_dir / cap["cells"][1]["heatmap_file"]).unlink()
+    report = store.reconcile()
+    assert report.missing_files == (cap["cells"][1]["heatmap_file"],)
+    assert report.orphan_dirs == () and report.temp_files == ()
+    assert "1 missing file(s)" in report.summary()
+    assert store.reconcile().summary() == report.summary()
+
+
+def test_clean_store_reconciles_clean(store):
+    assert store.reconcile().clean
+    store.save_capture(_record())
+    report = store.reconcile()
+    assert report.clean and report.summary() == "store consistent"

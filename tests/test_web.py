@@ -1,0 +1,92 @@
+"""The dashboard through Flask's test client over a real appliance and store."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from device.imaging import decode_image, encode_image
+from device.service import Appliance
+from device.web import create_app
+
+
+@pytest.fixture
+def app_and_client(config):
+    with Appliance(config) as appliance:
+        appliance.capture_now("test")
+        app = create_app(appliance)
+        yield appliance, app.test_client()
+
+
+def test_index_lists_captures_with_cells_and_heatmaps(app_and_client):
+    appliance, client = app_and_client
+    html = client.get("/").get_data(as_text=True)
+    assert "Capture 1" in html and "p(blast)" in html
+    assert "SYNTHETIC demo model" in html
+    heatmaps = re.findall(r'src="(/images/heatmap/\d+)"', html)
+    assert heatmaps
+    resp = client.get(heatmaps[0])
+    assert resp.status_code == 200 and resp.mimetype == "image/png"
+    assert decode_image(resp.data).shape[2] == 3
+
+
+def test_capture_page_and_api(app_and_client):
+    appliance, client = app_and_client
+    assert "Provenance" in client.get("/captures/1").get_data(as_text=True)
+    data = client.get("/api/captures/1").get_json()
+    assert data["id"] == 1 and data["cells"]
+    assert client.get(data["cells"][0]["crop_url"]).status_code == 200
+    listing = client.get("/api/captures?limit=5").get_json()
+    assert listing["total"] == 1 and listing["captures"][0]["n_cells"] == len(data["cells"])
+
+
+def test_unknown_ids_and_kinds_are_404(app_and_client):
+    _, client = app_and_client
+    assert client.get("/captures/999").status_code == 404
+    assert client.get("/api/captures/999").get_json()["error"].startswith("no capture")
+    assert client.get("/images/field/999").status_code == 404
+    assert client.get("/images/passwd/1").status_code == 404
+    assert client.get("/images/field/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_capture_button_queues_and_refuses_while_busy(app_and_client):
+    appliance, client = app_and_client
+    # The worker is not started in this test, so the first request stays queued: the second is refused.
+    assert client.post("/api/capture").status_code == 202
+    resp = client.post("/api/capture")
+    assert resp.status_code == 409 and "in progress" in resp.get_json()["error"]
+    assert client.post("/capture").status_code == 409
+
+
+def test_upload_good_and_bad(app_and_client):
+    appliance, client = app_and_client
+    cell = appliance.bundle.golden.crops[0]
+    ok = client.post("/api/upload", data={"image": (io.BytesIO(encode_image(cell, "PNG")), "c.png"), "single_cell": "1"},
+                     content_type="multipart/form-data")
+    assert ok.status_code == 201 and ok.get_json()["status"] == "ok"
+    for payload in (b"", b"GIF89a garbage", b"\xff\xd8\xff\xe0 truncated"):
+        resp = client.post("/api/upload", data={"image": (io.BytesIO(payload), "x.jpg")}, content_type="multipart/form-data")
+        assert resp.status_code == 400 and resp.get_json()["error"]
+    assert client.post("/api/upload", data={}).status_code == 400
+    assert client.get("/api/health").status_code == 200
+
+
+def test_oversized_upload_is_413(config):
+    import dataclasses
+
+    cfg = dataclasses.replace(config, web=dataclasses.replace(config.web, max_upload_mb=1))
+    with Appliance(cfg) as appliance:
+        client = create_app(appliance).test_client()
+        resp = client.post("/api/upload", data={"image": (io.BytesIO(b"0" * 2_000_000), "big.jpg")},
+                           content_type="multipart/form-data")
+        assert resp.status_code == 413
+
+
+def test_security_headers(app_and_client):
+    _, client = app_and_client
+    resp = client.get("/")
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert "http://" not in resp.get_data(as_text=True).replace("http://www.w3.org", "")  # no external CDN

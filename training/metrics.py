@@ -1,0 +1,46 @@
+"""Binary classification metrics with 95% confidence intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def wilson_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion; (nan, nan) when n == 0."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
+    """Accuracy, sensitivity, specificity, PPV, NPV and F1, each with a Wilson 95% CI where it is a proportion."""
+    y = np.asarray(y_true).astype(int)
+    pred = (np.asarray(prob) >= threshold).astype(int)
+    tp = int(np.sum((pred == 1) & (y == 1)))
+    tn = int(np.sum((pred == 0) & (y == 0)))
+    fp = int(np.sum((pred == 1) & (y == 0)))
+    fn = int(np.sum((pred == 0) & (y == 1)))
+
+    def prop(k: int, n: int) -> dict:
+        return {"value": k / n if n else math.nan, "ci95": list(wilson_ci(k, n)), "n": n}
+
+    sens, ppv = prop(tp, tp + fn), prop(tp, tp + fp)
+    f1 = (2 * sens["value"] * ppv["value"] / (sens["value"] + ppv["value"])
+          if (tp + fn) and (tp + fp) and (sens["value"] + ppv["value"]) > 0 else math.nan)
+    return {
+        "threshold": threshold,
+        "n": int(len(y)),
+        "confusion": {"tp": tp, "tn": tn, "fp": fp, "fn": fn},
+        "accuracy": prop(tp + tn, len(y)),
+        "sensitivity": sens,
+        "specificity": prop(tn, tn + fp),
+        "ppv": ppv,
+        "npv": prop(tn, tn + fn),
+        "f1": f1,
+    }

@@ -86,7 +86,8 @@ class StoreConfig:
 
     def validate(self) -> None:
         _at_least("store.min_free_mb", self.min_free_mb, 0)
-        _at_least("store.max_image_pixels", self.max_image_pixels, 1)
+        # PIL refuses more than its MAX_IMAGE_PIXELS (89.5 MP) as a decompression bomb anyway.
+        _between("store.max_image_pixels", self.max_image_pixels, 1, 89_000_000)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class WebConfig:
     """Largest accepted upload."""
 
     def validate(self) -> None:
-        _between("web.port", self.port, 0, 65535)
+        _between("web.port", self.port, 1, 65535)
         _at_least("web.threads", self.threads, 1)
         _at_least("web.max_upload_mb", self.max_upload_mb, 1)
 

@@ -21,6 +21,10 @@ class CameraError(LeukoCamError):
     """The camera failed or disappeared."""
 
 
+class StoreError(LeukoCamError):
+    """The results store cannot be opened as it is."""
+
+
 class StoreFullError(LeukoCamError):
     """Not enough disk space to store a capture; nothing was written."""
 

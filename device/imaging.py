@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +57,20 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     if not data:
         raise ImageError(f"{label}: the file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{label}: {w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.0f} MP limit; "
-                    "use a smaller image or raise store.max_image_pixels"
-                )
-            img.load()
-            rgb = img.convert("RGB")
+        # Our own limit is checked from the header, before any pixel is decoded; it is capped
+        # below PIL's MAX_IMAGE_PIXELS (config validation), so PIL's bomb check is a second net.
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError(
+                f"{label}: {w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit; "
+                "use a smaller image or raise store.max_image_pixels"
+            )
+        img.load()
+        rgb = img.convert("RGB")
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(f"{label}: refused as a decompression bomb (too many pixels)") from None
     except Exception as exc:  # PIL raises many types for corrupt or truncated data
         raise ImageError(

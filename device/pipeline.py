@@ -80,7 +80,8 @@ class Analyzer:
             found = [finder.single_cell(field)]
         else:
             if um is None:
-                um = finder.estimate_um_per_px(field)
+                # Estimate once here (not again inside the finder) and keep it for the record.
+                um = finder.estimate_um_per_px(field) or finder.FinderOptions().default_um_per_px
             found = finder.find_white_cells(field, finder.FinderOptions(um_per_px=um))
         timings["find"] = _ms(t)
         limit = self.config.finder.max_cells

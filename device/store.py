@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from device.errors import StoreFullError
+from device.errors import StoreError, StoreFullError
 from device.imaging import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -158,15 +158,32 @@ class Store:
             conn.close()
 
     def _migrate(self) -> None:
-        with self.connect() as conn:
+        # BEGIN IMMEDIATE takes the write lock before reading the version, so two processes
+        # opening a new database at once cannot both run the same migration.
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.db_path}: database schema {version} is newer than this LeukoCam ({SCHEMA_VERSION}); upgrade LeukoCam"
+                conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"{self.db_path}: database schema {version} is newer than this LeukoCam ({SCHEMA_VERSION}); "
+                    "upgrade LeukoCam, or point [store] data_dir at another folder"
                 )
             for step in range(version, SCHEMA_VERSION):
-                conn.executescript("BEGIN;" + MIGRATIONS[step] + f"PRAGMA user_version={step + 1}; COMMIT;")
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={step + 1}")
                 log.info("store: migrated schema to version %d", step + 1)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
 
     # -- writing -----------------------------------------------------------------------------
     def free_mb(self) -> float:
@@ -229,7 +246,7 @@ class Store:
                         for i, (c, files) in enumerate(zip(rec.cells, cell_files, strict=True))
                     ],
                 )
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             shutil.rmtree(folder, ignore_errors=True)
             if "full" in str(exc).lower():
                 raise StoreFullError("disk full while committing the capture; it was refused, nothing else changed") from None

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,15 @@ def _files(store: Store) -> dict[str, bytes]:
             for p in store.images_dir.rglob("*") if p.is_file()}
 
 
-def _db(store: Store) -> sqlite3.Connection:
-    return sqlite3.connect(store.db_path)
+@contextmanager
+def _db(store: Store) -> Iterator[sqlite3.Connection]:
+    """A plain connection to the store's database, committed and closed afterwards."""
+    conn = sqlite3.connect(store.db_path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 def _row_count(store: Store, table: str) -> int:
@@ -196,14 +204,14 @@ def test_database_is_wal_with_current_schema_version(store):
 def test_reopening_keeps_data_and_schema(tmp_path):
     data = tmp_path / "data"
     cid = Store(data, min_free_mb=0).save_capture(_record(seed=5))
-    with sqlite3.connect(data / DB_FILE) as conn:
+    with closing(sqlite3.connect(data / DB_FILE)) as conn:
         schema_before = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
 
     for _ in range(2):  # migrations are idempotent
         again = Store(data, min_free_mb=0)
         assert again.count_captures() == 1
         assert again.get_capture(cid)["n_cells"] == 2
-    with sqlite3.connect(data / DB_FILE) as conn:
+    with closing(sqlite3.connect(data / DB_FILE)) as conn:
         assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert again.save_capture(_record(seed=6)) == cid + 1
@@ -212,13 +220,13 @@ def test_reopening_keeps_data_and_schema(tmp_path):
 def test_newer_schema_is_refused_with_a_clear_error(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    with sqlite3.connect(data / DB_FILE) as conn:
+    with closing(sqlite3.connect(data / DB_FILE)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     # RuntimeError today; a LeukoCamError subclass would also be acceptable (see the report)
     with pytest.raises((RuntimeError, LeukoCamError), match="newer than this LeukoCam") as info:
         Store(data)
     assert "upgrade LeukoCam" in str(info.value)
-    with sqlite3.connect(data / DB_FILE) as conn:  # and it did not touch the database
+    with closing(sqlite3.connect(data / DB_FILE)) as conn:  # and it did not touch the database
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
 
@@ -477,3 +485,15 @@ def test_clean_store_reconciles_clean(store):
     store.save_capture(_record())
     report = store.reconcile()
     assert report.clean and report.summary() == "store consistent"
+
+
+def test_processes_opening_a_new_store_together_migrate_once(tmp_path):
+    # First boot: `serve` and `capture` may open a fresh folder at the same moment.
+    code = "import sys; from device.store import Store; Store(sys.argv[1]); print('ok')"
+    for trial in range(3):
+        folder = tmp_path / f"fresh{trial}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+        assert Store(folder).count_captures() == 0

@@ -44,8 +44,10 @@ def write_bundle(out_dir: str | Path, tflite: bytes, meta: dict, golden: dict[st
         }
         (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
         for f in tmp.iterdir():
+            f.chmod(0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        tmp.chmod(0o755)  # mkdtemp makes it private; the device's service user must read it
         previous = out.with_name(out.name + ".previous")
         if out.exists():
             if previous.exists():

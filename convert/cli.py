@@ -34,6 +34,7 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
     from convert.tflite import SIGNATURE, convert, float_outputs
     from convert.verify import compare, device_outputs
     from training.datasets import Sample, load_images, read_dataset
+    from training.metrics import fmt
 
     model_path = Path(model_path)
     info_path = model_path.parent / "training.json"
@@ -89,7 +90,7 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
     meta["metrics"] = {"float": verification.get("float_metrics"), "quantized": verification.get("quantized_metrics")}
     click.echo(f"verification on {verification['n']} held-out crops: agreement {verification['label_agreement']:.3f}, "
                f"mean |dp| {verification['mean_abs_dprob']:.4f}, max |dp| {verification['max_abs_dprob']:.4f}, "
-               f"CAM r {verification['cam_correlation_mean']:.3f}")
+               f"CAM r {fmt(verification['cam_correlation_mean'])}")
     if verification["label_agreement"] < min_agreement and not force:
         raise click.ClickException(
             f"float/{mode} label agreement {verification['label_agreement']:.3f} is below {min_agreement}; "

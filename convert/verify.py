@@ -31,14 +31,15 @@ def compare(float_out: dict, quant_out: dict, labels: np.ndarray | None, thresho
         "label_agreement": float(np.mean((pf >= threshold) == (pq >= threshold))),
         "mean_abs_dprob": float(dp.mean()),
         "max_abs_dprob": float(dp.max()),
-        "cam_correlation_mean": float(np.mean(corr)) if corr else float("nan"),
-        "cam_correlation_min": float(np.min(corr)) if corr else float("nan"),
+        "cam_correlation_mean": float(np.mean(corr)) if corr else None,
+        "cam_correlation_min": float(np.min(corr)) if corr else None,
     }
     if labels is not None:
         mf, mq = binary_metrics(labels, pf, threshold), binary_metrics(labels, pq, threshold)
         result["float_metrics"], result["quantized_metrics"] = mf, mq
         for key in ("accuracy", "sensitivity", "specificity"):
-            result[f"delta_{key}"] = float(mq[key]["value"] - mf[key]["value"])
+            a, b = mq[key]["value"], mf[key]["value"]
+            result[f"delta_{key}"] = None if a is None or b is None else float(a - b)
     return result
 
 

@@ -65,8 +65,6 @@ class Appliance:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="capture-worker", daemon=True)
         self._thread.start()
-        for _ in range(self.config.service.startup_captures):
-            self._queue.put("startup")  # blocks until the worker takes the previous one
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -107,11 +105,16 @@ class Appliance:
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self) -> None:
+        # Start-up captures run here, not in start(), so the dashboard is up while they work.
+        pending = ["startup"] * self.config.service.startup_captures
         while not self._stop.is_set():
-            try:
-                trigger = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            if pending:
+                trigger = pending.pop()
+            else:
+                try:
+                    trigger = self._queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
             self._busy.set()
             try:
                 self._capture(trigger)

@@ -66,11 +66,13 @@ def train(data, out, input_size, epochs, batch_size, learning_rate, weights, bn_
         metrics = run_training(data, out, opts)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
+    from training.metrics import fmt
+
     t = metrics["test"]
-    click.echo(f"held-out test: accuracy {t['accuracy']['value']:.3f} (95% CI {t['accuracy']['ci95'][0]:.3f}-"
-               f"{t['accuracy']['ci95'][1]:.3f}), sensitivity {t['sensitivity']['value']:.3f}, "
-               f"specificity {t['specificity']['value']:.3f} on {t['n']} images"
-               + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
+    lo, hi = t["accuracy"]["ci95"]
+    click.echo(f"held-out test: accuracy {fmt(t['accuracy']['value'])} (95% CI {fmt(lo)}-{fmt(hi)}), "
+               f"sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])} "
+               f"on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
     click.echo(f"model and report in {out}")
 
 

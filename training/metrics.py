@@ -28,11 +28,12 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5)
     fn = int(np.sum((pred == 0) & (y == 1)))
 
     def prop(k: int, n: int) -> dict:
-        return {"value": k / n if n else math.nan, "ci95": list(wilson_ci(k, n)), "n": n}
+        # Undefined (no denominator) is None, not NaN, so metrics.json stays valid JSON.
+        return {"value": k / n if n else None, "ci95": list(wilson_ci(k, n)) if n else None, "n": n}
 
     sens, ppv = prop(tp, tp + fn), prop(tp, tp + fp)
     f1 = (2 * sens["value"] * ppv["value"] / (sens["value"] + ppv["value"])
-          if (tp + fn) and (tp + fp) and (sens["value"] + ppv["value"]) > 0 else math.nan)
+          if sens["value"] is not None and ppv["value"] is not None and (sens["value"] + ppv["value"]) > 0 else None)
     return {
         "threshold": threshold,
         "n": int(len(y)),
@@ -44,3 +45,8 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5)
         "npv": prop(tn, tn + fn),
         "f1": f1,
     }
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for people: fixed digits, or "n/a" when it is undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"

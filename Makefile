@@ -7,9 +7,10 @@ DATA ?= data/synthetic/cells
 MODEL ?= runs/latest/model.keras
 BUNDLE ?= runs/latest/bundle
 PYTEST_ARGS ?=
+PI ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-train run test lint demo-model convert bench clean
+.PHONY: help install install-train run test lint demo-model convert deploy bench clean
 
 help:
 	@echo "LeukoCam — make targets"
@@ -20,6 +21,8 @@ help:
 	@echo "  make lint         ruff over the code"
 	@echo "  make demo-model   regenerate the shipped synthetic demo bundle and sample fields"
 	@echo "  make convert      MODEL=... DATA=... BUNDLE=...  int8 bundle from a trained Keras model"
+	@echo "  make deploy PI=pi@leukocam.local [BUNDLE=...]  copy a bundle to the Pi, install (checked there), restart"
+	@echo "  make bench        model sizes and latencies (int8/float16/float32 vs Keras) -> runs/bench/bench.md"
 	@echo "  make clean        remove build outputs (keeps .venv)"
 	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
 
@@ -54,6 +57,13 @@ demo-model: $(VENV)/.stamp-test
 
 convert: $(VENV)/.stamp-test
 	$(BIN)/leukocam convert $(MODEL) --data $(DATA) --out $(BUNDLE)
+
+bench: $(VENV)/.stamp-test
+	$(BIN)/leukocam bench --out runs/bench
+
+deploy: $(VENV)/.stamp-device
+	@test -n "$(PI)" || { echo "usage: make deploy PI=user@host [BUNDLE=$(BUNDLE)]"; exit 2; }
+	$(BIN)/leukocam deploy $(BUNDLE) --host $(PI)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

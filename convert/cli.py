@@ -1,15 +1,27 @@
-"""`leukocam convert`: Keras model -> verified model bundle."""
+"""`leukocam convert` and `leukocam verify`: Keras model -> verified model bundle.
+
+Convert measures the converted model against the float one with the device's
+own classifier and refuses to write a bundle that fails the fidelity gate
+(unless --force). `--quant auto` tries int8, then int8 with its worst layers
+kept in float, then float16, then int16x8, and keeps the first that passes.
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
+from device.bundle import load_bundle
 from device.preprocess import PreprocessContract
+
+SELECTIVE_LAYERS = 10
+# Cheapest on a Pi first: int16x8 is near-lossless but runs on slow reference kernels, so it comes last.
+AUTO_SEQUENCE = (("int8", 0), ("int8", SELECTIVE_LAYERS), ("float16", 0), ("int16x8", 0))
 
 
 def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -25,16 +37,27 @@ def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
-def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: int = 200, golden: int = 8,
-                min_agreement: float = 0.95, force: bool = False, name: str | None = None, seed: int = 0) -> dict:
-    """Convert, verify with the device classifier, and write the bundle. Returns model.json's verification part."""
+@dataclass
+class RunData:
+    """What convert and verify need from a training run and its dataset."""
+
+    model: object
+    info: dict
+    train_metrics: dict
+    contract: PreprocessContract
+    calibration: np.ndarray
+    held_out: np.ndarray
+    labels: np.ndarray
+    model_path: Path
+
+
+def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=None, seed: int = 0) -> RunData:
+    """Load the Keras model, its training.json, calibration crops (train split) and held-out crops (test split)."""
     import keras
 
-    from convert.bundle_writer import sha256_bytes, write_bundle
-    from convert.tflite import SIGNATURE, convert, float_outputs
-    from convert.verify import compare, device_outputs
-    from training.datasets import Sample, load_images, read_dataset
-    from training.metrics import fmt
+    from device.imaging import decode_image
+    from device.preprocess import prepare_cell
+    from training.datasets import load_images, read_dataset
 
     model_path = Path(model_path)
     info_path = model_path.parent / "training.json"
@@ -45,61 +68,160 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
     train_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     contract = PreprocessContract.from_dict(info["preprocess"])
     model = keras.models.load_model(model_path, compile=False)
-
     samples = read_dataset(data_dir)
     by_path = {str(s.path): s for s in samples}
-    def part(name: str) -> list[Sample]:
-        return [by_path[p] for p in info.get("split_files", {}).get(name, []) if p in by_path]
-    calib_samples, held_out = part("train") or samples, part("test") or samples
-    xc, yc, _, _ = load_images(calib_samples, contract)
-    xc = xc[stratified_pick(yc, calibration, seed)]
-    xt, yt, _, _ = load_images(held_out, contract)
 
-    click.echo(f"converting ({mode}, {len(xc)} calibration crops) ...")
-    tflite = convert(model, xc, mode)
-    threshold = float(info["threshold"])
-    float_test = float_outputs(model, xt)
-    g_idx = stratified_pick(yt, golden, seed + 1)
-    meta = {
-        "name": name or model_path.parent.name,
-        "synthetic": bool(train_metrics.get("synthetic_data", False)),
-        "labels": info["labels"],
-        "input_size": contract.input_size,
-        "preprocess": contract.to_dict(),
+    def part(name: str):
+        return [by_path[p] for p in info.get("split_files", {}).get(name, []) if p in by_path]
+
+    train_part, test_part = part("train"), part("test")
+    if not test_part:
+        click.echo("warning: the model's test split is not in DATA; verifying on all of DATA, which may include "
+                   "training images and flatter the converted model", err=True)
+    if calibration > 0:
+        xc, yc, _, _ = load_images(train_part or samples, contract)
+        xc = xc[stratified_pick(yc, calibration, seed)]
+    else:  # only --extra-calibration crops
+        xc = np.zeros((0, contract.input_size, contract.input_size, 3), dtype=np.uint8)
+    if extra_calibration:
+        files = sorted(p for p in Path(extra_calibration).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        extra = [prepare_cell(decode_image(p), contract) for p in files]
+        if extra:
+            xc = np.concatenate([xc, np.stack(extra)])
+        click.echo(f"calibration: {len(extra)} extra crops from {extra_calibration}")
+    xt, yt, _, _ = load_images(test_part or samples, contract)
+    return RunData(model, info, train_metrics, contract, xc, xt, yt, model_path)
+
+
+def base_meta(run: RunData, name: str | None, cam_shape) -> dict:
+    from convert.bundle_writer import sha256_bytes
+    from convert.tflite import SIGNATURE
+
+    return {
+        "name": name or run.model_path.parent.name,
+        "synthetic": bool(run.train_metrics.get("synthetic_data", False)),
+        "labels": run.info["labels"],
+        "input_size": run.contract.input_size,
+        "preprocess": run.contract.to_dict(),
         "signature": SIGNATURE,
-        "input": {"name": "image", "dtype": "uint8", "channels": "RGB", "range": [0, 255],
+        "input": {"name": "image", "channels": "RGB", "range": [0, 255],
                   "note": "Keras EfficientNet normalizes inside the graph; feed raw 0-255 pixels"},
         "outputs": {"probability": "probability", "logit": "logit", "cam": "cam"},
-        "threshold": threshold,
-        "review_band": info["review_band"],
+        "threshold": float(run.info["threshold"]),
+        "review_band": run.info["review_band"],
         "cam": {"method": "CAM from the Dense head weights (equals Grad-CAM up to scale for GAP+Dense)",
-                "layer": info.get("feature_layer", ""), "shape": list(float_test["cam"].shape[1:3]),
+                "layer": run.info.get("feature_layer", ""), "shape": list(cam_shape),
                 "sign": "positive values = evidence for labels[1]; use -cam for labels[0]"},
-        "quantization": {"mode": mode, "calibration_images": int(len(xc)), "input_type": "uint8" if mode == "int8" else "float32"},
-        "training": {"data": info["data"], "options": info["options"], "test_metrics": train_metrics.get("test")},
-        "source_model_sha256": sha256_bytes(model_path.read_bytes()),
+        "training": {"data": run.info["data"], "options": run.info["options"],
+                     "test_metrics": run.train_metrics.get("test")},
+        "source_model_sha256": sha256_bytes(run.model_path.read_bytes()),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        # A provisional bundle whose golden outputs are the float ones, so the device classifier can load it.
-        staging = write_bundle(Path(tmp) / "staging", tflite, meta,
-                               {"crops": xt[g_idx], "probabilities": float_test["probability"][g_idx],
-                                "cams": float_test["cam"][g_idx]}, tolerance=1.0)
-        quant_test = device_outputs(staging, xt)
-    verification = compare(float_test, quant_test, yt, threshold)
+
+
+def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: int = 200, extra_calibration=None,
+                float_layers: int = 0, gate=None, force: bool = False, golden: int = 8, name: str | None = None,
+                seed: int = 0, max_mb: float | None = None) -> dict:
+    """Convert, verify with the device classifier, gate, and write the bundle. Returns the verification."""
+    from convert.bundle_writer import write_bundle
+    from convert.tflite import convert, float_outputs, layer_errors
+    from convert.verify import Gate, compare, device_outputs, reference_gradcam, report
+
+    gate = gate or Gate()
+    run = load_run(model_path, data_dir, calibration, extra_calibration, seed)
+    threshold = float(run.info["threshold"])
+    float_test = float_outputs(run.model, run.held_out)
+    ref_cams = reference_gradcam(run.model, run.held_out, float_test["probability"], threshold)
+    g_idx = stratified_pick(run.labels, golden, seed + 1)
+    meta = base_meta(run, name, float_test["cam"].shape[1:3])
+    attempts = AUTO_SEQUENCE if mode == "auto" else ((mode, float_layers),)
+    worst: list[dict] = []
+    tried = []
+    chosen = None  # the last attempt that was verified: (mode, float layers, tflite, verification, outputs, dtype, failures)
+    for attempt_mode, n_float in attempts:
+        label = attempt_mode + (f" with {n_float} float layers" if n_float else "")
+        if n_float and not worst:
+            worst = layer_errors(run.model, run.calibration)
+        keep_float = [w["tensor"] for w in worst[:n_float]]
+        click.echo(f"converting: {label}, {len(run.calibration)} calibration crops ...")
+        tflite = convert(run.model, run.calibration, attempt_mode, float_layers=keep_float or None)
+        if max_mb is not None and len(tflite) > max_mb * 1e6:
+            reason = f"model file {len(tflite) / 1e6:.1f} MB > {max_mb} MB limit"
+            click.echo(f"  {label}: skipped, {reason}")
+            tried.append({"mode": label, "passed": False, "failures": [reason], "bytes": len(tflite)})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            # A provisional bundle (float outputs as golden, loose tolerance) so the device classifier can load it.
+            staging = write_bundle(Path(tmp) / "staging", tflite, {**meta, "quantization": {"mode": attempt_mode}},
+                                   {"crops": run.held_out[g_idx], "probabilities": float_test["probability"][g_idx],
+                                    "cams": float_test["cam"][g_idx]}, tolerance=1.0)
+            quant_test, input_dtype = device_outputs(staging, run.held_out)
+        verification = compare(float_test, quant_test, run.labels, threshold, ref_cams)
+        failures = gate.failures(verification)
+        click.echo(report(verification, label, failures))
+        tried.append({"mode": label, "passed": not failures, "failures": failures,
+                      "label_agreement": verification["label_agreement"], "bytes": len(tflite)})
+        chosen = (attempt_mode, keep_float, tflite, verification, quant_test, input_dtype, failures)
+        if not failures:
+            break
+    if chosen is None:
+        raise click.ClickException(f"no mode fits the {max_mb} MB limit; no bundle was written")
+    attempt_mode, keep_float, tflite, verification, quant_test, input_dtype, failures = chosen
+    if failures:
+        if not worst and attempt_mode == "int8":
+            worst = layer_errors(run.model, run.calibration)
+        if worst:
+            click.echo("layers with the largest int8 quantization error (rmse in quantization steps):")
+            for w in worst[:8]:
+                click.echo(f"  {w['rmse_per_scale']:7.2f}  {w['op']:<16} {w['tensor'][:90]}")
+        if not force:
+            raise click.ClickException(
+                "the converted model fails the fidelity gate; no bundle was written. Try: more or better "
+                "calibration crops (--calibration, --extra-calibration), --float-layers N (selective int8), "
+                "--quant int16x8|float16|auto; or --force to write it anyway (it will say so in model.json)"
+            )
+        click.echo(f"--force: writing the {attempt_mode} bundle although it fails the gate", err=True)
+    meta["quantization"] = {"mode": attempt_mode, "float_layers": keep_float, "calibration_images": int(len(run.calibration)),
+                            "input_type": input_dtype, "attempts": tried}
     meta["verification"] = verification
+    meta["gate"] = {**gate.to_dict(), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
     meta["metrics"] = {"float": verification.get("float_metrics"), "quantized": verification.get("quantized_metrics")}
-    click.echo(f"verification on {verification['n']} held-out crops: agreement {verification['label_agreement']:.3f}, "
-               f"mean |dp| {verification['mean_abs_dprob']:.4f}, max |dp| {verification['max_abs_dprob']:.4f}, "
-               f"CAM r {fmt(verification['cam_correlation_mean'])}")
-    if verification["label_agreement"] < min_agreement and not force:
-        raise click.ClickException(
-            f"float/{mode} label agreement {verification['label_agreement']:.3f} is below {min_agreement}; "
-            "no bundle written. Use more calibration images, another --quant mode, or --force to write it anyway"
-        )
-    golden_set = {"crops": xt[g_idx], "probabilities": quant_test["probability"][g_idx], "cams": quant_test["cam"][g_idx]}
+    if worst:
+        meta["quantization"]["worst_layers"] = worst[:10]
+    golden_set = {"crops": run.held_out[g_idx], "probabilities": quant_test["probability"][g_idx], "cams": quant_test["cam"][g_idx]}
     out = write_bundle(out_dir, tflite, meta, golden_set, tolerance=0.05)
-    click.echo(f"bundle written to {out} ({len(tflite) / 1e6:.1f} MB)")
+    click.echo(f"bundle written to {out} ({len(tflite) / 1e6:.1f} MB, {meta['quantization']['mode']})")
     return verification
+
+
+def run_verify(bundle_dir, model_path, data_dir, gate=None) -> tuple[dict, list[str]]:
+    """Re-verify an existing bundle against its float model on the model's held-out split."""
+    from convert.tflite import float_outputs
+    from convert.verify import Gate, compare, device_outputs, reference_gradcam, report
+
+    gate = gate or Gate()
+    bundle = load_bundle(bundle_dir)
+    run = load_run(model_path, data_dir, calibration=2)
+    threshold = bundle.threshold
+    float_test = float_outputs(run.model, run.held_out)
+    ref = reference_gradcam(run.model, run.held_out, float_test["probability"], threshold)
+    quant_test, _ = device_outputs(bundle_dir, run.held_out)
+    verification = compare(float_test, quant_test, run.labels, threshold, ref)
+    failures = gate.failures(verification)
+    click.echo(report(verification, bundle.meta["quantization"].get("mode", "?"), failures))
+    return verification, failures
+
+
+gate_options = [
+    click.option("--min-agreement", type=float, default=0.99, show_default=True, help="Gate: least float/converted label agreement."),
+    click.option("--max-delta-sensitivity", type=float, default=0.01, show_default=True, help="Gate: largest |Δ sensitivity|."),
+    click.option("--min-cam-correlation", type=float, default=0.9, show_default=True, help="Gate: least CAM correlation with float Grad-CAM."),
+]
+
+
+def with_gate_options(f):
+    for opt in reversed(gate_options):
+        f = opt(f)
+    return f
 
 
 @click.command()
@@ -107,10 +229,54 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The dataset the model was trained on (calibration from its train split, verification on its test split).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--quant", "mode", type=click.Choice(["int8", "float32"]), default="int8", show_default=True)
-@click.option("--calibration", type=int, default=200, show_default=True, help="Calibration crops, stratified by class.")
-@click.option("--min-agreement", type=float, default=0.95, show_default=True, help="Refuse the bundle below this float/quantized label agreement.")
-@click.option("--force", is_flag=True, help="Write the bundle even when verification fails.")
-def convert(model, data_dir, out_dir, mode, calibration, min_agreement, force):
-    """Convert MODEL (a .keras file from `leukocam train`) into a model bundle."""
-    run_convert(model, data_dir, out_dir, mode=mode, calibration=calibration, min_agreement=min_agreement, force=force)
+@click.option("--quant", "mode", type=click.Choice(["int8", "int16x8", "float16", "float32", "auto"]), default="int8", show_default=True)
+@click.option("--calibration", type=click.IntRange(0), default=200, show_default=True,
+              help="Calibration crops from the train split, stratified by class (0: only --extra-calibration).")
+@click.option("--extra-calibration", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A folder of extra calibration crops, e.g. cells captured on the rig.")
+@click.option("--float-layers", type=int, default=0, show_default=True, help="int8: keep the N worst layers in float (selective).")
+@with_gate_options
+@click.option("--force", is_flag=True, help="Write the bundle even when the gate fails (model.json records it).")
+@click.option("--max-mb", type=float, default=None, help="Skip modes whose model file is larger than this (e.g. for a small SD card).")
+@click.option("--name", default=None, help="Model name shown on the dashboard.")
+def convert(model, data_dir, out_dir, mode, calibration, extra_calibration, float_layers, min_agreement,
+            max_delta_sensitivity, min_cam_correlation, force, max_mb, name):
+    """Convert MODEL (a .keras file from `leukocam train`) into a verified model bundle."""
+    from convert.verify import Gate
+
+    gate = Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
+    run_convert(model, data_dir, out_dir, mode=mode, calibration=calibration, extra_calibration=extra_calibration,
+                float_layers=float_layers, gate=gate, force=force, name=name, max_mb=max_mb)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@with_gate_options
+def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, min_cam_correlation):
+    """Check BUNDLE against its float MODEL on the held-out split, with the device's classifier code."""
+    from convert.verify import Gate
+
+    _, failures = run_verify(bundle, model_path, data_dir, Gate(min_agreement, max_delta_sensitivity, min_cam_correlation))
+    if failures:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--size", default=300, show_default=True, help="Model input size in pixels (the paper's 300).")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
+def bench(out_dir, size, repeats, quick):
+    """Measure model sizes and latencies (int8, float16, float32 TFLite vs Keras) in one run; write markdown + JSON."""
+    from convert.bench import bench_models, to_markdown, write_results
+
+    if quick:
+        size, repeats = 64, 2
+    click.echo(f"benchmarking models at {size} px ...")
+    result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
+    result["markdown"] = to_markdown(result)
+    path = write_results([result], out_dir)
+    click.echo(result["markdown"])
+    click.echo(f"written to {path} and {path.with_suffix('.json')}")

@@ -109,6 +109,11 @@ class Classifier:
         self._interp = None
 
     @property
+    def input_dtype(self) -> str:
+        """The model's input type: "uint8" for full-integer bundles, "float32" otherwise."""
+        return np.dtype(self._in_dtype).name
+
+    @property
     def input_size(self) -> int:
         return int(self.bundle.meta["input_size"])
 

@@ -23,8 +23,15 @@ from device.errors import LeukoCamError
 LAZY_COMMANDS = {
     "synth": ("training.cli:synth", "Generate SYNTHETIC single-cell datasets and smear fields."),
     "train": ("training.cli:train", "Train the classifier on a folder dataset (needs the [train] extra)."),
-    "convert": ("convert.cli:convert", "Convert a trained Keras model into an int8 model bundle."),
+    "convert": ("convert.cli:convert", "Convert a trained Keras model into a verified model bundle."),
+    "verify": ("convert.cli:verify", "Check a bundle against its float model with the device's classifier."),
+    "bench": ("convert.cli:bench", "Benchmark model sizes and latencies in one run (markdown + JSON)."),
     "demo-model": ("training.cli:demo_model", "Rebuild the shipped synthetic demo bundle and sample fields."),
+    "deploy": ("convert.deploy:deploy_command", "Copy a model bundle to a Pi over ssh, install it there, restart."),
+    "install-bundle": ("device.bundle_store:install_bundle_command",
+                       "Check a bundle on this device and make it current (the old one is kept)."),
+    "rollback-bundle": ("device.bundle_store:rollback_bundle_command", "Switch back to the previous model bundle."),
+    "list-bundles": ("device.bundle_store:list_bundles_command", "List installed model bundles and their roles."),
 }
 
 

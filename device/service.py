@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from device.bundle import Bundle, load_bundle
+from device.bundle import Bundle
+from device.bundle_store import resolve_active_bundle
 from device.camera import Camera, build_camera
-from device.classifier import Classifier, SelfTestResult
+from device.classifier import SelfTestResult
 from device.config import Config
-from device.errors import BundleError, BusyError, CameraError, ImageError, LeukoCamError
+from device.errors import BusyError, CameraError, ImageError, LeukoCamError
 from device.imaging import decode_image
 from device.pipeline import Analyzer, to_record
 from device.store import ReconcileReport, Store
@@ -42,13 +43,14 @@ class Appliance:
         self.started_at = time.time()
         self.store = Store(config.store.data_dir, config.store.min_free_mb)
         self.reconcile: ReconcileReport = self.store.reconcile()
-        self.bundle: Bundle = load_bundle(config.bundle_path)
-        self.classifier = Classifier(self.bundle, threads=config.model.threads)
-        self.self_test: SelfTestResult | None = None
-        if config.model.self_test:
-            self.self_test = self.classifier.self_test()
-            if not self.self_test.passed:
-                raise BundleError(f"{self.bundle.path}: {self.self_test.message}")
+        # A bundle store rolls back to `previous` here when `current` fails its checks (device/bundle_store.py).
+        active = resolve_active_bundle(config.bundle_path, threads=config.model.threads,
+                                       self_test=config.model.self_test)
+        self.bundle: Bundle = active.bundle
+        self.classifier = active.classifier
+        self.self_test: SelfTestResult | None = active.self_test
+        self.bundle_rolled_back: bool = active.rolled_back
+        self.bundle_note: str = active.note
         self.analyzer = Analyzer(self.classifier, config)
         self.camera: Camera = camera if camera is not None else build_camera(config)
         self.slide_id = config.service.slide_id or f"slide-{date.today():%Y%m%d}"
@@ -196,6 +198,8 @@ class Appliance:
                 "review_band": list(self.bundle.review_band),
                 "input_size": self.bundle.meta["input_size"],
                 "quantization": self.bundle.meta["quantization"].get("mode"),
+                "rolled_back": self.bundle_rolled_back,
+                "note": self.bundle_note,
             },
             "self_test": None if self.self_test is None else self.self_test.message,
             "store": {"captures": self.store.count_captures(), "free_mb": round(self.store.free_mb()),

@@ -38,3 +38,37 @@ def config(tmp_path) -> Config:
     )
     cfg.validate()
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A really trained (tiny: 64 px, two epochs) EfficientNetB3 run folder on synthetic cells.
+
+    Shared by the end-to-end and conversion tests; needs TensorFlow.
+    """
+    pytest.importorskip("tensorflow")
+    from training.synth import write_cell_dataset
+    from training.train import TrainOptions, run_training
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "cells"
+    write_cell_dataset(data, n_subjects=8, cells_per_subject=10, size=96, seed=1)
+    opts = TrainOptions(input_size=64, epochs=2, batch_size=16, weights="none", bn_momentum=0.9, seed=1)
+    metrics = run_training(data, root / "run", opts, progress=False)
+    return root, data, metrics
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A small CNN with the same head, trained until it discriminates (seconds), for the conversion gate tests."""
+    pytest.importorskip("tensorflow")
+    from training.synth import write_cell_dataset
+    from training.train import TrainOptions, run_training
+
+    root = tmp_path_factory.mktemp("small_run")
+    data = root / "cells"
+    write_cell_dataset(data, n_subjects=10, cells_per_subject=16, size=96, seed=2)
+    opts = TrainOptions(input_size=64, epochs=25, batch_size=16, backbone="smallcnn", weights="none",
+                        learning_rate=3e-3, patience=25, seed=2)
+    metrics = run_training(data, root / "run", opts, progress=False)
+    return root, data, metrics

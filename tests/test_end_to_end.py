@@ -19,21 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.tf]
 tf = pytest.importorskip("tensorflow")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from training.synth import write_cell_dataset
-    from training.train import TrainOptions, run_training
-
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "cells"
-    write_cell_dataset(data, n_subjects=8, cells_per_subject=10, size=96, seed=1)
-    opts = TrainOptions(input_size=64, epochs=2, batch_size=16, weights="none", bn_momentum=0.9, seed=1)
-    metrics = run_training(data, root / "run", opts, progress=False)
-    return root, data, metrics
-
-
-def test_training_writes_a_reproducible_run_folder(trained):
-    root, _, metrics = trained
+def test_training_writes_a_reproducible_run_folder(tiny_run):
+    root, _, metrics = tiny_run
     run = root / "run"
     info = json.loads((run / "training.json").read_text())
     assert (run / "model.keras").is_file() and (run / "training_curves.png").is_file()
@@ -51,12 +38,12 @@ def test_training_writes_a_reproducible_run_folder(trained):
     assert metrics["test"]["accuracy"]["n"] == metrics["test"]["n"] > 0
 
 
-def test_reference_gradcam_equals_head_cam_up_to_scale(trained):
+def test_reference_gradcam_equals_head_cam_up_to_scale(tiny_run):
     import keras
 
     from training.gradcam import grad_cam, head_cam
 
-    root, _, _ = trained
+    root, _, _ = tiny_run
     model = keras.models.load_model(root / "run" / "model.keras", compile=False)
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
     cam, _ = head_cam(model, images)
@@ -65,24 +52,27 @@ def test_reference_gradcam_equals_head_cam_up_to_scale(trained):
     np.testing.assert_allclose(grad_cam(model, images, positive=False), np.maximum(-cam, 0) / hw, rtol=1e-3, atol=1e-6)
 
 
-def test_convert_device_pipeline_and_dashboard(trained, tmp_path):
+def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
     from waitress import create_server
 
     from convert.cli import run_convert
+    from convert.verify import Gate
     from device.bundle import load_bundle, sha256_file
     from device.config import CameraConfig, Config, ModelConfig, ServiceConfig, StoreConfig
     from device.service import Appliance
     from device.web import create_app
     from training.synth import write_fields
 
-    root, data, _ = trained
+    root, data, _ = tiny_run
     bundle_dir = tmp_path / "bundle"
-    verification = run_convert(root / "run" / "model.keras", data, bundle_dir, calibration=32, min_agreement=0.0)
+    # A two-epoch model is not expected to survive int8 well; this test is about the contracts, so the gate is open.
+    verification = run_convert(root / "run" / "model.keras", data, bundle_dir, calibration=32,
+                               gate=Gate(min_agreement=0.0, max_delta_sensitivity=1.0, min_cam_correlation=-1.0))
     bundle = load_bundle(bundle_dir)
     assert sha256_file(bundle_dir / "model.tflite") == bundle.meta["tflite_sha256"]
     assert bundle.meta["quantization"]["mode"] == "int8" and bundle.synthetic
     assert verification["n"] > 0 and verification["mean_abs_dprob"] < 0.2
-    assert verification["cam_correlation_mean"] > 0.5
+    assert verification["cam_pairs"] > 0 and verification["cam_correlation_mean"] > 0.5
 
     fields = tmp_path / "fields"
     write_fields(fields, n=2, width=640, height=480, um_per_px=0.1, seed=3)

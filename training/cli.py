@@ -100,7 +100,9 @@ def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir
                             patience=10, seed=seed)
         metrics = run_training(data, work / "run", opts)
         click.echo(f"held-out synthetic test accuracy {metrics['test']['accuracy']['value']:.3f}")
-        run_convert(work / "run" / "model.keras", data, bundle_dir, name="leukocam-demo-synthetic", seed=seed)
+        # The demo must fit the repository (<= 15 MB) and pass the default fidelity gate.
+        run_convert(work / "run" / "model.keras", data, bundle_dir, mode="auto", max_mb=15, name="leukocam-demo-synthetic",
+                    seed=seed)
         if Path(fields_dir).exists():
             shutil.rmtree(fields_dir)
         write_fields(fields_dir, n=3, width=1280, height=960, um_per_px=0.1, seed=seed)

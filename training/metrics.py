@@ -18,6 +18,27 @@ def wilson_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula; None with one class only."""
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # Average ranks over ties.
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, sensitivity, specificity, PPV, NPV and F1, each with a Wilson 95% CI where it is a proportion."""
     y = np.asarray(y_true).astype(int)
@@ -44,6 +65,7 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5)
         "ppv": ppv,
         "npv": prop(tn, tn + fn),
         "f1": f1,
+        "auc": roc_auc(y, prob),
     }
 
 

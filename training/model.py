@@ -13,9 +13,22 @@ from pathlib import Path
 
 import keras
 
+
+def small_cnn(include_top: bool = False, weights=None, input_tensor=None):
+    """A three-block CNN for smoke tests and quick experiments; learns in seconds, never pretrained."""
+    if include_top or weights is not None:
+        raise ValueError("smallcnn has no top and no pretrained weights: use --weights none")
+    x = keras.layers.Rescaling(1.0 / 255)(input_tensor)
+    for i, filters in enumerate((16, 32, 64)):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x) if i < 2 else x
+    return keras.Model(input_tensor, x, name="smallcnn")
+
+
 BACKBONES = {
     "efficientnetb3": keras.applications.EfficientNetB3,
     "efficientnetb0": keras.applications.EfficientNetB0,
+    "smallcnn": small_cnn,
 }
 GAP_LAYER = "gap"
 LOGIT_LAYER = "logit"

@@ -1,0 +1,118 @@
+"""Model benchmarks: size and latency of the converted modes against the Keras model, in one run.
+
+Every number in a table comes from the same process on the same machine, so
+the ratios (int8 / float32, TFLite / Keras) are meaningful even where the
+absolute times are not. Latency is the median of repeated calls after a
+warm-up; the device's own Classifier runs the TFLite models.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS reports it."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip().lower(): v.strip() for k, v in info.items()}
+        for key in ("model name", "hardware", "cpu model"):  # x86, then Raspberry Pi kernels
+            if info.get(key):
+                return info[key]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def bench_models(size: int = 300, modes=("int8", "float16", "float32"), batches=(1, 8), threads=(1, 2, 4),
+                 repeats: int = 5, calibration: int = 16, seed: int = 0) -> dict:
+    """Build an EfficientNetB3 (random weights: latency does not depend on them), convert it, time everything."""
+    import keras
+    import tensorflow as tf
+
+    from convert.bundle_writer import write_bundle
+    from convert.tflite import convert, float_outputs
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+    from device.preprocess import PreprocessContract
+    from training.model import build_model
+    from training.synth import render_cell
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    crops = np.stack([render_cell(rng, "all" if i % 2 else "hem", size=size) for i in range(max(calibration, max(batches)))])
+    model = build_model(size, "efficientnetb3", weights=None)
+    rows = []
+    graph_call = tf.function(lambda x: model(x, training=False))  # graph mode, as model.predict runs it
+    for b in batches:
+        x = tf.constant(crops[:b].astype(np.float32))
+        rows.append({"model": "keras float32", "batch": b, "threads": "tf default", "size_mb": None,
+                     "ms": median_ms(lambda x=x: graph_call(x).numpy(), repeats)})
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = Path(tmp) / "model.keras"
+        model.save(keras_path)
+        keras_mb = keras_path.stat().st_size / 1e6
+        ref = float_outputs(model, crops[:2])
+        for mode in modes:
+            data = convert(model, crops[:calibration], mode)
+            meta = {"labels": ["normal", "blast"], "input_size": size, "preprocess": PreprocessContract(input_size=size).to_dict(),
+                    "signature": "serving_default", "outputs": {"probability": "probability", "logit": "logit", "cam": "cam"},
+                    "threshold": 0.5, "review_band": [0.3, 0.7], "cam": {"shape": list(ref["cam"].shape[1:3])},
+                    "quantization": {"mode": mode}, "name": f"bench-{mode}"}
+            out = write_bundle(Path(tmp) / mode, data, meta, {"crops": crops[:2], "probabilities": ref["probability"],
+                                                              "cams": ref["cam"]}, tolerance=1.0)
+            bundle = load_bundle(out)
+            for t in threads:
+                with Classifier(bundle, threads=t) as clf:
+                    for b in batches:
+                        rows.append({"model": f"tflite {mode}", "batch": b, "threads": t, "size_mb": len(data) / 1e6,
+                                     "ms": median_ms(lambda b=b, clf=clf: clf.raw(crops[:b]), repeats)})
+    base = {r["batch"]: r["ms"] for r in rows if r["model"] == "tflite float32" and r["threads"] == 2}
+    keras_ms = {r["batch"]: r["ms"] for r in rows if r["model"] == "keras float32"}
+    for r in rows:
+        r["per_image_ms"] = r["ms"] / r["batch"]
+        r["vs_tflite_float32_2t"] = r["ms"] / base[r["batch"]] if r["batch"] in base else None
+        r["vs_keras"] = r["ms"] / keras_ms[r["batch"]]
+    return {"benchmark": "models", "input_size": size, "backbone": "efficientnetb3", "cpu": cpu_name(),
+            "cores": __import__("os").cpu_count(), "keras_file_mb": keras_mb, "repeats": repeats, "rows": rows}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"### Model latency at {result['input_size']} px ({result['backbone']}), CPU: {result['cpu']} ({result['cores']} cores)",
+             "", f"Keras .keras file: {result['keras_file_mb']:.1f} MB. Median of {result['repeats']} runs; ratios from the same run.", "",
+             "| model | threads | batch | size MB | ms / call | ms / image | × tflite float32 (2 threads) | × Keras |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        size = "" if r["size_mb"] is None else f"{r['size_mb']:.1f}"
+        vs = "" if r["vs_tflite_float32_2t"] is None else f"{r['vs_tflite_float32_2t']:.2f}"
+        lines.append(f"| {r['model']} | {r['threads']} | {r['batch']} | {size} | {r['ms']:.1f} | {r['per_image_ms']:.1f} | {vs} | {r['vs_keras']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: list[dict], out_dir: str | Path) -> Path:
+    """Write bench.json and bench.md into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    md = "\n".join(r["markdown"] for r in results)
+    (out / "bench.md").write_text(md)
+    return out / "bench.md"

@@ -116,3 +116,82 @@ def write_results(results: list[dict], out_dir: str | Path) -> Path:
     md = "\n".join(r["markdown"] for r in results)
     (out / "bench.md").write_text(md)
     return out / "bench.md"
+
+
+PIPELINE_CHILD = r"""
+import json, sys, time, dataclasses
+from device.config import Config, CameraConfig, ModelConfig, StoreConfig, ServiceConfig
+from device.service import Appliance
+from device.web import create_app
+replay, bundle, store, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = Config(camera=CameraConfig(replay_dir=replay), model=ModelConfig(bundle=bundle, threads=2),
+             store=StoreConfig(data_dir=store, min_free_mb=1), service=ServiceConfig(startup_captures=0))
+rows = []
+with Appliance(cfg) as app:
+    create_app(app)  # the dashboard lives in the same process on the Pi
+    crops = None
+    for i in range(n + 1):
+        t = time.perf_counter()
+        out = app.capture_now("bench")
+        total = (time.perf_counter() - t) * 1000
+        cap = app.store.get_capture(out.capture_id)
+        if i == 0:
+            continue  # warm-up
+        rows.append({"total": total, "cells": cap["n_cells"], **cap["timings"]})
+    # Pure model time on the same number of crops, batched as the pipeline batches them.
+    size = app.bundle.meta["input_size"]
+    import numpy as np
+    k = max(1, rows[-1]["cells"])
+    crops = np.repeat(app.bundle.golden.crops[:1], k, axis=0)
+    app.classifier.raw(crops)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter(); app.classifier.classify(crops); times.append((time.perf_counter() - t) * 1000)
+# VmHWM is this process's own peak RSS (getrusage would also count the parent's pages copied at fork).
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("RESULT" + json.dumps({"rows": rows, "model_ms": sorted(times)[len(times) // 2], "runtime": app.classifier.runtime,
+                             "peak_rss_kb": hwm,
+                             "quantization": app.bundle.meta["quantization"]["mode"], "input_size": size}))
+"""
+
+
+def bench_pipeline(bundle_dir: str | Path, width: int = 4056, height: int = 3040, cells: int = 5, captures: int = 5,
+                   seed: int = 0) -> dict:
+    """Capture-to-result latency by stage on the replay camera, against pure model time; peak RSS of the process.
+
+    The appliance runs in a child process so that its peak RSS is measured on its own.
+    """
+    import subprocess
+    import sys
+
+    from device.imaging import atomic_write_bytes, encode_image
+    from training.synth import render_field
+
+    with tempfile.TemporaryDirectory() as tmp:
+        field, truth = render_field(np.random.default_rng(seed), width, height, cells, um_per_px=0.1)
+        atomic_write_bytes(Path(tmp) / "replay" / "field.jpg", encode_image(field, "JPEG", quality=92))
+        proc = subprocess.run([sys.executable, "-c", PIPELINE_CHILD, str(Path(tmp) / "replay"), str(bundle_dir),
+                               str(Path(tmp) / "store"), str(captures)], capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pipeline benchmark failed:\n{proc.stderr[-2000:]}")
+    data = json.loads(proc.stdout.split("RESULT", 1)[1])
+    rows = data["rows"]
+    stages = [k for k in rows[0] if k not in ("total", "cells")]
+    med = {k: statistics.median(r[k] for r in rows) for k in ["total", *stages]}
+    return {"benchmark": "pipeline", "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "field": [width, height],
+            "true_cells": len(truth), "found_cells": rows[-1]["cells"], "captures": len(rows), "median_ms": med,
+            "model_ms": data["model_ms"], "model_share": data["model_ms"] / med["total"], "peak_rss_mb": data["peak_rss_kb"] / 1024,
+            "runtime": data["runtime"], "quantization": data["quantization"], "input_size": data["input_size"],
+            "bundle": str(bundle_dir)}
+
+
+def pipeline_markdown(r: dict) -> str:
+    lines = [f"### Capture to result: {r['field'][0]}×{r['field'][1]} synthetic field, {r['found_cells']} of {r['true_cells']} cells found, "
+             f"replay camera; CPU: {r['cpu']} ({r['cores']} cores)", "",
+             f"Bundle {r['bundle']} ({r['quantization']}, {r['input_size']} px, {r['runtime']}); median of {r['captures']} captures.", "",
+             "| stage | ms | share of total |", "| --- | --- | --- |"]
+    for k, v in r["median_ms"].items():
+        lines.append(f"| {k} | {v:.1f} | {v / r['median_ms']['total']:.0%} |")
+    lines += ["", f"Pure model time for the same {r['found_cells']} crops: {r['model_ms']:.1f} ms = "
+              f"{r['model_share']:.0%} of capture-to-result. Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB.", ""]
+    return "\n".join(lines)

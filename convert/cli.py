@@ -268,15 +268,35 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--size", default=300, show_default=True, help="Model input size in pixels (the paper's 300).")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
-def bench(out_dir, size, repeats, quick):
-    """Measure model sizes and latencies (int8, float16, float32 TFLite vs Keras) in one run; write markdown + JSON."""
-    from convert.bench import bench_models, to_markdown, write_results
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
+@click.option("--only", type=click.Choice(["all", "models", "pipeline"]), default="all", show_default=True)
+def bench(out_dir, size, repeats, quick, bundle_dir, only):
+    """Measure models (int8/float16/float32 TFLite vs Keras) and the capture pipeline in one run; markdown + JSON."""
+    from convert.bench import (
+        bench_models,
+        bench_pipeline,
+        pipeline_markdown,
+        to_markdown,
+        write_results,
+    )
+    from device.config import DEMO_BUNDLE
 
     if quick:
         size, repeats = 64, 2
-    click.echo(f"benchmarking models at {size} px ...")
-    result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
-    result["markdown"] = to_markdown(result)
-    path = write_results([result], out_dir)
-    click.echo(result["markdown"])
+    results = []
+    if only in ("all", "pipeline"):
+        click.echo("benchmarking the capture pipeline ...")
+        w, h, n = (1280, 960, 2) if quick else (4056, 3040, 5)
+        result = bench_pipeline(bundle_dir or DEMO_BUNDLE, width=w, height=h, cells=5, captures=n)
+        result["markdown"] = pipeline_markdown(result)
+        results.append(result)
+    if only in ("all", "models"):
+        click.echo(f"benchmarking models at {size} px ...")
+        result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
+        result["markdown"] = to_markdown(result)
+        results.append(result)
+    path = write_results(results, out_dir)
+    for r in results:
+        click.echo(r["markdown"])
     click.echo(f"written to {path} and {path.with_suffix('.json')}")

@@ -172,6 +172,23 @@ def check_bundle(bundle):
         sys.exit(1)
 
 
+@cli.command("calibrate-qc")
+@click.argument("fields", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def calibrate_qc(fields):
+    """Suggest [quality] thresholds from a few FIELDS you judge good (in focus, well exposed)."""
+    from device.imaging import decode_image
+    from device.quality import assess, suggest_thresholds
+
+    reports = []
+    for path in fields:
+        r = assess(decode_image(path), min_focus=0.0, max_clipped_fraction=1.0)
+        click.echo(f"{path}: sharpness {r.focus:.1f}, clipped {r.clipped_fraction:.4f}, brightness {r.mean_brightness:.0f}")
+        reports.append(r)
+    t = suggest_thresholds(reports)
+    click.echo("\n# paste into the [quality] section of leukocam.toml")
+    click.echo(f"[quality]\nmin_focus = {t['min_focus']}\nmax_clipped_fraction = {t['max_clipped_fraction']}")
+
+
 def main() -> None:
     cli()
 

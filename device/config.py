@@ -25,17 +25,64 @@ DEMO_FIELDS = PACKAGE_DIR / "demo" / "fields"
 @dataclass(frozen=True)
 class CameraConfig:
     backend: str = "replay"
-    """Which camera: "replay" (a folder of images), "opencv" (UVC camera or video file)."""
+    """Which camera: "replay" (a folder of images), "opencv" (UVC camera or video file) or "picamera2" (Pi camera)."""
     replay_dir: str = ""
     """Folder of field images for the replay camera; empty means the shipped synthetic sample fields."""
     opencv_device: str = "0"
     """OpenCV source: a camera index such as "0", or a video file path."""
     retries: int = 3
     """How often a failed capture is retried before the error is reported."""
+    width: int = 0
+    """picamera2 still width in pixels; 0 = the sensor's full resolution (4056 on the HQ camera)."""
+    height: int = 0
+    """picamera2 still height in pixels; 0 = the sensor's full resolution (3040 on the HQ camera)."""
+    exposure_us: int = 0
+    """picamera2 fixed exposure time in microseconds; 0 = let auto-exposure settle once, then lock it."""
+    analogue_gain: float = 0.0
+    """picamera2 fixed analogue gain; 0 = settle automatically once, then lock."""
+    awb_red: float = 0.0
+    """picamera2 fixed red white-balance gain (ColourGains); 0 (with awb_blue 0) = settle once, then lock."""
+    awb_blue: float = 0.0
+    """picamera2 fixed blue white-balance gain (ColourGains); 0 (with awb_red 0) = settle once, then lock."""
+    preview_width: int = 640
+    """Width of the low-resolution preview frames for the dashboard."""
 
     def validate(self) -> None:
-        _choice("camera.backend", self.backend, ("replay", "opencv"))
+        _choice("camera.backend", self.backend, ("replay", "opencv", "picamera2"))
         _at_least("camera.retries", self.retries, 0)
+        for key in ("width", "height", "exposure_us"):
+            _at_least(f"camera.{key}", getattr(self, key), 0)
+        for key in ("analogue_gain", "awb_red", "awb_blue"):
+            _at_least(f"camera.{key}", getattr(self, key), 0.0)
+        _between("camera.preview_width", self.preview_width, 64, 4096)
+        if (self.awb_red == 0) != (self.awb_blue == 0):
+            raise ConfigError("camera.awb_red and camera.awb_blue: set both (fixed white balance) or neither (auto, then locked)")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    enabled: bool = False
+    """Use a GPIO push button (and LED); off in the embedded default, which has no GPIO."""
+    button_pin: int = 17
+    """BCM pin of the capture button (wired to ground; the internal pull-up is used). 17 = physical pin 11."""
+    bounce_ms: int = 50
+    """Debounce time of the button."""
+    long_press_s: float = 2.0
+    """Holding the button this long starts a new slide instead of capturing."""
+    led_pin: int = 27
+    """BCM pin of the status LED (27 = physical pin 13); 0 = no LED."""
+    buzzer_pin: int = 0
+    """BCM pin of an optional active buzzer; 0 = none."""
+
+    def validate(self) -> None:
+        _between("trigger.button_pin", self.button_pin, 2, 27)
+        _between("trigger.led_pin", self.led_pin, 0, 27)
+        _between("trigger.buzzer_pin", self.buzzer_pin, 0, 27)
+        _between("trigger.bounce_ms", self.bounce_ms, 1, 1000)
+        _between("trigger.long_press_s", self.long_press_s, 0.3, 30.0)
+        used = [p for p in (self.button_pin, self.led_pin, self.buzzer_pin) if p]
+        if len(used) != len(set(used)):
+            raise ConfigError(f"trigger: button_pin, led_pin and buzzer_pin must differ, got {used}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +130,14 @@ class StoreConfig:
     """A capture is refused, and nothing written, when less disk space than this is free."""
     max_image_pixels: int = 40_000_000
     """Images larger than this many pixels are refused (decompression-bomb guard; 12 MP HQ frames fit)."""
+    max_images_mb: int = 0
+    """Retention cap for stored images; over it, the oldest captures of REVIEWED slides are deleted. 0 = no cap."""
 
     def validate(self) -> None:
         _at_least("store.min_free_mb", self.min_free_mb, 0)
         # PIL refuses more than its MAX_IMAGE_PIXELS (89.5 MP) as a decompression bomb anyway.
         _between("store.max_image_pixels", self.max_image_pixels, 1, 89_000_000)
+        _at_least("store.max_images_mb", self.max_images_mb, 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +171,7 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class Config:
     camera: CameraConfig = field(default_factory=CameraConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     finder: FinderConfig = field(default_factory=FinderConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)

@@ -56,3 +56,19 @@ def assess(rgb: np.ndarray, min_focus: float, max_clipped_fraction: float) -> Qu
             f"badly exposed ({clipped:.1%} of pixels clipped > {max_clipped_fraction:.0%}): adjust the lamp or exposure and retake"
         )
     return QualityReport(focus, clipped, float(grey.mean()), tuple(problems))
+
+
+def suggest_thresholds(good: list[QualityReport]) -> dict:
+    """Thresholds from a few fields the operator judged good (in focus, well exposed).
+
+    min_focus is half the sharpness of the least sharp good field: blur of one
+    or two pixels drops the variance of the Laplacian three- to fourfold, so half
+    keeps every good field and still rejects a visibly soft one. The clipping
+    limit leaves twice the worst good field's clipping, at least 1 %.
+    """
+    if not good:
+        raise ValueError("calibration needs at least one good field")
+    return {
+        "min_focus": round(0.5 * min(r.focus for r in good), 2),
+        "max_clipped_fraction": round(max(0.01, 2 * max(r.clipped_fraction for r in good)), 4),
+    }

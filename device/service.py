@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import date
+from datetime import datetime
 
 from device.bundle import Bundle
 from device.bundle_store import resolve_active_bundle
@@ -24,8 +25,10 @@ from device.errors import BusyError, CameraError, ImageError, LeukoCamError
 from device.imaging import decode_image
 from device.pipeline import Analyzer, to_record
 from device.store import ReconcileReport, Store
+from device.trigger import Trigger
 
 log = logging.getLogger(__name__)
+SLIDE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Appliance:
         self.bundle_note: str = active.note
         self.analyzer = Analyzer(self.classifier, config)
         self.camera: Camera = camera if camera is not None else build_camera(config)
-        self.slide_id = config.service.slide_id or f"slide-{date.today():%Y%m%d}"
+        # Until the operator starts a new slide, captures go to the configured slide or one per day.
+        self.slide_id = self.new_slide(config.service.slide_id or f"slide-{datetime.now():%Y%m%d}")
         self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
         self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
         self._busy = threading.Event()
@@ -62,13 +66,20 @@ class Appliance:
         self.last_outcome: CaptureOutcome | None = None
         self.last_error: str | None = None
         self.captures_done = 0
+        self.retention: dict | None = None
+        self.trigger: Trigger | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.config.trigger.enabled:
+            # Fails start-up on purpose when the config asks for a button that is not there.
+            self.trigger = Trigger(self.config.trigger, self._button_pressed, self._button_held)
         self._thread = threading.Thread(target=self._run, name="capture-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.trigger is not None:  # no new presses while shutting down
+            self.trigger.close()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -80,6 +91,17 @@ class Appliance:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # -- slides ------------------------------------------------------------------------------
+    def new_slide(self, slide_id: str | None = None) -> str:
+        """Start a new slide (dashboard ID or a long press); later captures belong to it."""
+        slide_id = (slide_id or f"slide-{datetime.now():%Y%m%d-%H%M%S}").strip()
+        if not SLIDE_ID.fullmatch(slide_id):
+            raise ValueError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        self.store.ensure_slide(slide_id)
+        self.slide_id = slide_id
+        log.info("slide %s", slide_id)
+        return slide_id
 
     # -- requests ----------------------------------------------------------------------------
     @property
@@ -118,13 +140,34 @@ class Appliance:
                 except queue.Empty:
                     continue
             self._busy.set()
+            self._feedback("busy")
             try:
-                self._capture(trigger)
+                outcome = self._capture(trigger)
+                self._feedback({"ok": "done", "retake": "retake"}.get(outcome.status, "error"))
             except Exception as exc:  # the worker must survive anything a capture throws
                 log.exception("capture failed")
                 self.last_error = f"capture failed: {exc}"
+                self._feedback("error")
             finally:
                 self._busy.clear()
+
+    # -- the button (these run on the Trigger's own worker thread) -----------------------------
+    def _feedback(self, state: str) -> None:
+        if self.trigger is not None:
+            self.trigger.set_state(state)
+
+    def _button_pressed(self) -> None:
+        try:
+            self.request_capture("button")
+        except BusyError:
+            self._feedback("refused")
+
+    def _button_held(self) -> None:
+        if self.busy:  # don't move a capture that is still running to a new slide
+            self._feedback("refused")
+            return
+        self.new_slide()
+        self._feedback("done")
 
     def _capture(self, trigger: str) -> CaptureOutcome:
         retries = self.config.camera.retries
@@ -152,16 +195,18 @@ class Appliance:
             try:
                 self.store.check_space()
                 analysis = self.analyzer.analyse(image, single_cell=single_cell)
-                t = time.perf_counter()
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
                     analysis, image, slide_id=self.slide_id, source=source, trigger=trigger,
                     model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
                     extra_timings=extra,
                 )
+                t = time.perf_counter()
                 capture_id = self.store.save_capture(record)
-                log.info("capture %d (%s): %s; store %.0f ms", capture_id, trigger, analysis.message,
-                         (time.perf_counter() - t) * 1000)
+                self.store.add_timing(capture_id, "store", (time.perf_counter() - t) * 1000)
+                if self.config.store.max_images_mb:
+                    self.retention = self.store.apply_retention(self.config.store.max_images_mb)
+                log.info("capture %d (%s): %s", capture_id, trigger, analysis.message)
             except (LeukoCamError, ImageError) as exc:
                 self.last_error = str(exc)
                 outcome = CaptureOutcome(None, "error", str(exc))
@@ -188,6 +233,7 @@ class Appliance:
             "last_outcome": None if self.last_outcome is None else self.last_outcome.__dict__,
             "camera": self.camera.name,
             "slide_id": self.slide_id,
+            "slide": self.store.slide_summary(self.slide_id),
             "runtime": self.classifier.runtime,
             "model": {
                 "path": str(self.bundle.path),
@@ -203,5 +249,5 @@ class Appliance:
             },
             "self_test": None if self.self_test is None else self.self_test.message,
             "store": {"captures": self.store.count_captures(), "free_mb": round(self.store.free_mb()),
-                      "reconcile": self.reconcile.summary()},
+                      "reconcile": self.reconcile.summary(), "retention": self.retention},
         }

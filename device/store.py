@@ -24,6 +24,7 @@ from pathlib import Path
 
 from device.errors import StoreError, StoreFullError
 from device.imaging import atomic_write_bytes, fsync_dir
+from device.stats import wilson_ci
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,15 @@ MIGRATIONS: list[str] = [
         UNIQUE (capture_id, idx)
     );
     CREATE INDEX cells_capture ON cells (capture_id);
+    """,
+    """
+    CREATE TABLE slides (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        reviewed_at TEXT,
+        reviewed_by TEXT
+    );
+    INSERT OR IGNORE INTO slides (id, created_at) SELECT slide_id, MIN(created_at) FROM captures GROUP BY slide_id;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -226,6 +236,8 @@ class Store:
             raise
         try:
             with self.connect() as conn:
+                conn.execute("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
+                             (rec.slide_id, now.isoformat(timespec="milliseconds")))
                 cur = conn.execute(
                     """INSERT INTO captures (uid, created_at, slide_id, source, trigger, status, message, width, height,
                        um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file)
@@ -252,6 +264,15 @@ class Store:
                 raise StoreFullError("disk full while committing the capture; it was refused, nothing else changed") from None
             raise
         return capture_id
+
+    def add_timing(self, capture_id: int, stage: str, ms: float) -> None:
+        """Add one stage's time to a stored capture (the store stage is only known after the commit)."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT timings_json FROM captures WHERE id = ?", (capture_id,)).fetchone()
+            if row is not None:
+                timings = json.loads(row[0] or "{}")
+                timings[stage] = round(ms, 2)
+                conn.execute("UPDATE captures SET timings_json = ? WHERE id = ?", (json.dumps(timings), capture_id))
 
     # -- reading -----------------------------------------------------------------------------
     def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
@@ -299,6 +320,86 @@ class Store:
             return None
         path = (self.images_dir / row[0]).resolve()
         return path if path.is_relative_to(self.images_dir.resolve()) else None
+
+    # -- slides ------------------------------------------------------------------------------
+    def ensure_slide(self, slide_id: str) -> None:
+        """Create the slide row if it does not exist yet (a new slide from the dashboard or a long press)."""
+        with self.connect() as conn:
+            conn.execute("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
+                         (slide_id, datetime.now(UTC).isoformat(timespec="milliseconds")))
+
+    def slide_summary(self, slide_id: str) -> dict | None:
+        """Counts, the blast fraction with its 95% Wilson CI, and how many cells await review."""
+        with self.connect() as conn:
+            slide = conn.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone()
+            if slide is None:
+                return None
+            row = conn.execute(
+                """SELECT COUNT(DISTINCT c.id) AS captures,
+                          COALESCE(SUM(c.status = 'ok'), 0) AS ok_captures,
+                          COUNT(k.id) AS cells,
+                          COALESCE(SUM(k.positive), 0) AS positive,
+                          COALESCE(SUM(k.needs_review), 0) AS needs_review
+                   FROM captures c LEFT JOIN cells k ON k.capture_id = c.id WHERE c.slide_id = ?""",
+                (slide_id,),
+            ).fetchone()
+            ok = conn.execute("SELECT COUNT(*) FROM captures WHERE slide_id = ? AND status = 'ok'", (slide_id,)).fetchone()[0]
+        cells, positive = int(row["cells"]), int(row["positive"])
+        lo, hi = wilson_ci(positive, cells) if cells else (None, None)
+        return {
+            "id": slide["id"], "created_at": slide["created_at"], "reviewed_at": slide["reviewed_at"],
+            "reviewed_by": slide["reviewed_by"], "captures": int(row["captures"]), "ok_captures": int(ok),
+            "cells": cells, "positive": positive, "needs_review": int(row["needs_review"]),
+            "blast_fraction": positive / cells if cells else None, "blast_fraction_ci95": [lo, hi] if cells else None,
+        }
+
+    def list_slides(self, limit: int = 50) -> list[dict]:
+        with self.connect() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM slides ORDER BY created_at DESC LIMIT ?", (limit,))]
+        return [self.slide_summary(i) for i in ids]
+
+    def mark_slide_reviewed(self, slide_id: str, by: str) -> None:
+        """Record that a person reviewed the slide (which makes its captures eligible for retention)."""
+        with self.connect() as conn:
+            cur = conn.execute("UPDATE slides SET reviewed_at = ?, reviewed_by = ? WHERE id = ?",
+                               (datetime.now(UTC).isoformat(timespec="seconds"), by, slide_id))
+            if cur.rowcount == 0:
+                raise KeyError(slide_id)
+
+    # -- retention -----------------------------------------------------------------------------
+    def images_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.images_dir.rglob("*") if p.is_file())
+
+    def apply_retention(self, max_images_mb: float) -> dict:
+        """Delete the oldest captures of REVIEWED slides until the images fit max_images_mb.
+
+        Results of slides nobody has reviewed are never deleted, even when that
+        leaves the store over the cap (the status page then says so). Rows go
+        first, in one transaction, then the files, so a crash in between leaves
+        orphan files (reported by reconcile), never rows without files.
+        """
+        used = self.images_bytes()
+        cap = max_images_mb * 1e6
+        deleted = []
+        if used > cap:
+            with self.connect() as conn:
+                candidates = conn.execute(
+                    """SELECT c.id, c.field_file FROM captures c JOIN slides s ON s.id = c.slide_id
+                       WHERE s.reviewed_at IS NOT NULL ORDER BY c.id""").fetchall()
+            for row in candidates:
+                if used <= cap:
+                    break
+                folder = (self.images_dir / row["field_file"]).parent
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                with self.connect() as conn:
+                    conn.execute("DELETE FROM cells WHERE capture_id = ?", (row["id"],))
+                    conn.execute("DELETE FROM captures WHERE id = ?", (row["id"],))
+                shutil.rmtree(folder, ignore_errors=True)
+                used -= size
+                deleted.append(int(row["id"]))
+        if deleted:
+            log.info("retention: deleted %d capture(s) of reviewed slides to stay under %.0f MB", len(deleted), max_images_mb)
+        return {"deleted": deleted, "images_mb": round(used / 1e6, 1), "cap_mb": max_images_mb, "over_cap": used > cap}
 
     # -- start-up ----------------------------------------------------------------------------
     def reconcile(self) -> ReconcileReport:

@@ -74,12 +74,13 @@ def test_firmware_toml_is_the_rig_profile():
     assert cfg.store.data_dir == "/var/lib/leukocam"
     assert cfg.service.startup_captures == 0
     assert cfg.model.bundle == "/var/lib/leukocam/bundles"  # the bundle store that `make deploy` fills
-    # apart from those three rig settings, the file documents the embedded defaults
+    assert cfg.camera.backend == "picamera2" and cfg.trigger.enabled
+    # apart from those rig settings, the file documents the embedded defaults
     default = Config()
     for section in SECTIONS:
         got, want = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(default, section))
         differ = {k for k in got if got[k] != want[k]}
-        assert differ <= {"data_dir", "startup_captures", "bundle"}, f"[{section}] differs in {differ}"
+        assert differ <= {"data_dir", "startup_captures", "bundle", "backend", "enabled"}, f"[{section}] differs in {differ}"
 
 
 def test_partial_file_keeps_defaults_and_int_becomes_float(tmp_path):

@@ -48,7 +48,7 @@ def test_capture_finds_and_classifies_cells_of_a_sample_field(config, demo_field
     assert truth["synthetic"] is True
     assert cap["n_cells"] == len(truth["cells"])
     assert cap["model_sha256"] == app.bundle.sha256 and cap["model_synthetic"]
-    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode"):
+    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode", "store"):
         assert stage in cap["timings"]
     for cell in cap["cells"]:
         assert 0.0 <= cell["probability"] <= 1.0
@@ -143,3 +143,45 @@ def test_blurred_field_is_stored_as_retake(config, demo_fields_dir):
         outcome = app.analyse_upload(encode_image(blurred, "PNG"), "blurred.png")
         assert outcome.status == "retake" and "focus" in outcome.message
         assert app.store.get_capture(outcome.capture_id)["status"] == "retake"
+
+
+def test_gpio_button_captures_and_long_press_starts_a_slide(config):
+    """The real gpiozero Button on a MockFactory pin, wired through the appliance."""
+    import dataclasses
+
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    factory = MockFactory()
+    previous, Device.pin_factory = Device.pin_factory, factory
+    try:
+        cfg = dataclasses.replace(config, trigger=dataclasses.replace(config.trigger, enabled=True, bounce_ms=5,
+                                                                      long_press_s=0.4, led_pin=27))
+        with Appliance(cfg) as app:
+            app.start()
+            pin = factory.pin(cfg.trigger.button_pin)
+            pin.drive_low()
+            time.sleep(0.1)
+            pin.drive_high()
+            deadline = time.time() + 60
+            while app.captures_done < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            assert app.captures_done == 1
+            cap = app.store.recent_captures(1)[0]
+            assert cap["trigger"] == "button"
+            deadline = time.time() + 10
+            while app.trigger.state != "done" and time.time() < deadline:
+                time.sleep(0.05)
+            assert app.trigger.state == "done"
+            first_slide = app.slide_id
+            time.sleep(1.1)  # new slide IDs are time-stamped to the second
+            pin.drive_low()
+            deadline = time.time() + 5
+            while app.slide_id == first_slide and time.time() < deadline:
+                time.sleep(0.05)
+            pin.drive_high()
+            assert app.slide_id != first_slide and app.captures_done == 1  # a long press is not a capture
+    finally:
+        Device.pin_factory = previous
+        factory.reset()
+        factory.close()

@@ -91,3 +91,12 @@ def test_security_headers(app_and_client):
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
     assert "http://" not in resp.get_data(as_text=True).replace("http://www.w3.org", "")  # no external CDN
+
+
+def test_preview_is_a_small_jpeg_of_the_camera(app_and_client):
+    appliance, client = app_and_client
+    resp = client.get("/api/preview.jpg")
+    assert resp.status_code == 200 and resp.mimetype == "image/jpeg"
+    img = decode_image(resp.data)
+    assert img.shape[1] == appliance.config.camera.preview_width and img.shape[2] == 3
+    assert resp.headers["Cache-Control"] == "no-store"

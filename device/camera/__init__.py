@@ -35,6 +35,10 @@ class Camera(Protocol):
     def close(self) -> None:
         """Release the device."""
 
+    # Optional: backends with a live view (picamera2) also offer
+    # `preview() -> Frame`, a low-resolution RGB frame for the dashboard;
+    # callers check with hasattr(camera, "preview").
+
     def __enter__(self) -> Camera: ...
 
     def __exit__(self, *exc) -> None: ...
@@ -46,9 +50,14 @@ def build_camera(config: Config) -> Camera:
     if backend == "replay":
         from device.camera.replay import ReplayCamera
 
-        return ReplayCamera(config.replay_dir, max_pixels=config.store.max_image_pixels)
+        return ReplayCamera(config.replay_dir, max_pixels=config.store.max_image_pixels,
+                            preview_width=config.camera.preview_width)
     if backend == "opencv":
         from device.camera.uvc import OpenCVCamera
 
         return OpenCVCamera(config.camera.opencv_device)
-    raise ConfigError(f"camera.backend = {backend!r} is not available in this version; use 'replay' or 'opencv'")
+    if backend == "picamera2":
+        from device.camera.picam import PiCamera
+
+        return PiCamera(config.camera)
+    raise ConfigError(f"camera.backend = {backend!r}: expected one of replay, opencv, picamera2")

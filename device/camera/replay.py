@@ -19,8 +19,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 class ReplayCamera:
     name = "replay"
 
-    def __init__(self, folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, loop: bool = True):
+    def __init__(self, folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, loop: bool = True,
+                 preview_width: int = 640):
         self.folder = Path(folder)
+        self.preview_width = preview_width
         self.max_pixels = max_pixels
         self.loop = loop
         self._index = 0
@@ -50,6 +52,24 @@ class ReplayCamera:
         except ImageError as exc:
             raise CameraError(f"replay camera: {exc}") from None
         return Frame(image=image, source=path.name, metadata={"backend": "replay", "file": path.name})
+
+    def preview(self) -> Frame:
+        """A small RGB copy of the image the next capture will return (what the operator would see)."""
+        import cv2
+
+        files = self._files()
+        if not files:
+            raise CameraError(f"replay camera: the folder {self.folder} is empty or gone")
+        path = files[self._index % len(files)]
+        try:
+            image = decode_image(path, max_pixels=self.max_pixels)
+        except ImageError as exc:
+            raise CameraError(f"replay camera: {exc}") from None
+        h, w = image.shape[:2]
+        width = self.preview_width
+        if w > width:
+            image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+        return Frame(image=image, source=path.name, metadata={"backend": "replay", "file": path.name, "preview": True})
 
     def close(self) -> None:
         pass

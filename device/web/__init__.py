@@ -11,6 +11,7 @@ from __future__ import annotations
 from flask import Flask, abort, jsonify, redirect, render_template, request, send_file, url_for
 
 from device.errors import BusyError, ImageError, LeukoCamError
+from device.imaging import encode_image
 
 
 def create_app(appliance) -> Flask:
@@ -93,6 +94,48 @@ def create_app(appliance) -> Flask:
         except BusyError as exc:
             return jsonify({"error": str(exc)}), 409
         return jsonify({"queued": True}), 202
+
+    @app.get("/api/preview.jpg")
+    def api_preview():
+        camera = appliance.camera
+        if not hasattr(camera, "preview"):
+            return jsonify({"error": f"the {camera.name} camera has no preview"}), 404
+        try:
+            frame = camera.preview()
+        except LeukoCamError as exc:
+            return jsonify({"error": str(exc)}), 503
+        resp = app.response_class(encode_image(frame.image, "JPEG", quality=80), mimetype="image/jpeg")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    @app.get("/api/slides")
+    def api_slides():
+        return jsonify({"current": appliance.slide_id, "slides": store.list_slides()})
+
+    @app.get("/api/slides/<slide_id>")
+    def api_slide(slide_id: str):
+        summary = store.slide_summary(slide_id)
+        if summary is None:
+            return jsonify({"error": f"no slide {slide_id!r}"}), 404
+        return jsonify(summary)
+
+    @app.post("/api/slides")
+    def api_new_slide():
+        body = request.get_json(silent=True) or {}
+        slide_id = body.get("id") or request.form.get("id") or None
+        try:
+            new_id = appliance.new_slide(slide_id)
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
+        return jsonify({"current": new_id}), 201
+
+    @app.post("/slides")
+    def new_slide_form():
+        try:
+            appliance.new_slide(request.form.get("id") or None)
+        except ValueError as exc:
+            return render_template("message.html", message=str(exc), health=appliance.health()), 400
+        return redirect(url_for("index"))
 
     @app.post("/api/upload")
     def api_upload():

@@ -133,25 +133,68 @@ def serve(config_path, host, port):
         log.info("stopped cleanly")
 
 
+def _capture_via_service(cfg, timeout: float = 120.0) -> dict | None:
+    """Ask a running `leukocam serve` to capture (it owns the camera). None when no service answers."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if cfg.web.host in ("0.0.0.0", "::", "") else cfg.web.host
+    base = f"http://{host}:{cfg.web.port}"
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(base + path, timeout=10) as r:
+            return json.load(r)
+
+    try:
+        before = get("/api/captures?limit=1")
+    except (urllib.error.URLError, OSError):
+        return None
+    last_id = before["captures"][0]["id"] if before["captures"] else 0
+    try:
+        urllib.request.urlopen(urllib.request.Request(base + "/api/capture", method="POST", data=b'{"trigger": "cli"}',
+                                                      headers={"Content-Type": "application/json"}), timeout=10)
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = get("/api/captures?limit=1")["captures"]
+        if latest and latest[0]["id"] > last_id:
+            return {"outcome": {"capture_id": latest[0]["id"], "status": latest[0]["status"],
+                                "message": latest[0]["message"]}, "capture": get(f"/api/captures/{latest[0]['id']}")}
+        health = get("/api/health")
+        if not health["busy"] and health.get("last_outcome") and health["last_outcome"]["status"] == "error":
+            return {"outcome": health["last_outcome"], "capture": None}
+        time.sleep(0.3)
+    raise click.ClickException(f"the service at {base} did not report a result within {timeout:.0f} s")
+
+
 @cli.command()
 @config_option
 @click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--single-cell", is_flag=True, help="The image is one cell (C-NMC style), not a field.")
 def capture(config_path, image, single_cell):
-    """Capture one field (or analyse IMAGE), store it and print the result as JSON."""
+    """Capture one field (or analyse IMAGE), store it and print the result as JSON.
+
+    When `leukocam serve` is running it owns the camera, so the capture is asked of it
+    (the same as the dashboard's Capture button); otherwise the camera is opened here.
+    """
     from device.config import load_config
     from device.service import Appliance
 
     cfg = load_config(config_path)
-    with Appliance(cfg) as appliance:
-        if image:
-            with open(image, "rb") as fh:
-                outcome = appliance.analyse_upload(fh.read(), image, single_cell=single_cell)
-        else:
-            outcome = appliance.capture_now("cli")
-        result = appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None
-    click.echo(json.dumps({"outcome": outcome.__dict__, "capture": result}, indent=2, default=str))
-    if outcome.status == "error":
+    result = None if image else _capture_via_service(cfg)
+    if result is None:
+        with Appliance(cfg) as appliance:
+            if image:
+                with open(image, "rb") as fh:
+                    outcome = appliance.analyse_upload(fh.read(), image, single_cell=single_cell)
+            else:
+                outcome = appliance.capture_now("cli")
+            result = {"outcome": outcome.__dict__,
+                      "capture": appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None}
+    click.echo(json.dumps(result, indent=2, default=str))
+    if result["outcome"]["status"] == "error":
         sys.exit(1)
 
 

@@ -52,3 +52,29 @@ def test_serve_shows_results_and_stops_cleanly_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-2000:]
     assert "stopped cleanly" in out
+
+
+def test_cli_capture_asks_the_running_service(tmp_path):
+    """`leukocam capture` must not open the camera a second time while `serve` owns it."""
+    port = free_port()
+    cfg = tmp_path / "leukocam.toml"
+    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
+                   f'[web]\nport = {port}\n[service]\nstartup_captures = 0\n')
+    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/captures", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-m", "device.cli", "capture", "--config", str(cfg)], cwd=REPO,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout)
+        assert result["capture"]["trigger"] == "cli" and result["capture"]["n_cells"] > 0  # taken by the service
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

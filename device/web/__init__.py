@@ -89,8 +89,10 @@ def create_app(appliance) -> Flask:
 
     @app.post("/api/capture")
     def api_capture_post():
+        # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
+        trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
         try:
-            appliance.request_capture("web")
+            appliance.request_capture(trigger)
         except BusyError as exc:
             return jsonify({"error": str(exc)}), 409
         return jsonify({"queued": True}), 202

@@ -195,3 +195,30 @@ def pipeline_markdown(r: dict) -> str:
     lines += ["", f"Pure model time for the same {r['found_cells']} crops: {r['model_ms']:.1f} ms = "
               f"{r['model_share']:.0%} of capture-to-result. Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)
+
+
+def bench_training(size: int = 96, batch: int = 16, steps: int = 5, seed: int = 0) -> dict:
+    """Training throughput in images/s: stage 1 (frozen backbone: embedding extraction) and stage 2 (full fine-tune step)."""
+    import keras
+    import tensorflow as tf
+
+    from training.model import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(size, "efficientnetb3", weights=None)
+    x = tf.constant(np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3)).astype(np.float32))
+    y = tf.constant(np.random.default_rng(seed + 1).integers(0, 2, (batch, 1)).astype(np.float32))
+    embed = keras.Model(model.input, model.get_layer("gap").output)
+    embed_fn = tf.function(lambda t: embed(t, training=False))
+    stage1_ms = median_ms(lambda: embed_fn(x).numpy(), steps)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    stage2_ms = median_ms(lambda: model.train_on_batch(x, y), steps)
+    return {"benchmark": "training", "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "input_size": size,
+            "batch": batch, "stage1_images_per_s": batch / (stage1_ms / 1000), "stage2_images_per_s": batch / (stage2_ms / 1000)}
+
+
+def training_markdown(r: dict) -> str:
+    return (f"### Training throughput: EfficientNetB3 at {r['input_size']} px, batch {r['batch']}; CPU: {r['cpu']} ({r['cores']} cores)\n\n"
+            "| stage | images/s |\n| --- | --- |\n"
+            f"| 1: frozen backbone, embeddings (computed once, then the head trains on them) | {r['stage1_images_per_s']:.1f} |\n"
+            f"| 2: fine-tuning, full forward + backward | {r['stage2_images_per_s']:.1f} |\n")

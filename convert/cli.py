@@ -270,14 +270,17 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
-@click.option("--only", type=click.Choice(["all", "models", "pipeline"]), default="all", show_default=True)
+@click.option("--only", type=click.Choice(["all", "models", "pipeline", "training"]), default="all", show_default=True,
+              help="On a Pi (no TensorFlow) use --only pipeline.")
 def bench(out_dir, size, repeats, quick, bundle_dir, only):
     """Measure models (int8/float16/float32 TFLite vs Keras) and the capture pipeline in one run; markdown + JSON."""
     from convert.bench import (
         bench_models,
         bench_pipeline,
+        bench_training,
         pipeline_markdown,
         to_markdown,
+        training_markdown,
         write_results,
     )
     from device.config import DEMO_BUNDLE
@@ -295,6 +298,11 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only):
         click.echo(f"benchmarking models at {size} px ...")
         result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
         result["markdown"] = to_markdown(result)
+        results.append(result)
+    if only in ("all", "training"):
+        click.echo("benchmarking training throughput ...")
+        result = bench_training(size=64 if quick else 96, steps=2 if quick else 5)
+        result["markdown"] = training_markdown(result)
         results.append(result)
     path = write_results(results, out_dir)
     for r in results:

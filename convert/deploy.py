@@ -69,7 +69,8 @@ def _steps(bundle: Bundle, host: str, *, remote_dir: str, service: str, ssh: str
     on_pi = [*ssh_cmd, host]
     return {
         "copy": [*copy, f"{bundle_dir}/", f"{host}:{remote}/"],
-        "install": [*on_pi, "sudo", *shlex.split(remote_leukocam), "install-bundle", shlex.quote(remote),
+        # As the service user, so the store stays writable for a start-up rollback.
+        "install": [*on_pi, "sudo", "-u", "leukocam", *shlex.split(remote_leukocam), "install-bundle", shlex.quote(remote),
                     "--store", shlex.quote(str(store))],
         "cleanup": [*on_pi, "rm", "-rf", shlex.quote(remote)],
         "restart": [*on_pi, "sudo", "systemctl", "restart", shlex.quote(service)],

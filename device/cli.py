@@ -32,6 +32,7 @@ LAZY_COMMANDS = {
                        "Check a bundle on this device and make it current (the old one is kept)."),
     "rollback-bundle": ("device.bundle_store:rollback_bundle_command", "Switch back to the previous model bundle."),
     "list-bundles": ("device.bundle_store:list_bundles_command", "List installed model bundles and their roles."),
+    "doctor": ("device.doctor:doctor", "Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."),
 }
 
 
@@ -92,6 +93,7 @@ def serve(config_path, host, port):
 
     from waitress import create_server
 
+    from device import sdnotify
     from device.config import load_config
     from device.service import Appliance
     from device.web import create_app
@@ -116,19 +118,28 @@ def serve(config_path, host, port):
     def shutdown(signum, _frame):
         if not stopping.is_set():
             stopping.set()
+            sdnotify.stopping()
             log.info("signal %d: stopping", signum)
             server.close()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     appliance.start()
-    log.info("dashboard on http://%s:%s/", cfg.web.host, server.effective_port)
+    port = server.effective_port  # create_server has already bound and is listening
+
+    def healthy() -> bool:  # on the watchdog thread, every WatchdogSec/2: worker alive and HTTP answering
+        return appliance.worker_alive and sdnotify.http_answers(cfg.web.host, port)
+
+    watchdog = sdnotify.Watchdog(healthy).start()  # no-op unless systemd set WATCHDOG_USEC
+    sdnotify.ready(f"dashboard on http://{cfg.web.host}:{port}/")
+    log.info("dashboard on http://%s:%s/", cfg.web.host, port)
     try:
         server.run()
     except OSError:
         if not stopping.is_set():
             raise
     finally:
+        watchdog.stop()
         appliance.stop()
         log.info("stopped cleanly")
 

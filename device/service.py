@@ -103,6 +103,10 @@ class Appliance:
         log.info("slide %s", slide_id)
         return slide_id
 
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     # -- requests ----------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
@@ -222,7 +226,7 @@ class Appliance:
 
     # -- status ------------------------------------------------------------------------------
     def health(self) -> dict:
-        worker_alive = self._thread is not None and self._thread.is_alive()
+        worker_alive = self.worker_alive
         return {
             "ok": worker_alive and (self.self_test is None or self.self_test.passed),
             "worker_alive": worker_alive,

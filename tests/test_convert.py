@@ -98,3 +98,17 @@ def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     result["markdown"] = to_markdown(result)
     path = write_results([result], tmp_path)
     assert "tflite int8" in path.read_text() and json.loads(path.with_suffix(".json").read_text())[0]["cpu"]
+
+
+def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
+    from convert.bench import bench_pipeline, bench_training, pipeline_markdown, training_markdown
+
+    p = bench_pipeline(demo_bundle_dir, width=1280, height=960, cells=2, captures=1)
+    assert p["found_cells"] == p["true_cells"] == 2
+    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode", "store", "total"):
+        assert p["median_ms"][stage] >= 0
+    assert 0 < p["model_share"] <= 1.5 and p["peak_rss_mb"] > 50
+    assert "| classify |" in pipeline_markdown(p)
+    t = bench_training(size=32, batch=2, steps=1)
+    assert t["stage1_images_per_s"] > 0 and t["stage2_images_per_s"] > 0
+    assert "fine-tuning" in training_markdown(t)

@@ -2,7 +2,7 @@
 
 Real files, real symlinks, the real classifier self-test on copies of the shipped
 demo bundle. The fake ssh is a script that drops the host and runs the command
-here, mapping `sudo leukocam` to `python -m device.bundle_store`, `systemctl
+here, mapping `sudo -u leukocam leukocam` to `python -m device.bundle_store`, `systemctl
 restart` to what the service does at start-up (resolve_active_bundle) and
 `curl .../api/health` to that start-up's result.
 """
@@ -236,8 +236,8 @@ if host == "unreachable":
     sys.exit(255)
 os.chdir({repo!r})
 sys.path.insert(0, {repo!r})
-if words[:2] == ["sudo", "leukocam"]:
-    sys.exit(subprocess.call([sys.executable, "-m", "device.bundle_store", *words[2:]]))
+if words[:4] == ["sudo", "-u", "leukocam", "leukocam"]:
+    sys.exit(subprocess.call([sys.executable, "-m", "device.bundle_store", *words[4:]]))
 if words[:3] == ["sudo", "systemctl", "restart"]:
     # What `leukocam serve` does at start-up, and what /api/health then reports.
     from device.bundle_store import resolve_active_bundle
@@ -309,7 +309,7 @@ def test_deploy_installs_restarts_and_confirms(make_bundle, pi):
     a = make_bundle("a")
     commands = pi.deploy(a)
     assert _target(pi.store, CURRENT) == bundle_id(a)
-    assert _remote_steps(pi) == ["sudo leukocam install-bundle", "rm -rf " + commands[2][-1],
+    assert _remote_steps(pi) == ["sudo -u leukocam", "rm -rf " + commands[2][-1],
                                  "sudo systemctl restart", "curl -fsS http://127.0.0.1:8080/api/health"]
     assert {host for host, _ in pi.calls()} == {"pi.local"}
     assert not any(pi.remote.iterdir()), "the copy in the Pi's /tmp is removed after install"
@@ -350,7 +350,7 @@ def test_dry_run_returns_the_commands_and_runs_nothing(make_bundle, demo_bundle_
     bid = bundle_id(demo_bundle_dir)
     assert commands[0] == ["rsync", "-a", "--delete", f"{demo_bundle_dir}/",
                            f"pi@leukocam.local:/tmp/leukocam-bundle-{bid}/"]
-    assert commands[1] == ["ssh", "pi@leukocam.local", "sudo", "leukocam", "install-bundle",
+    assert commands[1] == ["ssh", "pi@leukocam.local", "sudo", "-u", "leukocam", "leukocam", "install-bundle",
                            f"/tmp/leukocam-bundle-{bid}", "--store", "/var/lib/leukocam/bundles"]
     assert commands[3] == ["ssh", "pi@leukocam.local", "sudo", "systemctl", "restart", "leukocam"]
     assert commands[4][-3:] == ["curl", "-fsS", "http://127.0.0.1:8080/api/health"]

@@ -78,3 +78,34 @@ def test_cli_capture_asks_the_running_service(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_serve_speaks_the_systemd_notify_protocol(tmp_path):
+    """READY=1 once listening, WATCHDOG=1 while healthy, STOPPING=1 on SIGTERM (the unit is Type=notify)."""
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(120)
+    port = free_port()
+    cfg = tmp_path / "leukocam.toml"
+    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n[web]\nport = {port}\n'
+                   '[service]\nstartup_captures = 0\n')
+    env = {**__import__("os").environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: list[str] = []
+    try:
+        while not any(m.startswith("READY=1") for m in seen):
+            seen += sock.recv(4096).decode().splitlines()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/captures", timeout=5) as r:
+            assert r.status == 200  # READY=1 came after the dashboard listens
+        while "WATCHDOG=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()

@@ -67,7 +67,9 @@ class PiCamera:
     def __init__(self, config: CameraConfig, camera_num: int = 0):
         try:
             from picamera2 import Picamera2
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:
+            # ValueError: apt's simplejpeg built for numpy 1.x under the venv's numpy 2 ("dtype size changed");
+            # install.sh installs a matching simplejpeg into the venv.
             raise CameraError(f"{MISSING_MESSAGE} (import failed: {exc})") from None
         self.config = config
         self.camera_num = camera_num

@@ -270,10 +270,11 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
-@click.option("--only", type=click.Choice(["all", "models", "pipeline", "training"]), default="all", show_default=True,
+@click.option("--only", type=click.Choice(["all", "models", "pipeline", "training", "dashboard"]), default="all",
+              show_default=True,
               help="On a Pi (no TensorFlow) use --only pipeline.")
 def bench(out_dir, size, repeats, quick, bundle_dir, only):
-    """Measure models (int8/float16/float32 TFLite vs Keras) and the capture pipeline in one run; markdown + JSON."""
+    """Measure the capture pipeline, the dashboard, training throughput and the models in one run; markdown + JSON."""
     from convert.bench import (
         bench_models,
         bench_pipeline,
@@ -299,6 +300,12 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only):
         result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
         result["markdown"] = to_markdown(result)
         results.append(result)
+    if only in ("all", "dashboard"):
+        from device.web.bench import bench_dashboard
+
+        click.echo("benchmarking the dashboard ...")
+        results.append(bench_dashboard(n_captures=500 if quick else 10_000, clients=4 if quick else 20,
+                                       seconds=3 if quick else 20))
     if only in ("all", "training"):
         click.echo("benchmarking training throughput ...")
         result = bench_training(size=64 if quick else 96, steps=2 if quick else 5)

@@ -104,6 +104,11 @@ def serve(config_path, host, port):
             cfg.web, host=host or cfg.web.host, port=cfg.web.port if port is None else port))
         cfg.validate()
     log = logging.getLogger("leukocam")
+    from device.auth import load_users, login_required_for
+
+    if login_required_for(cfg.web.host) and not load_users(cfg.store.data_dir):
+        log.warning("dashboard on %s requires a login but no account exists: run `leukocam set-password USER`",
+                    cfg.web.host)
     appliance = Appliance(cfg)
     log.info("config: %s", cfg.source)
     log.info("model: %s (sha256 %s, %s%s)", appliance.bundle.path, appliance.bundle.sha256[:12], appliance.classifier.runtime,
@@ -224,6 +229,25 @@ def check_bundle(bundle):
     click.echo(result.message)
     if not result.passed:
         sys.exit(1)
+
+
+@cli.command("set-password")
+@config_option
+@click.argument("username")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True, envvar="LEUKOCAM_PASSWORD",
+              help="Prompted for when not given (env LEUKOCAM_PASSWORD also works).")
+def set_password(config_path, username, password):
+    """Create or change a dashboard login (required when [web] host is not 127.0.0.1)."""
+    from device.auth import AuthError
+    from device.auth import set_password as write_password
+    from device.config import load_config
+
+    cfg = load_config(config_path)
+    try:
+        path = write_password(cfg.store.data_dir, username, password)
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"password for {username!r} stored (scrypt hash, mode 0600) in {path}; no restart needed")
 
 
 @cli.command("calibrate-qc")

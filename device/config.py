@@ -150,6 +150,8 @@ class WebConfig:
     """WSGI worker threads."""
     max_upload_mb: int = 40
     """Largest accepted upload."""
+    secure_cookies: bool = False
+    """Send the session cookie over HTTPS only (set when a TLS proxy fronts the dashboard)."""
 
     def validate(self) -> None:
         _between("web.port", self.port, 1, 65535)

@@ -80,7 +80,26 @@ MIGRATIONS: list[str] = [
     );
     INSERT OR IGNORE INTO slides (id, created_at) SELECT slide_id, MIN(created_at) FROM captures GROUP BY slide_id;
     """,
+    # Reviews are append-only: a cell's current verdict is its newest row. No foreign key to cells, so
+    # retention can still delete the captures of reviewed slides while the review history stays.
+    """
+    CREATE TABLE reviews (
+        id INTEGER PRIMARY KEY,
+        cell_id INTEGER NOT NULL,
+        capture_id INTEGER NOT NULL,
+        slide_id TEXT NOT NULL,
+        label TEXT NOT NULL CHECK (label IN ('blast', 'normal')),
+        model_label TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('confirm', 'reclassify')),
+        reviewer TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        note TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX reviews_cell ON reviews (cell_id, id);
+    CREATE INDEX reviews_slide ON reviews (slide_id, id);
+    """,
 ]
+REVIEW_LABELS = ("blast", "normal")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -400,6 +419,152 @@ class Store:
         if deleted:
             log.info("retention: deleted %d capture(s) of reviewed slides to stay under %.0f MB", len(deleted), max_images_mb)
         return {"deleted": deleted, "images_mb": round(used / 1e6, 1), "cap_mb": max_images_mb, "over_cap": used > cap}
+
+    # -- reviews (append-only) -----------------------------------------------------------------
+    def get_cell(self, cell_id: int) -> dict | None:
+        """One cell row with its capture's slide, or None."""
+        with self.connect() as conn:
+            row = conn.execute("""SELECT k.*, c.slide_id FROM cells k JOIN captures c ON c.id = k.capture_id
+                                  WHERE k.id = ?""", (cell_id,)).fetchone()
+        return None if row is None else dict(row)
+
+    def add_review(self, cell_id: int, label: str, reviewer: str, note: str = "") -> dict:
+        """Append a person's verdict on a cell. Raises KeyError (no such cell) or ValueError (bad label/name).
+
+        There is no method that changes or deletes a review: history only grows, and the
+        current verdict of a cell is its newest review.
+        """
+        if label not in REVIEW_LABELS:
+            raise ValueError(f"label {label!r}: use one of {', '.join(REVIEW_LABELS)}")
+        reviewer = (reviewer or "").strip()
+        if not reviewer or len(reviewer) > 64:
+            raise ValueError("reviewer: give a name of 1-64 characters")
+        cell = self.get_cell(cell_id)
+        if cell is None:
+            raise KeyError(cell_id)
+        row = {
+            "cell_id": cell_id, "capture_id": cell["capture_id"], "slide_id": cell["slide_id"], "label": label,
+            "model_label": cell["label"], "action": "confirm" if label == cell["label"] else "reclassify",
+            "reviewer": reviewer, "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "note": (note or "")[:500],
+        }
+        with self.connect() as conn:
+            cur = conn.execute(f"INSERT INTO reviews ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                               tuple(row.values()))
+            row["id"] = int(cur.lastrowid)
+        return row
+
+    def review_history(self, *, cell_id: int | None = None, capture_id: int | None = None,
+                       slide_id: str | None = None, limit: int = 1000) -> list[dict]:
+        """Review rows (oldest first) of one cell, capture or slide."""
+        where, arg = next((c, a) for c, a in (("cell_id", cell_id), ("capture_id", capture_id),
+                                                ("slide_id", slide_id)) if a is not None)
+        with self.connect() as conn:
+            rows = conn.execute(f"SELECT * FROM reviews WHERE {where} = ? ORDER BY id LIMIT ?",  # noqa: S608
+                                (arg, limit)).fetchall()
+        return [dict(r) for r in rows]
+
+    def current_reviews(self, capture_id: int) -> dict[int, dict]:
+        """The newest review of each reviewed cell of a capture, by cell id."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """SELECT r.* FROM reviews r JOIN (SELECT cell_id, MAX(id) AS mid FROM reviews
+                   WHERE capture_id = ? GROUP BY cell_id) m ON r.id = m.mid""", (capture_id,)).fetchall()
+        return {int(r["cell_id"]): dict(r) for r in rows}
+
+    def slide_cells(self, slide_id: str | None = None, reviewed_only: bool = False) -> list[dict]:
+        """Cells (of one slide, or all) with the model's result and the current verdict, oldest first."""
+        sql = """SELECT k.id AS cell_id, k.capture_id, k.idx, k.x0, k.y0, k.x1, k.y1, k.probability, k.label AS model_label,
+                        k.needs_review, k.crop_file, c.slide_id, c.created_at AS captured_at, c.model_sha256,
+                        c.source, r.label AS reviewed_label, r.reviewer, r.created_at AS reviewed_at, r.action
+                 FROM cells k JOIN captures c ON c.id = k.capture_id
+                 LEFT JOIN (SELECT cell_id, MAX(id) AS mid FROM reviews GROUP BY cell_id) m ON m.cell_id = k.id
+                 LEFT JOIN reviews r ON r.id = m.mid"""
+        clauses, args = [], []
+        if slide_id is not None:
+            clauses.append("c.slide_id = ?")
+            args.append(slide_id)
+        if reviewed_only:
+            clauses.append("r.id IS NOT NULL")
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        with self.connect() as conn:
+            rows = conn.execute(sql + " ORDER BY k.capture_id, k.idx", args).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["box"] = [d.pop("x0"), d.pop("y0"), d.pop("x1"), d.pop("y1")]
+            d["needs_review"] = bool(d["needs_review"])
+            d["verdict"] = d["reviewed_label"] or d["model_label"]
+            out.append(d)
+        return out
+
+    def search_captures(self, *, slide_id: str | None = None, label: str | None = None,
+                        needs_review: bool | None = None, date_from: str | None = None, date_to: str | None = None,
+                        limit: int = 20, offset: int = 0) -> tuple[int, list[dict]]:
+        """Filtered captures, newest first: (total matching, one page).
+
+        label: captures with at least one cell whose current verdict is that label.
+        needs_review: True = captures with a flagged cell nobody has reviewed yet.
+        date_from / date_to: ISO dates (YYYY-MM-DD, UTC), both inclusive.
+        """
+        clauses, args = [], []
+        if slide_id:
+            clauses.append("c.slide_id = ?")
+            args.append(slide_id)
+        if date_from:
+            clauses.append("c.created_at >= ?")
+            args.append(date_from)
+        if date_to:
+            clauses.append("c.created_at < ?")
+            args.append(date_to + "T99")  # every time of that day sorts below "T99"
+        latest = "(SELECT cell_id, MAX(id) AS mid FROM reviews GROUP BY cell_id)"
+        if label:
+            clauses.append(f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
+                               LEFT JOIN reviews r ON r.id = m.mid
+                               WHERE k.capture_id = c.id AND COALESCE(r.label, k.label) = ?)""")
+            args.append(label)
+        if needs_review is not None:
+            pending = f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
+                          WHERE k.capture_id = c.id AND k.needs_review = 1 AND m.mid IS NULL)"""
+            clauses.append(pending if needs_review else f"NOT {pending}")
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self.connect() as conn:
+            total = int(conn.execute(f"SELECT COUNT(*) FROM captures c{where}", args).fetchone()[0])  # noqa: S608
+            rows = conn.execute(
+                f"""SELECT c.*, (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id) AS n_cells,
+                          (SELECT COALESCE(SUM(k.positive), 0) FROM cells k WHERE k.capture_id = c.id) AS n_positive,
+                          (SELECT COALESCE(SUM(k.needs_review), 0) FROM cells k WHERE k.capture_id = c.id) AS n_review,
+                          (SELECT COUNT(DISTINCT r.cell_id) FROM reviews r WHERE r.capture_id = c.id) AS n_reviewed
+                   FROM captures c{where} ORDER BY c.id DESC LIMIT ? OFFSET ?""",  # noqa: S608
+                (*args, limit, offset)).fetchall()
+        return total, [_capture_dict(r) for r in rows]
+
+    def slide_ids(self, limit: int = 500) -> list[str]:
+        """Slide IDs, newest first (cheap: for pickers that need no counts)."""
+        with self.connect() as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM slides ORDER BY created_at DESC LIMIT ?", (limit,))]
+
+    def recent_timings(self, limit: int = 200) -> list[dict]:
+        """Stage timings (ms) of the newest captures, newest first."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT timings_json FROM captures ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [json.loads(r[0] or "{}") for r in rows]
+
+    def slide_provenance(self, slide_id: str) -> dict:
+        """Which models and cameras made a slide's results, and its quality-check summary."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT model_sha256, model_synthetic, camera_json, qc_json, status FROM captures "
+                                "WHERE slide_id = ?", (slide_id,)).fetchall()
+        models = sorted({r["model_sha256"] for r in rows})
+        cameras = sorted({json.dumps(json.loads(r["camera_json"] or "{}"), sort_keys=True) for r in rows})
+        focus = [json.loads(r["qc_json"] or "{}").get("focus") for r in rows]
+        focus = [f for f in focus if isinstance(f, int | float)]
+        return {"model_sha256": models, "synthetic": any(r["model_synthetic"] for r in rows),
+                "cameras": [json.loads(c) for c in cameras],
+                "qc": {"captures": len(rows), "retake": sum(r["status"] == "retake" for r in rows),
+                       "error": sum(r["status"] == "error" for r in rows),
+                       "focus_min": min(focus) if focus else None, "focus_median": sorted(focus)[len(focus) // 2] if focus else None}}
 
     # -- start-up ----------------------------------------------------------------------------
     def reconcile(self) -> ReconcileReport:

@@ -206,16 +206,12 @@ else
     note "--no-start: start it later with: sudo systemctl start leukocam"
 fi
 
-# The dashboard login comes with a later release; set the first password only when it exists.
-if [[ $DRY_RUN -eq 0 ]] && "$VENV/bin/leukocam" set-password --help > /dev/null 2>&1; then
-    say "first dashboard password"
-    if [[ -t 0 ]]; then
-        run runuser -u "$SERVICE_USER" -- "$VENV/bin/leukocam" set-password
-    else
-        note "no terminal: set the dashboard password with: sudo -u $SERVICE_USER leukocam set-password"
-    fi
+# The first dashboard login (needed once [web] host is opened beyond 127.0.0.1); asked for on a terminal only.
+if [[ -t 0 && $DRY_RUN -eq 0 ]]; then
+    say "first dashboard password (user 'admin')"
+    run runuser -u "$SERVICE_USER" -- "$VENV/bin/leukocam" set-password --config "$CONFIG_DIR/leukocam.toml" admin
 else
-    note "this version has no dashboard login (no \`leukocam set-password\`): keep [web] host = 127.0.0.1"
+    note "set the dashboard password with: sudo -u $SERVICE_USER leukocam set-password --config $CONFIG_DIR/leukocam.toml admin"
 fi
 
 say "done. Check the rig with: leukocam doctor --config $CONFIG_DIR/leukocam.toml"

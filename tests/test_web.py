@@ -100,3 +100,69 @@ def test_preview_is_a_small_jpeg_of_the_camera(app_and_client):
     img = decode_image(resp.data)
     assert img.shape[1] == appliance.config.camera.preview_width and img.shape[2] == 3
     assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_bench_dashboard_runs_small():
+    from device.web.bench import bench_dashboard
+
+    result = bench_dashboard(n_captures=30, clients=3, seconds=2.0, requests_alone=3, max_requests_per_client=6)
+    assert result["n_errors"] == 0, result["errors"]
+    assert set(result["alone"]) == {"/captures", "/status"} and result["loaded"]["/captures"]["n"] >= 1
+    assert "| /status |" in result["markdown"]
+
+
+def test_every_page_renders_offline_and_responsive(app_and_client):
+    appliance, client = app_and_client
+    slide = appliance.slide_id
+    for path in ("/", "/captures", "/captures/1", "/slides", f"/slides/{slide}", "/status", "/upload",
+                 "/fragments/latest"):
+        resp = client.get(path)
+        assert resp.status_code == 200, path
+        html = resp.get_data(as_text=True)
+        assert not re.search(r'(src|href)="(https?:)?//', html), f"{path} loads something from another host"
+        if path != "/fragments/latest":
+            assert 'name="viewport"' in html and 'name="csrf-token"' in html
+    css = client.get("/static/style.css").get_data(as_text=True)
+    assert "@media print" in css and "@media (max-width" in css
+
+
+def test_gallery_filters_and_paging(app_and_client):
+    appliance, client = app_and_client
+    for _ in range(12):
+        appliance.capture_now("test")
+    page1 = client.get("/captures").get_data(as_text=True)
+    assert "13 match" in page1 and "page 1 of 2" in page1 and "Capture 13" in page1
+    page2 = client.get("/captures?page=2").get_data(as_text=True)
+    assert "Capture 1<" in page2 or "Capture 1 " in page2 or "Capture 1</b>" in page2
+    api = client.get(f"/api/captures?slide={appliance.slide_id}&limit=5&offset=10").get_json()
+    assert api["total"] == 13 and len(api["captures"]) == 3
+    assert client.get("/api/captures?slide=NOPE").get_json()["total"] == 0
+    assert client.get("/captures?review=maybe").status_code == 400
+    assert client.get("/api/captures?label=blue").status_code == 400
+
+
+def test_status_page_and_model_card(app_and_client):
+    appliance, client = app_and_client
+    html = client.get("/status").get_data(as_text=True)
+    assert appliance.bundle.sha256 in html and "threshold" in html and "SYNTHETIC" in html
+    assert "median ms" in html and "classify" in html and "self-test" in html and "MB free" in html
+    data = client.get("/api/status").get_json()
+    assert data["model"]["sha256"] == appliance.bundle.sha256 and data["model"]["synthetic"] is True
+    assert data["latency_ms"]["total"]["n"] == 1 and data["latency_ms"]["total"]["p95_ms"] > 0
+    assert data["model"]["metrics"]["sensitivity"] > 0 and "label_agreement" in data["model"]["verification"]
+
+
+def test_live_polling_endpoints(app_and_client):
+    appliance, client = app_and_client
+    latest = client.get("/api/latest").get_json()
+    assert latest["latest_id"] == 1 and latest["busy"] is False and latest["slide_id"] == appliance.slide_id
+    frag = client.get("/fragments/latest").get_data(as_text=True)
+    assert 'data-capture-id="1"' in frag and "/images/heatmap/" in frag
+
+
+def test_openapi_documents_the_api(app_and_client):
+    _, client = app_and_client
+    spec = client.get("/api/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/api/captures", "/api/cells/{id}/review", "/api/export/dataset.zip", "/api/slides/{id}/reviewed"):
+        assert path in spec["paths"]

@@ -4,160 +4,130 @@ The factory starts nothing: the capture worker belongs to the service, and the
 app only reads the store and enqueues captures. Images are served by id only,
 never by a path from the client. Served by waitress (see `device.cli serve`),
 never by Flask's debug server, whose reloader would open the camera twice.
+
+Blueprints: `pages` (HTML), `api` (JSON under /api), `auth` (login/logout).
+Security lives here: the login gate, CSRF, rate limits, headers, error pages.
 """
 
 from __future__ import annotations
 
-from flask import Flask, abort, jsonify, redirect, render_template, request, send_file, url_for
+import os
+import secrets
 
-from device.errors import BusyError, ImageError, LeukoCamError
-from device.imaging import encode_image
+from flask import Flask, g, jsonify, redirect, render_template, request, session, url_for
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from device.auth import login_required_for
+from device.web import api, auth, pages
+
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+# Reachable without a login even when login is required (the login page itself, its assets, liveness).
+PUBLIC_ENDPOINTS = {"auth.login", "static", "api.health", "api.openapi", "api.csrf"}
 
 
-def create_app(appliance) -> Flask:
-    """Build the Flask app for one Appliance (or anything with the same attributes)."""
+def create_app(appliance, *, login_required: bool | None = None, secure_cookies: bool | None = None) -> Flask:
+    """Build the Flask app for one Appliance (or anything with the same attributes).
+
+    Args:
+        login_required: force the login gate on or off; by default it is on whenever
+            `[web] host` is not a loopback address.
+        secure_cookies: send the session cookie only over HTTPS (behind a TLS proxy);
+            default from `[web] secure_cookies` if the config has it, else env LEUKOCAM_SECURE_COOKIES=1.
+    """
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = appliance.config.web.max_upload_mb * 1024 * 1024
+    web_cfg = appliance.config.web
+    if login_required is None:
+        login_required = login_required_for(web_cfg.host)
+    if secure_cookies is None:
+        secure_cookies = bool(getattr(web_cfg, "secure_cookies", False)) or os.environ.get("LEUKOCAM_SECURE_COOKIES") == "1"
+    app.config.update(
+        MAX_CONTENT_LENGTH=web_cfg.max_upload_mb * 1024 * 1024,
+        # A fresh key per process: restarting the appliance logs everyone out, and no key sits on disk.
+        SECRET_KEY=secrets.token_hex(32),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=secure_cookies,
+        SESSION_COOKIE_NAME="leukocam_session",
+        LEUKOCAM_LOGIN_REQUIRED=login_required,
+        # We decide below which requests are checked; the token lives as long as the session.
+        WTF_CSRF_CHECK_DEFAULT=False,
+        WTF_CSRF_TIME_LIMIT=None,
+        RATELIMIT_STORAGE_URI="memory://",
+        RATELIMIT_HEADERS_ENABLED=True,
+    )
     app.extensions["leukocam"] = appliance
-    store = appliance.store
+    csrf = CSRFProtect(app)
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", default_limits=[])
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(auth.make_blueprint(limiter))
+
+    @app.before_request
+    def gate():
+        g.user = session.get("user")
+        if app.config["LEUKOCAM_LOGIN_REQUIRED"] and not g.user and request.endpoint not in PUBLIC_ENDPOINTS:
+            if request.path.startswith("/api/"):
+                return jsonify({"error": "login required: POST /login with username and password first"}), 401
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        if request.method in STATE_CHANGING and _csrf_applies(app):
+            csrf.protect()  # raises CSRFError (400) with the reason
+        return None
 
     @app.after_request
     def security_headers(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
         resp.headers.setdefault(
-            "Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
         )
+        if request.endpoint != "static" and resp.mimetype in ("text/html", "application/json"):
+            resp.headers.setdefault("Cache-Control", "no-store")
         return resp
 
-    @app.get("/")
-    def index():
-        page = max(1, request.args.get("page", 1, type=int))
-        per_page = 10
-        captures = store.recent_captures(limit=per_page, offset=(page - 1) * per_page)
-        for cap in captures:
-            cap["cells"] = store.get_capture(cap["id"])["cells"]
-        total = store.count_captures()
-        return render_template("index.html", captures=captures, health=appliance.health(), page=page,
-                               pages=max(1, -(-total // per_page)), total=total)
+    @app.errorhandler(CSRFError)
+    def csrf_error(err):
+        return _error(400, f"forged or expired request refused: {err.description} "
+                           "(reload the page; API clients send X-CSRFToken from GET /api/csrf)")
 
-    @app.get("/captures/<int:capture_id>")
-    def capture_page(capture_id: int):
-        cap = store.get_capture(capture_id)
-        if cap is None:
-            abort(404, description=f"no capture with id {capture_id}")
-        return render_template("capture.html", cap=cap, health=appliance.health())
+    @app.errorhandler(HTTPException)
+    def http_error(err):
+        return _error(err.code or 500, err.description or err.name)
 
-    @app.post("/capture")
-    def capture_form():
-        try:
-            appliance.request_capture("web")
-        except BusyError as exc:
-            return render_template("message.html", message=str(exc), health=appliance.health()), 409
-        return redirect(url_for("index"))
-
-    @app.get("/images/<kind>/<int:item_id>")
-    def image(kind: str, item_id: int):
-        path = store.image_file(kind, item_id)
-        if path is None or not path.is_file():
-            abort(404, description=f"no {kind} image with id {item_id}")
-        return send_file(path, max_age=3600)
-
-    # -- JSON API ------------------------------------------------------------------------------
-    @app.get("/api/health")
-    def api_health():
-        health = appliance.health()
-        return jsonify(health), (200 if health["ok"] else 503)
-
-    @app.get("/api/captures")
-    def api_captures():
-        limit = min(100, max(1, request.args.get("limit", 20, type=int)))
-        offset = max(0, request.args.get("offset", 0, type=int))
-        return jsonify({"total": store.count_captures(), "captures": store.recent_captures(limit, offset)})
-
-    @app.get("/api/captures/<int:capture_id>")
-    def api_capture(capture_id: int):
-        cap = store.get_capture(capture_id)
-        if cap is None:
-            return jsonify({"error": f"no capture with id {capture_id}"}), 404
-        for cell in cap["cells"]:
-            cell["crop_url"] = url_for("image", kind="crop", item_id=cell["id"])
-            cell["heatmap_url"] = url_for("image", kind="heatmap", item_id=cell["id"])
-        cap["field_url"] = url_for("image", kind="field", item_id=capture_id)
-        return jsonify(cap)
-
-    @app.post("/api/capture")
-    def api_capture_post():
-        # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
-        trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
-        try:
-            appliance.request_capture(trigger)
-        except BusyError as exc:
-            return jsonify({"error": str(exc)}), 409
-        return jsonify({"queued": True}), 202
-
-    @app.get("/api/preview.jpg")
-    def api_preview():
-        camera = appliance.camera
-        if not hasattr(camera, "preview"):
-            return jsonify({"error": f"the {camera.name} camera has no preview"}), 404
-        try:
-            frame = camera.preview()
-        except LeukoCamError as exc:
-            return jsonify({"error": str(exc)}), 503
-        resp = app.response_class(encode_image(frame.image, "JPEG", quality=80), mimetype="image/jpeg")
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
-
-    @app.get("/api/slides")
-    def api_slides():
-        return jsonify({"current": appliance.slide_id, "slides": store.list_slides()})
-
-    @app.get("/api/slides/<slide_id>")
-    def api_slide(slide_id: str):
-        summary = store.slide_summary(slide_id)
-        if summary is None:
-            return jsonify({"error": f"no slide {slide_id!r}"}), 404
-        return jsonify(summary)
-
-    @app.post("/api/slides")
-    def api_new_slide():
-        body = request.get_json(silent=True) or {}
-        slide_id = body.get("id") or request.form.get("id") or None
-        try:
-            new_id = appliance.new_slide(slide_id)
-        except ValueError as exc:
-            return jsonify({"error": str(exc)}), 400
-        return jsonify({"current": new_id}), 201
-
-    @app.post("/slides")
-    def new_slide_form():
-        try:
-            appliance.new_slide(request.form.get("id") or None)
-        except ValueError as exc:
-            return render_template("message.html", message=str(exc), health=appliance.health()), 400
-        return redirect(url_for("index"))
-
-    @app.post("/api/upload")
-    def api_upload():
-        f = request.files.get("image")
-        if f is None:
-            return jsonify({"error": "send the image as multipart form field 'image'"}), 400
-        single = request.form.get("single_cell", "0") in ("1", "true", "on")
-        try:
-            outcome = appliance.analyse_upload(f.read(), f.filename or "upload", single_cell=single)
-        except ImageError as exc:
-            return jsonify({"error": str(exc)}), 400
-        except LeukoCamError as exc:
-            return jsonify({"error": str(exc)}), 507 if "disk" in str(exc) else 500
-        return jsonify(outcome.__dict__), 201
-
-    @app.errorhandler(404)
-    @app.errorhandler(413)
-    def client_error(err):
-        if request.path.startswith("/api/"):
-            return jsonify({"error": err.description}), err.code
-        return render_template("message.html", message=err.description, health=None), err.code
+    @app.context_processor
+    def globals_for_templates():
+        return {"current_user": g.get("user"), "login_required": app.config["LEUKOCAM_LOGIN_REQUIRED"]}
 
     return app
+
+
+def _csrf_applies(app: Flask) -> bool:
+    """Which state-changing requests must carry a CSRF token.
+
+    With the login gate on: all of them. Loopback-only without a login: every request
+    a browser makes (browsers send Origin on every POST and Sec-Fetch-Site on every
+    request, so a page from elsewhere cannot skip the check), but not local scripts
+    such as `leukocam capture`, which send neither and have no cookie to abuse.
+    """
+    if app.config["LEUKOCAM_LOGIN_REQUIRED"]:
+        return True
+    h = request.headers
+    return bool(h.get("Origin") or h.get("Sec-Fetch-Site") or request.cookies)
+
+
+def _error(code: int, message: str):
+    if request.path.startswith("/api/"):
+        return jsonify({"error": message, "status": code}), code
+    appliance = pages.appliance_or_none()
+    try:
+        health = appliance.health() if appliance is not None and code < 500 else None
+    except Exception:  # an error page must render even when the status cannot be read
+        health = None
+    return render_template("message.html", message=message, code=code, health=health), code

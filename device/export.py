@@ -1,0 +1,116 @@
+"""Exports: reviewed cells as a training dataset, and per-slide results as CSV / JSON.
+
+The dataset uses the C-NMC 2019 naming that `training.datasets.read_dataset`
+reads (`UID_<subject>_<image>_<cell>_<all|hem>.bmp`) inside class folders
+`all/` and `hem/`, so both of its conventions agree. The subject number stands
+for the slide (the manifest maps it back), so training splits by slide. The
+label is the reviewer's current verdict, never the model's guess.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+import zipfile
+from datetime import UTC, datetime
+
+from device.imaging import decode_image, encode_image
+
+CNMC_CLASS = {"blast": "all", "normal": "hem"}
+RESULT_FIELDS = ("slide_id", "capture_id", "cell_id", "idx", "x0", "y0", "x1", "y1", "probability", "model_label",
+                 "needs_review", "reviewed_label", "reviewer", "reviewed_at", "verdict", "model_sha256", "captured_at")
+MANIFEST_FIELDS = ("file", "label", "subject", "slide_id", "capture_id", "cell_id", "model_label", "probability",
+                   "reviewer", "reviewed_at", "model_sha256", "captured_at")
+
+README = """LeukoCam reviewed-cell export
+=============================
+
+Made by LeukoCam {version} on {when} (UTC) from the store at {store}.
+Slides: {slides}
+Cells: {n} ({blast} blast, {normal} normal)
+
+Labels are the REVIEWER'S verdicts (the newest review of each cell), not the
+model's predictions; manifest.csv has both, plus who reviewed each cell and when.
+Only cells that a person reviewed are included.
+
+Layout (read by `training.datasets.read_dataset`):
+  cells/all/UID_<subject>_<capture>_<cell>_all.bmp   blast (C-NMC "all")
+  cells/hem/UID_<subject>_<capture>_<cell>_hem.bmp   normal (C-NMC "hem")
+<subject> is a number per slide (see subjects.csv) so training can split by slide.
+
+Train on it, e.g.: leukocam train cells/ ...  (see the project README)
+Research use only: not a diagnosis.
+"""
+
+
+def _result_row(cell: dict) -> dict:
+    x0, y0, x1, y1 = cell["box"]
+    return {**{k: cell.get(k) for k in RESULT_FIELDS}, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
+def slide_results_csv(store, slide_id: str) -> str:
+    """One row per cell of the slide: the model's result and the current review."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for cell in store.slide_cells(slide_id):
+        writer.writerow(_result_row(cell))
+    return buf.getvalue()
+
+
+def slide_results_json(store, slide_id: str) -> dict:
+    """The slide summary, its provenance, every cell, and the review history."""
+    cells = store.slide_cells(slide_id)
+    for c in cells:
+        c.pop("crop_file", None)
+    return {"slide": store.slide_summary(slide_id), "provenance": store.slide_provenance(slide_id),
+            "cells": cells, "reviews": store.review_history(slide_id=slide_id, limit=100_000)}
+
+
+def export_dataset(store, slide_ids: list[str] | None = None, version: str = "") -> tuple[tempfile.SpooledTemporaryFile, int]:
+    """Write reviewed cells as a training dataset zip into a (spooled) temp file.
+
+    Returns (file positioned at 0, number of cells). Cells whose crop is gone
+    (retention) are skipped and counted in the README.
+    """
+    cells = []
+    for sid in slide_ids if slide_ids else [None]:
+        cells += store.slide_cells(sid, reviewed_only=True)
+    slides = sorted({c["slide_id"] for c in cells})
+    subject = {s: i + 1 for i, s in enumerate(slides)}
+    out = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
+    manifest = io.StringIO()
+    writer = csv.DictWriter(manifest, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    counts = {"blast": 0, "normal": 0}
+    missing = 0
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for c in cells:
+            crop = store.images_dir / c["crop_file"]
+            if not crop.is_file():
+                missing += 1
+                continue
+            cls = CNMC_CLASS[c["reviewed_label"]]
+            name = f"cells/{cls}/UID_{subject[c['slide_id']]}_{c['capture_id']}_{c['cell_id']}_{cls}.bmp"
+            zf.writestr(name, encode_image(decode_image(crop), "BMP"))
+            counts[c["reviewed_label"]] += 1
+            writer.writerow({"file": name, "label": c["reviewed_label"], "subject": subject[c["slide_id"]],
+                             **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")}})
+        zf.writestr("manifest.csv", manifest.getvalue())
+        sub = io.StringIO()
+        csv.writer(sub, lineterminator="\n").writerows([("subject", "slide_id"), *((v, k) for k, v in subject.items())])
+        zf.writestr("subjects.csv", sub.getvalue())
+        text = README.format(version=version, when=datetime.now(UTC).isoformat(timespec="seconds"),
+                             store=store.data_dir, slides=", ".join(slides) or "(none)", n=sum(counts.values()),
+                             blast=counts["blast"], normal=counts["normal"])
+        if missing:
+            text += f"\n{missing} reviewed cell(s) were left out: their images were deleted by retention.\n"
+        zf.writestr("README.txt", text)
+    out.seek(0)
+    return out, sum(counts.values())
+
+
+def results_json_bytes(store, slide_id: str) -> bytes:
+    return json.dumps(slide_results_json(store, slide_id), indent=1).encode()

@@ -1,0 +1,303 @@
+"""The JSON API under /api: everything the pages show and do, for scripts and the pages' own polling.
+
+Non-browser clients: with the login gate on, POST /login (JSON) returns a
+csrf_token; send it back as the X-CSRFToken header on every POST, with the
+session cookie. GET /api/csrf gives a token for the current session too.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from flask import Blueprint, jsonify, request, send_file, url_for
+from flask_wtf.csrf import generate_csrf
+
+from device import export
+from device.errors import BusyError, ImageError, LeukoCamError
+from device.imaging import encode_image
+from device.web.common import (
+    appliance,
+    enrich_capture,
+    gallery_filters,
+    int_arg,
+    latency_stats,
+    model_card,
+    reviewer,
+    store,
+)
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def err(message: str, code: int):
+    return jsonify({"error": message, "status": code}), code
+
+
+def _capture_json(cap: dict) -> dict:
+    enrich_capture(cap)
+    for cell in cap["cells"]:
+        cell["crop_url"] = url_for("pages.image", kind="crop", item_id=cell["id"])
+        cell["heatmap_url"] = url_for("pages.image", kind="heatmap", item_id=cell["id"])
+    cap["field_url"] = url_for("pages.image", kind="field", item_id=cap["id"])
+    return cap
+
+
+@bp.get("/health")
+def health():
+    h = appliance().health()
+    return jsonify(h), (200 if h["ok"] else 503)
+
+
+@bp.get("/csrf")
+def csrf():
+    return jsonify({"csrf_token": generate_csrf(), "header": "X-CSRFToken"})
+
+
+@bp.get("/status")
+def status():
+    app = appliance()
+    disk = shutil.disk_usage(app.store.data_dir)
+    return jsonify({"health": app.health(), "model": model_card(), "latency_ms": latency_stats(),
+                    "disk": {"free_mb": round(disk.free / 1e6), "total_mb": round(disk.total / 1e6),
+                             "min_free_mb": app.store.min_free_mb}})
+
+
+@bp.get("/captures")
+def captures():
+    try:
+        filters = gallery_filters(request.args)
+    except ValueError as exc:
+        return err(str(exc), 400)
+    limit, offset = int_arg("limit", 20, 1, 100), int_arg("offset", 0, 0, 10**9)
+    total, rows = store().search_captures(**filters, limit=limit, offset=offset)
+    return jsonify({"total": total, "limit": limit, "offset": offset, "captures": rows})
+
+
+@bp.get("/captures/<int:capture_id>")
+def capture(capture_id: int):
+    cap = store().get_capture(capture_id)
+    if cap is None:
+        return err(f"no capture with id {capture_id}", 404)
+    return jsonify(_capture_json(cap))
+
+
+@bp.get("/latest")
+def latest():
+    """What the Live page polls: the newest capture id, the worker state and the last outcome."""
+    app = appliance()
+    rows = store().recent_captures(limit=1)
+    return jsonify({"latest_id": rows[0]["id"] if rows else None, "captures": store().count_captures(),
+                    "busy": app.busy, "last_outcome": None if app.last_outcome is None else app.last_outcome.__dict__,
+                    "last_error": app.last_error, "slide_id": app.slide_id})
+
+
+@bp.post("/capture")
+def capture_post():
+    # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
+    trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
+    try:
+        appliance().request_capture(trigger)
+    except BusyError as exc:
+        return err(str(exc), 409)
+    return jsonify({"queued": True}), 202
+
+
+@bp.get("/preview.jpg")
+def preview():
+    camera = appliance().camera
+    if not hasattr(camera, "preview"):
+        return err(f"the {camera.name} camera has no preview", 404)
+    try:
+        frame = camera.preview()
+    except LeukoCamError as exc:
+        return err(str(exc), 503)
+    resp = bp_response(encode_image(frame.image, "JPEG", quality=80), "image/jpeg")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def bp_response(data: bytes, mimetype: str):
+    from flask import current_app
+
+    return current_app.response_class(data, mimetype=mimetype)
+
+
+@bp.get("/slides")
+def slides():
+    return jsonify({"current": appliance().slide_id, "slides": store().list_slides()})
+
+
+@bp.get("/slides/<slide_id>")
+def slide(slide_id: str):
+    summary = store().slide_summary(slide_id)
+    if summary is None:
+        return err(f"no slide {slide_id!r}", 404)
+    cells = store().slide_cells(slide_id)
+    summary["reviewed_cells"] = sum(c["reviewed_label"] is not None for c in cells)
+    summary["provenance"] = store().slide_provenance(slide_id)
+    return jsonify(summary)
+
+
+@bp.post("/slides")
+def new_slide():
+    body = request.get_json(silent=True) or {}
+    slide_id = body.get("id") or request.form.get("id") or None
+    try:
+        new_id = appliance().new_slide(slide_id)
+    except ValueError as exc:
+        return err(str(exc), 400)
+    return jsonify({"current": new_id}), 201
+
+
+@bp.post("/slides/<slide_id>/reviewed")
+def slide_reviewed(slide_id: str):
+    body = request.get_json(silent=True) or {}
+    by = reviewer(body.get("reviewer"))
+    try:
+        store().mark_slide_reviewed(slide_id, by=by)
+    except KeyError:
+        return err(f"no slide {slide_id!r}", 404)
+    return jsonify(store().slide_summary(slide_id))
+
+
+@bp.get("/slides/<slide_id>/results.csv")
+def slide_csv(slide_id: str):
+    if store().slide_summary(slide_id) is None:
+        return err(f"no slide {slide_id!r}", 404)
+    resp = bp_response(export.slide_results_csv(store(), slide_id).encode(), "text/csv")
+    resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.csv"'
+    return resp
+
+
+@bp.get("/slides/<slide_id>/results.json")
+def slide_json(slide_id: str):
+    if store().slide_summary(slide_id) is None:
+        return err(f"no slide {slide_id!r}", 404)
+    resp = bp_response(export.results_json_bytes(store(), slide_id), "application/json")
+    resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.json"'
+    return resp
+
+
+@bp.get("/cells/<int:cell_id>")
+def cell(cell_id: int):
+    c = store().get_cell(cell_id)
+    if c is None:
+        return err(f"no cell with id {cell_id}", 404)
+    c["reviews"] = store().review_history(cell_id=cell_id)
+    c["verdict"] = c["reviews"][-1]["label"] if c["reviews"] else c["label"]
+    return jsonify(c)
+
+
+@bp.post("/cells/<int:cell_id>/review")
+def review(cell_id: int):
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return err("send JSON: {\"label\": \"blast\" | \"normal\" | \"confirm\"}", 400)
+    label = body.get("label")
+    cell = store().get_cell(cell_id)
+    if cell is None:
+        return err(f"no cell with id {cell_id}", 404)
+    if label == "confirm":
+        label = cell["label"]
+    try:
+        row = store().add_review(cell_id, str(label), reviewer(body.get("reviewer")), str(body.get("note", "")))
+    except ValueError as exc:
+        return err(str(exc), 400)
+    return jsonify(row), 201
+
+
+@bp.get("/reviews")
+def reviews():
+    for key, kw, cast in (("cell", "cell_id", int), ("capture", "capture_id", int), ("slide", "slide_id", str)):
+        if request.args.get(key):
+            try:
+                value = cast(request.args[key])
+            except ValueError:
+                return err(f"{key}: not a valid id", 400)
+            return jsonify({"reviews": store().review_history(**{kw: value})})
+    return err("give one of ?cell=, ?capture= or ?slide=", 400)
+
+
+@bp.get("/export/dataset.zip")
+def export_dataset():
+    slides = request.args.getlist("slide")
+    for s in slides:
+        if store().slide_summary(s) is None:
+            return err(f"no slide {s!r}", 404)
+    fh, n = export.export_dataset(store(), slides or None, version=_version())
+    if n == 0:
+        fh.close()
+        return err("no reviewed cells to export yet: review cells first", 404)
+    name = f"leukocam-reviewed-{'-'.join(slides) if len(slides) == 1 else 'cells'}.zip"
+    return send_file(fh, mimetype="application/zip", as_attachment=True, download_name=name)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("leukocam")
+    except Exception:
+        return ""
+
+
+@bp.post("/upload")
+def upload():
+    f = request.files.get("image")
+    if f is None:
+        return err("send the image as multipart form field 'image'", 400)
+    single = request.form.get("single_cell", "0") in ("1", "true", "on")
+    try:
+        outcome = appliance().analyse_upload(f.read(), f.filename or "upload", single_cell=single)
+    except ImageError as exc:
+        return err(str(exc), 400)
+    except LeukoCamError as exc:
+        return err(str(exc), 507 if "disk" in str(exc) else 500)
+    return jsonify(outcome.__dict__), 201
+
+
+ENDPOINTS = [
+    # (method, path, summary)
+    ("GET", "/api/health", "Liveness and state (public; 503 when unhealthy)"),
+    ("GET", "/api/csrf", "A CSRF token for this session (public)"),
+    ("GET", "/api/openapi.json", "This description (public)"),
+    ("POST", "/login", "Log in: form or JSON {username, password}; JSON answer has csrf_token. 5/minute per IP"),
+    ("POST", "/logout", "Log out"),
+    ("GET", "/api/status", "Health, model card, latency median/p95 per stage, disk"),
+    ("GET", "/api/captures", "Captures, newest first. ?slide= &label=blast|normal &review=pending|done &from= &to= (YYYY-MM-DD) &limit= &offset="),
+    ("GET", "/api/captures/{id}", "One capture: cells with box, probability, label, current verdict, image URLs; review history"),
+    ("GET", "/api/latest", "Newest capture id, busy flag, last outcome (what the Live page polls)"),
+    ("POST", "/api/capture", "Queue a capture (202; 409 while one runs)"),
+    ("GET", "/api/preview.jpg", "Live preview frame (JPEG)"),
+    ("GET", "/api/slides", "Slides with summaries and the current slide"),
+    ("POST", "/api/slides", "Start a new slide: {id} (optional)"),
+    ("GET", "/api/slides/{id}", "Slide summary: counts, blast fraction + 95% CI, review state, provenance"),
+    ("POST", "/api/slides/{id}/reviewed", "Mark the slide reviewed (by the logged-in user)"),
+    ("GET", "/api/slides/{id}/results.csv", "One row per cell: model result and current review"),
+    ("GET", "/api/slides/{id}/results.json", "Summary, provenance, cells and review history"),
+    ("GET", "/api/cells/{id}", "One cell with its review history"),
+    ("POST", "/api/cells/{id}/review", "Append a review: {label: blast|normal|confirm, note?}"),
+    ("GET", "/api/reviews", "Review history: ?cell= | ?capture= | ?slide="),
+    ("GET", "/api/export/dataset.zip", "Reviewed cells as a training dataset (C-NMC names, reviewer's labels); ?slide= repeatable"),
+    ("POST", "/api/upload", "Analyse an uploaded image: multipart 'image', 'single_cell'=1 for one cell"),
+    ("GET", "/images/{field|crop|heatmap}/{id}", "Stored images by id"),
+]
+
+
+@bp.get("/openapi.json")
+def openapi():
+    paths: dict = {}
+    for method, path, summary in ENDPOINTS:
+        op = {"summary": summary, "responses": {"200": {"description": "OK"}, "4XX": {"description": "{error: reason}"}}}
+        if method == "POST":
+            op["parameters"] = [{"name": "X-CSRFToken", "in": "header", "required": True, "schema": {"type": "string"}}]
+        paths.setdefault(path, {})[method.lower()] = op
+    return jsonify({
+        "openapi": "3.0.3",
+        "info": {"title": "LeukoCam dashboard API", "version": _version() or "0",
+                 "description": "Research screening aid, not a diagnosis. With the login gate on, every endpoint "
+                                "except the public ones needs the session cookie from POST /login, and every POST "
+                                "needs the X-CSRFToken header."},
+        "components": {"securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "leukocam_session"}}},
+        "paths": paths,
+    })

@@ -1,0 +1,109 @@
+"""Helpers the page and API blueprints share: the appliance, the reviewer's name, statistics, filters."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from datetime import date
+
+from flask import current_app, g, request
+
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+PER_PAGE = 12
+
+
+def appliance():
+    return current_app.extensions["leukocam"]
+
+
+def store():
+    return appliance().store
+
+
+def reviewer(given: str | None) -> str:
+    """Who is reviewing: the logged-in user; without a login gate, the name given (or 'local')."""
+    if g.get("user"):
+        return g.user
+    return (given or "").strip()[:64] or "local"
+
+
+def gallery_filters(args) -> dict:
+    """Parse and check the gallery filters. Raises ValueError with a reason."""
+    out = {"slide_id": args.get("slide") or None, "label": args.get("label") or None, "needs_review": None,
+           "date_from": args.get("from") or None, "date_to": args.get("to") or None}
+    if out["label"] not in (None, "blast", "normal"):
+        raise ValueError("label: use blast or normal")
+    review = args.get("review")
+    if review:
+        if review not in ("pending", "done"):
+            raise ValueError("review: use pending or done")
+        out["needs_review"] = review == "pending"
+    for key in ("date_from", "date_to"):
+        if out[key]:
+            try:
+                date.fromisoformat(out[key])
+            except ValueError:
+                raise ValueError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD") from None
+            if not DAY.fullmatch(out[key]):
+                raise ValueError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD")
+    return out
+
+
+def latency_stats(limit: int = 200) -> dict:
+    """Median and p95 (ms) of each stored stage timing over the newest captures."""
+    per_stage: dict[str, list[float]] = {}
+    for timings in store().recent_timings(limit):
+        total = 0.0
+        for stage, ms in timings.items():
+            if isinstance(ms, int | float):
+                per_stage.setdefault(stage, []).append(float(ms))
+                total += ms
+        if timings:
+            per_stage.setdefault("total", []).append(total)
+    return {stage: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
+            for stage, v in per_stage.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0-100) of a non-empty list."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, -(-len(ordered) * q // 100) - 1))
+    return ordered[int(k)]
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    value = request.args.get(name, default, type=int)
+    return max(low, min(high, value if value is not None else default))
+
+
+def enrich_capture(cap: dict) -> dict:
+    """Add each cell's current verdict and the capture's review history."""
+    current = store().current_reviews(cap["id"])
+    for cell in cap["cells"]:
+        review = current.get(cell["id"])
+        cell["review"] = review
+        cell["verdict"] = review["label"] if review else cell["label"]
+    cap["reviews"] = store().review_history(capture_id=cap["id"])
+    return cap
+
+
+def model_card() -> dict:
+    """What the status page and /api/model show about the loaded bundle."""
+    app = appliance()
+    meta = app.bundle.meta
+    ver = meta.get("verification", {})
+    quant = (meta.get("metrics") or {}).get("quantized") or ver.get("quantized_metrics") or {}
+    def value(m):
+        return m.get("value") if isinstance(m, dict) else m
+    return {
+        "name": meta.get("name", ""), "sha256": app.bundle.sha256, "synthetic": app.bundle.synthetic,
+        "threshold": app.bundle.threshold, "review_band": list(app.bundle.review_band),
+        "quantization": (meta.get("quantization") or {}).get("mode"), "created": meta.get("created"),
+        "input_size": meta.get("input_size"), "runtime": app.classifier.runtime,
+        "metrics": {k: value(quant.get(k)) for k in ("accuracy", "sensitivity", "specificity", "auc", "ppv", "npv")
+                    if k in quant},
+        "verification": {k: ver.get(k) for k in ("n", "label_agreement", "mean_abs_dprob", "max_abs_dprob",
+                                                 "cam_correlation_mean", "delta_sensitivity") if k in ver},
+        "rolled_back": app.bundle_rolled_back, "note": app.bundle_note,
+        "self_test": None if app.self_test is None else {"passed": app.self_test.passed, "message": app.self_test.message},
+    }

@@ -1,0 +1,173 @@
+"""The HTML pages: Live, Captures gallery, Capture detail with review, Slides, Status, Upload."""
+
+from __future__ import annotations
+
+import shutil
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+
+from device.errors import BusyError, ImageError, LeukoCamError
+from device.web.common import (
+    PER_PAGE,
+    appliance,
+    enrich_capture,
+    gallery_filters,
+    latency_stats,
+    model_card,
+    reviewer,
+    store,
+)
+
+bp = Blueprint("pages", __name__)
+
+
+def appliance_or_none():
+    try:
+        return current_app.extensions.get("leukocam")
+    except RuntimeError:
+        return None
+
+
+def _latest():
+    rows = store().recent_captures(limit=1)
+    return enrich_capture(store().get_capture(rows[0]["id"])) if rows else None
+
+
+@bp.get("/")
+def index():
+    """Live: the preview, the Capture button and the newest result (kept fresh by app.js)."""
+    return render_template("live.html", health=appliance().health(), cap=_latest())
+
+
+@bp.get("/fragments/latest")
+def latest_fragment():
+    return render_template("latest.html", cap=_latest())
+
+
+@bp.get("/captures")
+def gallery():
+    try:
+        filters = gallery_filters(request.args)
+    except ValueError as exc:
+        abort(400, description=str(exc))
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    total, captures = store().search_captures(**filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
+    args = {k: v for k, v in request.args.items() if k != "page" and v}
+    return render_template("gallery.html", captures=captures, total=total, page=page,
+                           pages=max(1, -(-total // PER_PAGE)), args=args, slides=store().slide_ids(500),
+                           health=appliance().health())
+
+
+@bp.get("/captures/<int:capture_id>")
+def capture_page(capture_id: int):
+    cap = store().get_capture(capture_id)
+    if cap is None:
+        abort(404, description=f"no capture with id {capture_id}")
+    return render_template("capture.html", cap=enrich_capture(cap), health=appliance().health())
+
+
+@bp.post("/capture")
+def capture_form():
+    try:
+        appliance().request_capture("web")
+    except BusyError as exc:
+        abort(409, description=str(exc))
+    return redirect(url_for("pages.index"))
+
+
+@bp.post("/slides")
+def new_slide_form():
+    try:
+        appliance().new_slide(request.form.get("id") or None)
+    except ValueError as exc:
+        abort(400, description=str(exc))
+    return redirect(url_for("pages.index"))
+
+
+@bp.get("/slides")
+def slides():
+    return render_template("slides.html", slides=store().list_slides(200), current=appliance().slide_id,
+                           health=appliance().health())
+
+
+@bp.get("/slides/<slide_id>")
+def slide_report(slide_id: str):
+    summary = store().slide_summary(slide_id)
+    if summary is None:
+        abort(404, description=f"no slide {slide_id!r}")
+    cells = store().slide_cells(slide_id)
+    reviewed = [c for c in cells if c["reviewed_label"]]
+    verdict_blasts = sum(c["verdict"] == "blast" for c in cells)
+    from device.stats import wilson_ci
+
+    verdict = {"cells": len(cells), "reviewed": len(reviewed), "blast": verdict_blasts,
+               "fraction": verdict_blasts / len(cells) if cells else None,
+               "ci95": list(wilson_ci(verdict_blasts, len(cells))) if cells else None}
+    return render_template("slide.html", s=summary, verdict=verdict, prov=store().slide_provenance(slide_id),
+                           reviews=store().review_history(slide_id=slide_id), health=appliance().health())
+
+
+@bp.post("/slides/<slide_id>/reviewed")
+def slide_reviewed_form(slide_id: str):
+    try:
+        store().mark_slide_reviewed(slide_id, by=reviewer(request.form.get("reviewer")))
+    except KeyError:
+        abort(404, description=f"no slide {slide_id!r}")
+    return redirect(url_for("pages.slide_report", slide_id=slide_id))
+
+
+@bp.post("/cells/<int:cell_id>/review")
+def review_form(cell_id: int):
+    cell = store().get_cell(cell_id)
+    if cell is None:
+        abort(404, description=f"no cell with id {cell_id}")
+    label = request.form.get("label", "")
+    label = cell["label"] if label == "confirm" else label
+    try:
+        store().add_review(cell_id, label, reviewer(request.form.get("reviewer")))
+    except ValueError as exc:
+        abort(400, description=str(exc))
+    return redirect(url_for("pages.capture_page", capture_id=cell["capture_id"], _anchor=f"cell-{cell_id}"))
+
+
+@bp.get("/status")
+def status():
+    app = appliance()
+    disk = shutil.disk_usage(app.store.data_dir)
+    return render_template("status.html", health=app.health(), model=model_card(), latency=latency_stats(),
+                           disk={"free_mb": round(disk.free / 1e6), "total_mb": round(disk.total / 1e6),
+                                 "min_free_mb": app.store.min_free_mb})
+
+
+@bp.route("/upload", methods=["GET", "POST"])
+def upload():
+    if request.method == "GET":
+        return render_template("upload.html", health=appliance().health())
+    f = request.files.get("image")
+    if f is None or not f.filename:
+        abort(400, description="choose an image file to upload")
+    single = request.form.get("single_cell") in ("1", "on", "true")
+    try:
+        outcome = appliance().analyse_upload(f.read(), f.filename, single_cell=single)
+    except ImageError as exc:
+        abort(400, description=f"{f.filename}: {exc}")
+    except LeukoCamError as exc:
+        abort(507 if "disk" in str(exc) else 500, description=str(exc))
+    return redirect(url_for("pages.capture_page", capture_id=outcome.capture_id))
+
+
+@bp.get("/images/<kind>/<int:item_id>")
+def image(kind: str, item_id: int):
+    path = store().image_file(kind, item_id)
+    if path is None or not path.is_file():
+        abort(404, description=f"no {kind} image with id {item_id}")
+    return send_file(path, max_age=3600)

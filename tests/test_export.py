@@ -1,0 +1,79 @@
+"""Export: reviewed cells as a dataset `training` reads (reviewer's labels), and per-slide CSV / JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+
+from device import export
+from device.service import Appliance
+from device.store import Store
+from device.web import create_app
+from tests.test_slides import record
+from training.datasets import read_dataset
+
+
+def test_dataset_zip_is_readable_by_training_with_reviewer_labels(tmp_path):
+    store = Store(tmp_path / "store")
+    a = store.save_capture(record("S1", [True, False, True]))
+    b = store.save_capture(record("S2", [False, False]))
+    ca, cb = store.get_capture(a)["cells"], store.get_capture(b)["cells"]
+    store.add_review(ca[0]["id"], "normal", "alice")   # model said blast: the export must say normal
+    store.add_review(ca[1]["id"], "normal", "alice")
+    store.add_review(ca[1]["id"], "blast", "bob")      # the newest review wins
+    store.add_review(cb[0]["id"], "normal", "alice")
+    # ca[2] and cb[1] are not reviewed: left out
+    fh, n = export.export_dataset(store)
+    assert n == 3
+    with zipfile.ZipFile(fh) as zf:
+        names = zf.namelist()
+        assert {"README.txt", "manifest.csv", "subjects.csv"} <= set(names)
+        assert "REVIEWER" in zf.read("README.txt").decode()
+        manifest = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        zf.extractall(tmp_path / "out")
+    by_cell = {int(r["cell_id"]): r for r in manifest}
+    assert by_cell[ca[0]["id"]]["label"] == "normal" and by_cell[ca[0]["id"]]["model_label"] == "blast"
+    assert by_cell[ca[1]["id"]]["label"] == "blast" and by_cell[ca[1]["id"]]["reviewer"] == "bob"
+    samples = read_dataset(tmp_path / "out")
+    assert len(samples) == 3
+    labels = {int(re.search(r"UID_\d+_\d+_(\d+)_", s.path.name).group(1)): s.label for s in samples}
+    assert labels == {ca[0]["id"]: 0, ca[1]["id"]: 1, cb[0]["id"]: 0}
+    assert len({s.subject for s in samples}) == 2  # one subject per slide: training splits by slide
+    one, n1 = export.export_dataset(store, ["S2"])
+    assert n1 == 1
+
+
+def test_slide_results_csv_and_json(tmp_path):
+    store = Store(tmp_path)
+    a = store.save_capture(record("S1", [True, False]))
+    cell = store.get_capture(a)["cells"][1]
+    store.add_review(cell["id"], "blast", "alice")
+    rows = list(csv.DictReader(io.StringIO(export.slide_results_csv(store, "S1"))))
+    assert len(rows) == 2 and rows[1]["reviewed_label"] == "blast" and rows[1]["model_label"] == "normal"
+    assert rows[1]["verdict"] == "blast" and rows[0]["reviewed_label"] == ""
+    data = json.loads(export.results_json_bytes(store, "S1"))
+    assert data["slide"]["cells"] == 2 and len(data["reviews"]) == 1 and data["provenance"]["model_sha256"] == ["sha"]
+    assert "crop_file" not in data["cells"][0]
+
+
+def test_export_over_http(config):
+    with Appliance(config) as appliance:
+        cap_id = appliance.capture_now("test").capture_id
+        client = create_app(appliance).test_client()
+        assert client.get("/api/export/dataset.zip").status_code == 404  # nothing reviewed yet
+        cell = appliance.store.get_capture(cap_id)["cells"][0]
+        appliance.store.add_review(cell["id"], "blast", "alice")
+        resp = client.get(f"/api/export/dataset.zip?slide={appliance.slide_id}")
+        assert resp.status_code == 200 and resp.mimetype == "application/zip"
+        assert "attachment" in resp.headers["Content-Disposition"]
+        with zipfile.ZipFile(io.BytesIO(resp.data)) as zf:
+            assert any(n.startswith("cells/all/UID_1_") and n.endswith("_all.bmp") for n in zf.namelist())
+        assert client.get("/api/export/dataset.zip?slide=NOPE").status_code == 404
+        csv_resp = client.get(f"/api/slides/{appliance.slide_id}/results.csv")
+        assert csv_resp.status_code == 200 and csv_resp.mimetype == "text/csv" and b"reviewed_label" in csv_resp.data
+        js = client.get(f"/api/slides/{appliance.slide_id}/results.json").get_json()
+        assert js["cells"][0]["reviewed_label"] == "blast"
+        assert client.get("/api/slides/NOPE/results.csv").status_code == 404

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import click
 
 from device.bundle import META_FILE, MODEL_FILE, Bundle, load_bundle, sha256_file
 from device.classifier import Classifier, SelfTestResult
-from device.errors import BundleError, LeukoCamError
+from device.errors import BundleError, ReportingGroup
 
 log = logging.getLogger(__name__)
 
@@ -417,19 +416,10 @@ def list_bundles_command(store_dir):
 STORE_COMMANDS = (install_bundle_command, rollback_bundle_command, list_bundles_command)
 
 
-class _StoreGroup(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LeukoCamError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m device.bundle_store install-bundle ...`: the store commands without the full CLI."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _StoreGroup("leukocam-store", commands={c.name: c for c in STORE_COMMANDS})(argv, prog_name="leukocam")
+    ReportingGroup("leukocam-store", commands={c.name: c for c in STORE_COMMANDS})(argv, prog_name="leukocam")
 
 
 if __name__ == "__main__":

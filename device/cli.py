@@ -17,7 +17,7 @@ import threading
 
 import click
 
-from device.errors import LeukoCamError
+from device.errors import ReportingGroup
 
 # name -> ("module:attribute", short help). Imported on first use.
 LAZY_COMMANDS = {
@@ -36,7 +36,7 @@ LAZY_COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(ReportingGroup):
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
@@ -62,13 +62,6 @@ class LazyGroup(click.Group):
                 rows.append((name, super().get_command(ctx, name).get_short_help_str(80)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LeukoCamError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
 
 
 @click.group(cls=LazyGroup)

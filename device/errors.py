@@ -1,5 +1,9 @@
 """Errors a user can act on. Each message says what was wrong and what to do."""
 
+import sys
+
+import click
+
 
 class LeukoCamError(Exception):
     """Base class: an error with a message meant for the operator, not a stack trace."""
@@ -31,3 +35,14 @@ class StoreFullError(LeukoCamError):
 
 class BusyError(LeukoCamError):
     """A capture is already in progress."""
+
+
+class ReportingGroup(click.Group):
+    """A click group that turns a LeukoCamError into one line on stderr and exit code 2, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LeukoCamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)

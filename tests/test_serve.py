@@ -19,13 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_shows_results_and_stops_cleanly_on_sigterm(tmp_path):
+def start_serve(tmp_path, startup_captures: int, **popen) -> tuple[subprocess.Popen, int, object]:
+    """`leukocam serve` as a real process on a free port, storing under tmp_path: (process, port, config path)."""
     port = free_port()
     cfg = tmp_path / "leukocam.toml"
     cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
-                   f'[web]\nport = {port}\n[service]\nstartup_captures = 2\n')
-    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   f'[web]\nport = {port}\n[service]\nstartup_captures = {startup_captures}\n')
+    popen = popen or {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO, **popen)
+    return proc, port, cfg
+
+
+def test_serve_shows_results_and_stops_cleanly_on_sigterm(tmp_path):
+    proc, port, _ = start_serve(tmp_path, startup_captures=2)
     try:
         deadline, listing = time.time() + 120, None
         while time.time() < deadline:
@@ -56,12 +62,7 @@ def test_serve_shows_results_and_stops_cleanly_on_sigterm(tmp_path):
 
 def test_cli_capture_asks_the_running_service(tmp_path):
     """`leukocam capture` must not open the camera a second time while `serve` owns it."""
-    port = free_port()
-    cfg = tmp_path / "leukocam.toml"
-    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
-                   f'[web]\nport = {port}\n[service]\nstartup_captures = 0\n')
-    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port, cfg = start_serve(tmp_path, startup_captures=0)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -86,13 +87,9 @@ def test_serve_speaks_the_systemd_notify_protocol(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     sock.settimeout(120)
-    port = free_port()
-    cfg = tmp_path / "leukocam.toml"
-    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n[web]\nport = {port}\n'
-                   '[service]\nstartup_captures = 0\n')
     env = {**__import__("os").environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port, _ = start_serve(tmp_path, startup_captures=0, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
     seen: list[str] = []
     try:
         while not any(m.startswith("READY=1") for m in seen):

@@ -8,9 +8,12 @@ MODEL ?= runs/latest/model.keras
 BUNDLE ?= runs/latest/bundle
 PYTEST_ARGS ?=
 PI ?=
+OUT ?= runs/latest
+FOLDS ?= 5
+ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-train run test lint demo-model convert deploy bench clean
+.PHONY: help install install-train run test lint demo-model inspect train cv evaluate convert deploy bench clean
 
 help:
 	@echo "LeukoCam — make targets"
@@ -20,9 +23,13 @@ help:
 	@echo "  make install-train .venv with the workstation side too (TensorFlow)"
 	@echo "  make lint         ruff over the code"
 	@echo "  make demo-model   regenerate the shipped synthetic demo bundle and sample fields"
-	@echo "  make convert      MODEL=... DATA=... BUNDLE=...  int8 bundle from a trained Keras model"
+	@echo "  make inspect      DATA=...                 dataset counts, subjects, duplicates, unreadable files"
+	@echo "  make train        DATA=... [OUT=runs/latest]  two-stage training + report"
+	@echo "  make cv           DATA=... [FOLDS=5]       subject-grouped cross-validation"
+	@echo "  make evaluate     MODEL=... DATA=...       report for an existing model"
+	@echo "  make convert      MODEL=... DATA=... BUNDLE=...  verified (gated) bundle from a trained Keras model"
 	@echo "  make deploy PI=pi@leukocam.local [BUNDLE=...]  copy a bundle to the Pi, install (checked there), restart"
-	@echo "  make bench        model sizes and latencies (int8/float16/float32 vs Keras) -> runs/bench/bench.md"
+	@echo "  make bench        pipeline, dashboard, training and model benchmarks in one run -> runs/bench/bench.md"
 	@echo "  make clean        remove build outputs (keeps .venv)"
 	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
 
@@ -54,6 +61,18 @@ lint: $(VENV)/.stamp-test
 
 demo-model: $(VENV)/.stamp-test
 	$(BIN)/leukocam demo-model
+
+inspect: $(VENV)/.stamp-test
+	$(BIN)/leukocam data inspect $(DATA)
+
+train: $(VENV)/.stamp-test
+	$(BIN)/leukocam train $(DATA) --out $(OUT) $(ARGS)
+
+cv: $(VENV)/.stamp-test
+	$(BIN)/leukocam cv $(DATA) --folds $(FOLDS) --out runs/cv $(ARGS)
+
+evaluate: $(VENV)/.stamp-test
+	$(BIN)/leukocam evaluate $(MODEL) --data $(DATA)
 
 convert: $(VENV)/.stamp-test
 	$(BIN)/leukocam convert $(MODEL) --data $(DATA) --out $(BUNDLE)

@@ -23,6 +23,9 @@ from device.errors import ReportingGroup
 LAZY_COMMANDS = {
     "synth": ("training.cli:synth", "Generate SYNTHETIC single-cell datasets and smear fields."),
     "train": ("training.cli:train", "Train the classifier on a folder dataset (needs the [train] extra)."),
+    "data": ("training.cli:data", "Inspect a dataset: classes, subjects, sizes, duplicates, unreadable files."),
+    "cv": ("training.cli:cv", "Subject-grouped k-fold cross-validation (folds.csv, mean +- sd)."),
+    "evaluate": ("training.cli:evaluate", "Report (metrics, plots, Grad-CAM) for a trained model on its test split."),
     "convert": ("convert.cli:convert", "Convert a trained Keras model into a verified model bundle."),
     "verify": ("convert.cli:verify", "Check a bundle against its float model with the device's classifier."),
     "bench": ("convert.cli:bench", "Benchmark model sizes and latencies in one run (markdown + JSON)."),

@@ -1,4 +1,4 @@
-"""Workstation commands: synth, train, demo-model. TensorFlow is imported inside the commands only."""
+"""Workstation commands: synth, data inspect, train, cv, evaluate, demo-model. TensorFlow is imported inside the commands only."""
 
 from __future__ import annotations
 
@@ -46,34 +46,154 @@ def synth_fields(out, count, width, height, um_per_px, seed):
     click.echo(f"{len(paths)} synthetic fields written to {out}")
 
 
-@click.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default="runs/latest", show_default=True, type=click.Path(file_okay=False))
-@click.option("--input-size", default=300, show_default=True)
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--learning-rate", default=1e-3, show_default=True)
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file.")
-@click.option("--bn-momentum", type=float, default=None, help="BatchNorm momentum override (0.9 for short from-scratch runs).")
-@click.option("--seed", default=0, show_default=True)
-def train(data, out, input_size, epochs, batch_size, learning_rate, weights, bn_momentum, seed):
-    """Train the EfficientNetB3 classifier on DATA (C-NMC layout or class folders)."""
-    from training.train import TrainOptions, run_training
+BACKBONE_CHOICES = ["efficientnetb3", "efficientnetb0", "efficientnetb5", "resnet50", "inceptionv3", "smallcnn"]
 
-    opts = TrainOptions(input_size=input_size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                        weights=weights, bn_momentum=bn_momentum, seed=seed)
+
+def training_options(f):
+    """The options train and cv share."""
+    options = [
+        click.option("--input-size", default=300, show_default=True),
+        click.option("--epochs", default=20, show_default=True, help="Maximum epochs (stage 2 when --stages 2)."),
+        click.option("--batch-size", default=16, show_default=True),
+        click.option("--learning-rate", default=1e-3, show_default=True, help="Head / one-stage learning rate."),
+        click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="efficientnetb3", show_default=True),
+        click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file."),
+        click.option("--bn-momentum", type=float, default=None,
+                     help="BatchNorm momentum override (0.9 for short from-scratch runs)."),
+        click.option("--stages", type=click.IntRange(1, 2), default=2, show_default=True,
+                     help="2: head on cached embeddings, then fine-tune; 1: everything at once."),
+        click.option("--balance", type=click.Choice(["smote", "class-weight", "oversample", "none"]), default="smote",
+                     show_default=True),
+        click.option("--fine-tune-layers", default=20, show_default=True),
+        click.option("--fine-tune-lr", default=1e-5, show_default=True),
+        click.option("--target-sensitivity", default=0.95, show_default=True,
+                     help="Threshold chosen on validation for this sensitivity."),
+        click.option("--test-fraction", default=0.3, show_default=True),
+        click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default",
+                     show_default=True),
+        click.option("--mixed-precision", is_flag=True, help="mixed_float16 (only when a GPU is present)."),
+        click.option("--no-augment", is_flag=True),
+        click.option("--seed", default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _options(kw: dict):
+    from training.train import TrainOptions
+
+    return TrainOptions(input_size=kw["input_size"], epochs=kw["epochs"], batch_size=kw["batch_size"],
+                        learning_rate=kw["learning_rate"], backbone=kw["backbone"], weights=kw["weights"],
+                        bn_momentum=kw["bn_momentum"], stages=kw["stages"], balance=kw["balance"],
+                        fine_tune_layers=kw["fine_tune_layers"], fine_tune_lr=kw["fine_tune_lr"],
+                        target_sensitivity=kw["target_sensitivity"], test_fraction=kw["test_fraction"],
+                        strategy=kw["strategy"], mixed_precision=kw["mixed_precision"], augment=not kw["no_augment"],
+                        seed=kw["seed"])
+
+
+def _guard(fn, *args, **kwargs):
+    """Run fn, turning expected failures into one-line CLI errors (DatasetError is a LeukoCamError)."""
+    from device.errors import LeukoCamError
+
     try:
-        metrics = run_training(data, out, opts)
-    except FileNotFoundError as exc:
+        return fn(*args, **kwargs)
+    except (FileNotFoundError, ValueError, LeukoCamError) as exc:
         raise click.ClickException(str(exc)) from None
-    from training.metrics import fmt
 
+
+def _warn_subjects(data) -> None:
+    from training.datasets import read_dataset, subject_warning
+
+    warning = subject_warning(_guard(read_dataset, data))
+    if warning:
+        click.secho(warning, fg="yellow", err=True)
+
+
+@click.group()
+def data():
+    """Look at a dataset before training on it."""
+
+
+@data.command("inspect")
+@click.argument("root", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def data_inspect(root, as_json):
+    """Counts per class and subject, image sizes, exact duplicates and unreadable files of ROOT (a folder or CSV)."""
+    from training.datasets import inspect_dataset
+
+    report = _guard(inspect_dataset, root)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['root']}: {report['images']} labelled images {report['per_class']}, "
+               f"{report['subjects']} subjects")
+    if report["per_subject"]:
+        counts = sorted(report["per_subject"].values())
+        click.echo(f"images per subject: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
+    click.echo("image sizes: " + ", ".join(f"{k} x{v}" for k, v in report["sizes"].items()))
+    for group in report["duplicates"]:
+        click.echo("duplicate (identical bytes): " + " = ".join(group))
+    for line in report["unreadable"]:
+        click.echo(f"unreadable, skipped: {line}")
+    if report["unlabelled"]:
+        click.echo(f"{len(report['unlabelled'])} image files without a label were ignored, e.g. {report['unlabelled'][0]}")
+    for problem in report["problems"]:
+        click.secho(problem, fg="yellow", err=True)
+
+
+@click.command()
+@click.argument("data", type=click.Path())
+@click.option("--out", default="runs/latest", show_default=True, type=click.Path(file_okay=False))
+@training_options
+def train(data, out, **kw):
+    """Train the classifier on DATA (C-NMC, ALL-IDB2, class folders or a CSV manifest)."""
+    from training.metrics import fmt
+    from training.train import run_training
+
+    _warn_subjects(data)
+    metrics = _guard(run_training, data, out, _options(kw))
     t = metrics["test"]
     lo, hi = t["accuracy"]["ci95"]
     click.echo(f"held-out test: accuracy {fmt(t['accuracy']['value'])} (95% CI {fmt(lo)}-{fmt(hi)}), "
-               f"sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])} "
-               f"on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
+               f"sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])}, "
+               f"weighted F1 {fmt(t['f1_weighted'])}, AUC {fmt(t['auc'])} "
+               f"on {t['n']} images at threshold {t['threshold']:.3f}" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
     click.echo(f"model and report in {out}")
+
+
+@click.command()
+@click.argument("data", type=click.Path())
+@click.option("--out", default="runs/cv", show_default=True, type=click.Path(file_okay=False))
+@click.option("--folds", default=5, show_default=True, help="Subject-grouped folds (StratifiedGroupKFold).")
+@training_options
+def cv(data, out, folds, **kw):
+    """Subject-grouped k-fold cross-validation on DATA; writes folds.csv, per-fold metrics and mean +- sd."""
+    from training.cv import run_cv
+    from training.metrics import fmt
+
+    _warn_subjects(data)
+    summary = _guard(run_cv, data, out, _options(kw), folds)
+    for key, s in summary["mean_sd"].items():
+        click.echo(f"{key}: {fmt(s['mean'])} +- {fmt(s['sd'])} over {s['n']} folds")
+    click.echo(f"fold assignments in {Path(out) / 'folds.csv'}, per-fold runs and cv.json in {out}"
+               + (" [SYNTHETIC data]" if summary["synthetic_data"] else ""))
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="The dataset the model was trained on.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: <run>/evaluation.")
+def evaluate(model, data_dir, out):
+    """Write report.md, metrics.json and plots for an existing MODEL on its test split of DATA."""
+    from training.evaluate import run_evaluate
+    from training.metrics import fmt
+
+    metrics = _guard(run_evaluate, model, data_dir, out)
+    t = metrics["test"]
+    click.echo(f"test: accuracy {fmt(t['accuracy']['value'])}, weighted F1 {fmt(t['f1_weighted'])}, "
+               f"AUC {fmt(t['auc'])} on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
+    click.echo(f"report in {metrics['report']}")
 
 
 @click.command("demo-model")

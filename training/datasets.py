@@ -1,13 +1,25 @@
 """Dataset readers: (path, label, subject) samples from folders on disk.
 
-Readers here: the C-NMC 2019 layout (labels and subject IDs from the file
-names, `UID_<subject>_<image>_<cell>_<all|hem>.bmp`) and plain
-folder-per-class datasets. Images are loaded through the device's own decoder
-and `prepare_cell`, so training sees exactly what the Pi will feed the model.
+Readers here:
+- C-NMC 2019 training data (labels and subject IDs from the file names,
+  `UID_<subject>_<image>_<cell>_<all|hem>.bmp`; healthy subject IDs start with H);
+- the C-NMC preliminary test folder (numbered .bmp files plus a labels CSV
+  `Patient_ID,new_names,labels`: Patient_ID holds the original C-NMC file name,
+  from which the subject is taken; label 1 = ALL);
+- ALL-IDB2 (`Im001_1.tif`: the suffix after `_` is the label, 1 = blast; no subject IDs);
+- a CSV manifest `path,label[,subject]` (label all/hem/blast/normal/1/0; paths relative to the CSV);
+- plain folder-per-class datasets.
+
+Images are loaded through the device's own decoder and `prepare_cell`, so
+training sees exactly what the Pi will feed the model. `assign_folds` makes the
+subject-grouped held-out split and cross-validation folds (scikit-learn
+StratifiedGroupKFold) and `write_folds_csv` records them for leakage audits.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -40,28 +52,95 @@ class Sample:
     """Patient / subject ID when the dataset records it, else None."""
 
 
-def read_dataset(root: str | Path) -> list[Sample]:
-    """Read a C-NMC style tree or a folder-per-class tree under root."""
+ALLIDB_NAME = re.compile(r"^Im\d+_([01])\.(tif|tiff|jpg|png|bmp)$", re.IGNORECASE)
+CNMC_SUBJECT = re.compile(r"UID_(H?\d+)_", re.IGNORECASE)
+PRELIM_COLUMNS = {"patient_id", "new_names", "labels"}
+MANIFEST_LABELS = {"all": 1, "blast": 1, "1": 1, "hem": 0, "normal": 0, "0": 0}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: cannot read CSV ({exc})") from None
+
+
+def read_manifest(csv_path: str | Path) -> list[Sample]:
+    """Samples from a CSV manifest `path,label[,subject]`; paths are relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    rows = _read_csv(csv_path)
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DatasetError(f"{csv_path}: a manifest needs a header with columns path,label[,subject]")
+    samples = []
+    for n, row in enumerate(rows, start=2):
+        label = MANIFEST_LABELS.get(row["label"].lower())
+        if label is None:
+            raise DatasetError(f"{csv_path} line {n}: label {row['label']!r} is not one of {sorted(MANIFEST_LABELS)}")
+        path = Path(row["path"])
+        samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, label, row.get("subject") or None))
+    return samples
+
+
+def _prelim_labels(root: Path) -> dict[Path, Sample]:
+    """Samples named by C-NMC preliminary-test label CSVs (`Patient_ID,new_names,labels`) under root."""
+    out = {}
+    for csv_path in sorted(root.rglob("*.csv")):
+        rows = _read_csv(csv_path)
+        if not rows or not PRELIM_COLUMNS <= set(rows[0]):
+            continue
+        for row in rows:
+            name = row["new_names"]
+            matches = list(csv_path.parent.rglob(name)) if name else []
+            if not matches or row["labels"] not in ("0", "1"):
+                continue
+            m = CNMC_SUBJECT.search(row["patient_id"])
+            out[matches[0]] = Sample(matches[0], int(row["labels"]), m.group(1) if m else None)
+    return out
+
+
+def collect_samples(root: str | Path) -> tuple[list[Sample], list[Path]]:
+    """All labelled samples under root (a folder or a CSV manifest), and the image files left unlabelled.
+
+    No class checks: `read_dataset` adds those; `inspect_dataset` reports instead of refusing.
+    """
     root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return read_manifest(root), []
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found; pass the folder that holds the images")
+        raise DatasetError(f"{root}: dataset folder not found; pass the folder that holds the images or a CSV manifest")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    samples = []
+    prelim = _prelim_labels(root)
+    samples, unlabelled = [], []
     for p in files:
         m = CNMC_NAME.match(p.name)
+        a = ALLIDB_NAME.match(p.name)
+        parent = p.parent.name.lower()
         if m:
             samples.append(Sample(p, 1 if m.group(4).lower() == "all" else 0, m.group(1)))
-            continue
-        parent = p.parent.name.lower()
-        if parent in POSITIVE_DIRS:
+        elif p in prelim:
+            samples.append(prelim[p])
+        elif a:
+            samples.append(Sample(p, int(a.group(1)), None))
+        elif parent in POSITIVE_DIRS:
             samples.append(Sample(p, 1, None))
         elif parent in NEGATIVE_DIRS:
             samples.append(Sample(p, 0, None))
+        else:
+            unlabelled.append(p)
+    return samples, unlabelled
+
+
+def read_dataset(root: str | Path) -> list[Sample]:
+    """Read any supported layout under root (see the module docstring); refuses empty or single-class data."""
+    root = Path(root)
+    samples, _ = collect_samples(root)
     if not samples:
         raise DatasetError(
-            f"{root}: no labelled images; use C-NMC names (UID_<subject>_<image>_<cell>_<all|hem>.bmp) "
+            f"{root}: no labelled images; use C-NMC names (UID_<subject>_<image>_<cell>_<all|hem>.bmp), "
+            "ALL-IDB2 names (Im001_1.tif), a C-NMC labels CSV, a manifest CSV (path,label[,subject]) "
             f"or class folders named one of {sorted(POSITIVE_DIRS)} / {sorted(NEGATIVE_DIRS)}"
         )
     counts = Counter(s.label for s in samples)
@@ -69,6 +148,56 @@ def read_dataset(root: str | Path) -> list[Sample]:
         only = LABELS[next(iter(counts))]
         raise DatasetError(f"{root}: every image is '{only}'; training needs both blast and normal cells")
     return samples
+
+
+def subject_warning(samples: list[Sample]) -> str | None:
+    """The loud warning for data without subject IDs, or None when every sample has one."""
+    missing = sum(s.subject is None for s in samples)
+    if not missing:
+        return None
+    return (f"WARNING: {missing} of {len(samples)} images have no subject ID: those are split by IMAGE, so cells "
+            "of one patient can land in both training and test and the scores will be optimistic")
+
+
+def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
+    """Counts per class and subject, image sizes, exact duplicates and unreadable files; never raises on bad images."""
+    samples, unlabelled = collect_samples(root)
+    sizes: Counter = Counter()
+    by_hash: dict[str, list[str]] = {}
+    unreadable = []
+    for s in tqdm(samples, desc="inspecting", unit="img", disable=not progress or len(samples) < 200):
+        try:
+            data = s.path.read_bytes()
+            image = decode_image(data)
+        except (OSError, ImageError) as exc:
+            unreadable.append(f"{s.path}: {exc}")
+            continue
+        sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+        by_hash.setdefault(hashlib.sha256(data).hexdigest(), []).append(str(s.path))
+    per_subject = Counter(s.subject for s in samples if s.subject is not None)
+    per_class = Counter(LABELS[s.label] for s in samples)
+    problems = []
+    if not samples:
+        problems.append("no labelled images")
+    elif len(per_class) < 2:
+        problems.append(f"single class: every image is '{next(iter(per_class))}'; training needs both classes")
+    warning = subject_warning(samples)
+    if warning:
+        problems.append(warning)
+    if len(sizes) > 1:
+        problems.append(f"{len(sizes)} different image sizes (fine: crops are resized to the model input)")
+    return {
+        "root": str(Path(root)),
+        "images": len(samples),
+        "per_class": dict(sorted(per_class.items())),
+        "subjects": len(per_subject),
+        "per_subject": dict(sorted(per_subject.items())),
+        "sizes": dict(sizes.most_common()),
+        "duplicates": [paths for paths in by_hash.values() if len(paths) > 1],
+        "unreadable": unreadable,
+        "unlabelled": [str(p) for p in unlabelled],
+        "problems": problems,
+    }
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -122,7 +251,54 @@ def split_by_subject(samples: list[Sample], fractions: dict[str, float], seed: i
         names = list(fractions)
         for j, name in enumerate(names):
             n = len(keys) - start if j == len(names) - 1 else int(round(len(keys) * fractions[name] / total))
+            if len(keys) >= len(names) and j < len(names) - 1:
+                # Every part gets each class when there are enough subjects: a one-class val or test is useless.
+                n = min(max(n, 1 if fractions[name] > 0 else 0), len(keys) - start - (len(names) - 1 - j))
             for k in keys[start : start + n]:
                 parts[name].extend(groups[k])
             start += n
     return parts
+
+
+def _groups(samples: list[Sample]) -> np.ndarray:
+    return np.array([s.subject if s.subject is not None else f"image-{i}" for i, s in enumerate(samples)])
+
+
+def assign_folds(samples: list[Sample], k: int = 5, test_fraction: float = 0.3, seed: int = 0) -> list[str]:
+    """Subject-grouped split names per sample: "test" for the held-out part, "fold0".."fold{k-1}" for the rest.
+
+    Both the held-out split and the folds use scikit-learn's StratifiedGroupKFold, so no subject is in two parts
+    and the class balance is kept as well as the groups allow. The held-out part is one of round(1/test_fraction)
+    grouped folds (0.3 -> 3 folds -> about a third), the closest grouped split to the requested fraction.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.array([s.label for s in samples]), _groups(samples)
+    n_groups = len(set(groups))
+    n_test = max(2, int(round(1 / test_fraction))) if test_fraction > 0 else 0
+    if n_groups < k + (1 if n_test else 0):
+        raise DatasetError(f"{n_groups} subjects are too few for {k} folds plus a held-out test split")
+    names = np.array([""] * len(samples), dtype=object)
+    rest = np.arange(len(samples))
+    if n_test:
+        _, test_idx = next(StratifiedGroupKFold(n_test, shuffle=True, random_state=seed).split(rest, y, groups))
+        names[test_idx] = "test"
+        rest = np.setdiff1d(rest, test_idx)
+    sgkf = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    for fold, (_, idx) in enumerate(sgkf.split(rest, y[rest], groups[rest])):
+        names[rest[idx]] = f"fold{fold}"
+    return [str(n) for n in names]
+
+
+def write_folds_csv(path: str | Path, samples: list[Sample], splits: list[str]) -> None:
+    """One row per image: path, subject, label, split; what anyone needs to audit subject leakage."""
+    with Path(path).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "subject", "label", "split"])
+        for s, name in zip(samples, splits, strict=True):
+            w.writerow([str(s.path), s.subject or "", LABELS[s.label], name])
+
+
+def read_folds_csv(path: str | Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import numpy as np
 
 
 def small_cnn(include_top: bool = False, weights=None, input_tensor=None):
@@ -28,8 +29,32 @@ def small_cnn(include_top: bool = False, weights=None, input_tensor=None):
 BACKBONES = {
     "efficientnetb3": keras.applications.EfficientNetB3,
     "efficientnetb0": keras.applications.EfficientNetB0,
+    "efficientnetb5": keras.applications.EfficientNetB5,
+    "resnet50": keras.applications.ResNet50,
+    "inceptionv3": keras.applications.InceptionV3,
     "smallcnn": small_cnn,
 }
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def input_preprocessing(backbone: str, x):
+    """Each backbone's own preprocess_input as plain Keras layers inside the graph (the model takes 0-255 RGB).
+
+    EfficientNet and smallcnn rescale inside their own graphs. InceptionV3 wants [-1, 1]. ResNet50 wants
+    caffe style (BGR, ImageNet mean subtracted, no scaling): a frozen 1x1 convolution does the channel swap and
+    the mean, built-in layers only, so model.keras loads without custom objects and converts to LiteRT.
+    """
+    if backbone == "inceptionv3":
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
+    if backbone == "resnet50":
+        conv = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
+        y = conv(x)
+        swap = np.zeros((1, 1, 3, 3), dtype=np.float32)
+        for i in range(3):
+            swap[0, 0, 2 - i, i] = 1.0
+        conv.set_weights([swap, -np.array(CAFFE_MEAN_BGR, dtype=np.float32)])
+        return y
+    return x
 GAP_LAYER = "gap"
 LOGIT_LAYER = "logit"
 
@@ -64,14 +89,16 @@ def build_model(input_size: int, backbone: str = "efficientnetb3", weights: str 
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     inp = keras.Input((input_size, input_size, 3), name="image")
-    base = BACKBONES[backbone](include_top=False, weights=resolve_weights(weights), input_tensor=inp)
+    base = BACKBONES[backbone](include_top=False, weights=resolve_weights(weights),
+                               input_tensor=input_preprocessing(backbone, inp))
     if bn_momentum is not None:
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
     x = keras.layers.GlobalAveragePooling2D(name=GAP_LAYER)(base.output)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    logit = keras.layers.Dense(1, name=LOGIT_LAYER)(x)
+    # float32 even under a mixed_float16 policy: the logit feeds the loss, the threshold and the CAM.
+    logit = keras.layers.Dense(1, name=LOGIT_LAYER, dtype="float32")(x)
     return keras.Model(inp, logit, name=f"leukocam_{backbone}")
 
 
@@ -90,3 +117,33 @@ def head_weights(model: keras.Model):
 def feature_layer_name(model: keras.Model) -> str:
     """Name of the layer whose output is the CAM's feature map."""
     return model.get_layer(GAP_LAYER).input._keras_history.operation.name
+
+
+HEAD_LAYERS = (GAP_LAYER, "dropout", LOGIT_LAYER)
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """The model up to global average pooling (shared weights): the embedding the head sees."""
+    return keras.Model(model.input, model.get_layer(GAP_LAYER).output)
+
+
+def backbone_layers(model: keras.Model) -> list:
+    return [layer for layer in model.layers if layer.name not in HEAD_LAYERS and layer.name != "preprocess"
+            and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    for layer in backbone_layers(model):
+        layer.trainable = False
+
+
+def unfreeze(model: keras.Model, top_layers: int = 20) -> int:
+    """Make the top `top_layers` backbone layers trainable, BatchNorm kept frozen; returns how many are trainable.
+
+    BatchNorm stays frozen (keras-io EfficientNet fine-tuning recipe): with small fine-tuning batches its
+    statistics would drift away from the ones the head was trained on.
+    """
+    layers = [layer for layer in backbone_layers(model) if layer.weights]
+    for i, layer in enumerate(layers):
+        layer.trainable = (i >= len(layers) - top_layers) and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(layer.trainable for layer in layers)

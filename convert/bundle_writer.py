@@ -36,11 +36,11 @@ def write_bundle(out_dir: str | Path, tflite: bytes, meta: dict, golden: dict[st
         full = {
             **meta,
             "schema_version": SCHEMA_VERSION,
-            "tflite_sha256": hashlib.sha256(tflite).hexdigest(),
+            "tflite_sha256": sha256_bytes(tflite),
             "tflite_bytes": len(tflite),
             "created": meta.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
             "golden": {"file": GOLDEN_FILE, "count": int(len(golden["crops"])), "tolerance": tolerance,
-                       "sha256": hashlib.sha256(buf.getvalue()).hexdigest()},
+                       "sha256": sha256_bytes(buf.getvalue())},
         }
         (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
         for f in tmp.iterdir():

@@ -355,19 +355,18 @@ class Store:
                 return None
             row = conn.execute(
                 """SELECT COUNT(DISTINCT c.id) AS captures,
-                          COALESCE(SUM(c.status = 'ok'), 0) AS ok_captures,
+                          COUNT(DISTINCT CASE WHEN c.status = 'ok' THEN c.id END) AS ok_captures,
                           COUNT(k.id) AS cells,
                           COALESCE(SUM(k.positive), 0) AS positive,
                           COALESCE(SUM(k.needs_review), 0) AS needs_review
                    FROM captures c LEFT JOIN cells k ON k.capture_id = c.id WHERE c.slide_id = ?""",
                 (slide_id,),
             ).fetchone()
-            ok = conn.execute("SELECT COUNT(*) FROM captures WHERE slide_id = ? AND status = 'ok'", (slide_id,)).fetchone()[0]
         cells, positive = int(row["cells"]), int(row["positive"])
         lo, hi = wilson_ci(positive, cells) if cells else (None, None)
         return {
             "id": slide["id"], "created_at": slide["created_at"], "reviewed_at": slide["reviewed_at"],
-            "reviewed_by": slide["reviewed_by"], "captures": int(row["captures"]), "ok_captures": int(ok),
+            "reviewed_by": slide["reviewed_by"], "captures": int(row["captures"]), "ok_captures": int(row["ok_captures"]),
             "cells": cells, "positive": positive, "needs_review": int(row["needs_review"]),
             "blast_fraction": positive / cells if cells else None, "blast_fraction_ci95": [lo, hi] if cells else None,
         }

@@ -27,7 +27,7 @@ def test_slide_summary_counts_and_ci(tmp_path):
     store.save_capture(record("S1", [True, False]))
     store.save_capture(record("S2", [False]))
     s1 = store.slide_summary("S1")
-    assert (s1["captures"], s1["cells"], s1["positive"], s1["needs_review"]) == (2, 5, 2, 1)
+    assert (s1["captures"], s1["ok_captures"], s1["cells"], s1["positive"], s1["needs_review"]) == (2, 2, 5, 2, 1)
     assert s1["blast_fraction"] == pytest.approx(0.4)
     assert s1["blast_fraction_ci95"] == pytest.approx(list(wilson_ci(2, 5)))
     assert s1["blast_fraction_ci95"][0] < 0.4 < s1["blast_fraction_ci95"][1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import logging
-import statistics
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from device.config import Config, ServiceConfig, StoreConfig
 from device.errors import BusyError
-from device.web.common import percentile
+from device.web.common import latency_summary
 
 PAGES = ("/captures", "/status")
 
@@ -70,11 +69,6 @@ def _client(base_port: int, paths, deadline: float, max_requests: int, out: dict
                 errors.append(f"{path}: HTTP {resp.status}")
     finally:
         conn.close()
-
-
-def _summary(lat: dict[str, list[float]]) -> dict:
-    return {p: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
-            for p, v in lat.items() if v}
 
 
 def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float = 20.0,
@@ -145,7 +139,7 @@ def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float 
                 server.close()
                 thread.join(10)
     result = {"n_captures": n_captures, "clients": clients, "fill_s": round(fill_s, 2),
-              "alone": _summary(alone), "loaded": _summary(loaded), "loaded_wall_s": round(wall, 1),
+              "alone": latency_summary(alone), "loaded": latency_summary(loaded), "loaded_wall_s": round(wall, 1),
               "loaded_requests": sum(len(v) for v in loaded.values()), "captures_during_load": captured,
               "errors": errors[:20], "n_errors": len(errors)}
     lines = ["| page | alone median ms | alone p95 ms | loaded median ms | loaded p95 ms | loaded n |",

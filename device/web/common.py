@@ -60,8 +60,13 @@ def latency_stats(limit: int = 200) -> dict:
                 total += ms
         if timings:
             per_stage.setdefault("total", []).append(total)
-    return {stage: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
-            for stage, v in per_stage.items()}
+    return latency_summary(per_stage)
+
+
+def latency_summary(samples: dict[str, list[float]]) -> dict:
+    """Count, median and p95 (ms) of each non-empty list of latencies."""
+    return {k: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
+            for k, v in samples.items() if v}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -38,7 +38,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from device import stain as stain_model
 from device.imaging import check_rgb
+
+NECK_RATIO = 0.55
+"""Two nucleus cores joined by a neck thinner than this fraction of the smaller core are two cells."""
+MIN_FIELD_PX = 16
+"""Smaller images cannot hold a white cell at any supported resolution (0.5 µm/px: 8 µm)."""
 
 RED_CELL_INSCRIBED_UM = 6.5
 """The ruler for pixel size: the largest disc that fits inside a normal red cell as the
@@ -69,12 +75,15 @@ class FinderOptions:
     """Nucleus pieces closer than this belong to one cell (lobes of a neutrophil or eosinophil)."""
     merge_um: float = 5.0
     """Fragments whose centres are closer than this belong to the same cell (about one nucleus radius)."""
-    cytoplasm_um: float = 2.0
-    """Margin grown around the nucleus to approximate the whole cell (nucleus + cytoplasm)."""
-    nuclear_od: tuple[float, float, float] = (0.5, 0.8, 0.1)
-    """Optical-density colour (R, G, B) of Romanowsky-stained nuclei: violet, passes blue."""
-    red_cell_od: tuple[float, float, float] = (0.37, 0.73, 0.58)
-    """Typical red-cell density colour, used only when a field has too few red cells to measure it."""
+    cytoplasm_um: float = 3.5
+    """Widest cytoplasm searched for around a nucleus (the whole cell is cut tightly inside it)."""
+    nucleus_core_um: float = 6.0
+    """Width from which a piece of nucleus counts as a whole nucleus (a lobe is thinner): two such
+    pieces are never merged into one cell, and touching ones are cut apart at their neck."""
+    min_thickness_um: float = 2.5
+    """A nucleus is at least this thick somewhere (text strokes, scale bars and fibres are thinner)."""
+    min_nuclear_od: float = 0.15
+    """Least nuclear-stain optical density, above the field's background, of anything called a nucleus."""
 
     def __post_init__(self) -> None:
         if self.um_per_px is not None and not self.um_per_px > 0:
@@ -87,6 +96,8 @@ class FinderOptions:
             "close_um",
             "gap_um",
             "merge_um",
+            "nucleus_core_um",
+            "min_thickness_um",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FinderOptions.{name} must be > 0, got {getattr(self, name)}")
@@ -95,8 +106,8 @@ class FinderOptions:
                 f"FinderOptions.max_cell_um ({self.max_cell_um}) must exceed "
                 f"min_cell_um ({self.min_cell_um})"
             )
-        if self.smooth_um < 0 or self.cytoplasm_um < 0:
-            raise ValueError("FinderOptions.smooth_um and cytoplasm_um must be >= 0")
+        if self.smooth_um < 0 or self.cytoplasm_um < 0 or self.min_nuclear_od < 0:
+            raise ValueError("FinderOptions.smooth_um, cytoplasm_um and min_nuclear_od must be >= 0")
 
 
 # eq=False: the mask is an array, and dataclass equality on arrays is ambiguous.
@@ -126,21 +137,31 @@ def _disc(diameter_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
 
 
-def _white_point(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel brightness of the empty glass: the mean of the brightest 10% of pixels.
-
-    Measured on each field so exposure and lamp colour drop out of the densities.
-    """
-    lum = rgb.sum(axis=2)
-    bright = rgb[lum >= np.percentile(lum, 90)]
-    return np.maximum(bright.mean(axis=0), 1.0)
-
-
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
-    """float32 HxWx3 optical density (>= 0) of a float RGB image against its own white point."""
-    white = _white_point(rgb)
-    od = -np.log((rgb + 1.0) / (white + 1.0))
-    return np.maximum(od, 0.0).astype(np.float32)
+    """float32 HxWx3 optical density (>= 0) of a float RGB image against its own light."""
+    return stain_model.optical_density(rgb)
+
+
+def field_problem(rgb: np.ndarray) -> str | None:
+    """Why a uint8 RGB image cannot be a smear field, or None when it can be searched.
+
+    A blank, black, saturated or one-colour image, or one too small to hold a
+    white cell, gets a verdict a person can act on instead of junk cells.
+    """
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_FIELD_PX:
+        return f"the image is only {w}x{h} px: too small to hold a white cell (at least {MIN_FIELD_PX} px a side)"
+    step = max(1, int(math.sqrt(h * w / 250_000)))
+    sample = rgb[::step, ::step].reshape(-1, 3).astype(np.int16)
+    lum = sample.sum(axis=1) / 3
+    if float(np.mean(lum)) < 20:
+        return "the image is almost black: check the lamp, the shutter and the exposure"
+    if float(np.mean(sample.min(axis=1) >= 250)) > 0.9:
+        return "the image is saturated white: lower the exposure or the lamp"
+    spread = np.percentile(sample, 99.5, axis=0) - np.percentile(sample, 0.5, axis=0)
+    if float(spread.max()) < 12:
+        return "the image is one flat colour with no detail: no smear in view, or the camera is covered"
+    return None
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -212,11 +233,17 @@ def _median_inscribed_diameter(stained: np.ndarray) -> float | None:
     return None
 
 
-def estimate_um_per_px(rgb: np.ndarray) -> float | None:
+def estimate_um_per_px(rgb: np.ndarray, expected: float | None = None) -> float | None:
     """Estimate the pixel size from the red cells.
+
+    Pixel size belongs to the optics: calibrate it once (`leukocam calibrate`)
+    and pass it to the finder. With `expected` (the calibrated value) this is
+    a cheap check: the field is shrunk once so a red cell spans about 24
+    pixels, and one measurement is made there.
 
     Args:
         rgb: uint8 RGB field, HxWx3.
+        expected: the calibrated pixel size, for a single cheap look; None searches.
 
     Returns:
         Microns per pixel, or None when the red cells cannot tell (an almost
@@ -225,8 +252,12 @@ def estimate_um_per_px(rgb: np.ndarray) -> float | None:
     """
     check_rgb(rgb, "estimate_um_per_px")
     h, w = rgb.shape[:2]
-    long_side = 640
-    for _ in range(3):
+    if expected is not None:
+        long_side = int(max(h, w) * min(1.0, 24 * expected / RED_CELL_INSCRIBED_UM))
+        tries = 1
+    else:
+        long_side, tries = 640, 3
+    for _ in range(tries):
         factor = min(1.0, long_side / max(h, w))
         stained = _fill_holes(_stained_mask(_optical_density(_downscale(rgb, factor))))
         fraction = float(stained.mean())
@@ -245,59 +276,72 @@ def estimate_um_per_px(rgb: np.ndarray) -> float | None:
     return RED_CELL_INSCRIBED_UM / (diameter / factor)
 
 
+def check_scale(rgb: np.ndarray, calibrated: float, tolerance: float = 0.25) -> str | None:
+    """A warning when the red cells say the pixel size differs from the calibration, else None.
+
+    Cheap (one measurement on a shrunk copy); a field whose red cells cannot
+    tell (blast-dense, packed, empty) passes silently.
+    """
+    estimate = estimate_um_per_px(rgb, expected=calibrated)
+    if estimate is None or abs(estimate / calibrated - 1) <= tolerance:
+        return None
+    return (
+        f"the red cells suggest {estimate:.3f} µm/px but the calibration says {calibrated:.3f}: "
+        "was the objective or camera changed? Re-run `leukocam calibrate` on a few fields"
+    )
+
+
 # ----------------------------------------------------------------------------- finder
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-9)
+def _nuclear_map(small: np.ndarray, work_um: float, options: FinderOptions):
+    """Nuclear-stain and red-cell-stain amounts of a working-resolution field, and its stains."""
+    light = stain_model.illumination(small)
+    od = stain_model.optical_density(small, light)
+    vectors = stain_model.estimate_stains(od)
+    conc = stain_model.concentrations(od, vectors)
+    nuc = np.ascontiguousarray(conc[..., 0])
+    red = np.ascontiguousarray(conc[..., 1])
+    if options.smooth_um > 0:
+        sigma = options.smooth_um / work_um
+        nuc = cv2.GaussianBlur(nuc, (0, 0), sigma)
+        red = cv2.GaussianBlur(red, (0, 0), sigma)
+    return od, nuc, red, vectors
 
 
-def _nuclear_stain(
-    od: np.ndarray, stained: np.ndarray, nuclear_od: np.ndarray, red_cell_od: np.ndarray
-) -> np.ndarray:
-    """Nuclear-stain density: optical density along the nuclear colour, with the red-cell colour removed.
+def _levels(nuc: np.ndarray, floor: float) -> tuple[float, float, float]:
+    """(background level, low edge, seed threshold) of the nuclear-stain map.
 
-    Red cells (eosin) absorb mostly green with some blue; nuclei (azure B)
-    absorb red and green and pass blue. Stain batches and cameras shift both
-    colours, so the red-cell direction is measured on each field (the median
-    density of the stained pixels, which are mostly red cells) and projected
-    out; what is left is read along the part of the nuclear colour that
-    differs from it. Red cells, their overlaps and the glass then sit near
-    zero, whatever their thickness, and only violet material stays high.
+    Otsu splits nuclear from everything else on the deconvolved map, where
+    glass and red cells sit near zero whatever their share of the field; the
+    background's own median and spread come from the pixels below that split,
+    so a field that is mostly blasts sets its levels as well as a sparse one.
+    `floor` is the least nuclear density anything called a nucleus must have.
     """
-    sel = od[stained]
-    measured = _unit(np.median(sel, axis=0)) if sel.shape[0] > 100 else red_cell_od
-    nuc = _unit(nuclear_od)
-    # A field with hardly any red cells (or one filled by a white cell) measures the
-    # nucleus itself; fall back to the typical red-cell colour rather than cancel it.
-    e = measured if float(measured @ nuc) < 0.9 else _unit(red_cell_od)
-    u = _unit(nuc - (nuc @ e) * e)
-    return od @ u.astype(np.float32)
+    values = nuc.ravel()
+    if values.size > 400_000:
+        values = values[:: values.size // 400_000 + 1]
+    split = _otsu(values)
+    below = values[values < split]
+    if below.size < 0.02 * values.size:
+        below = values[values <= np.percentile(values, 20)]
+    level = float(np.median(below))
+    spread = max(1.4826 * float(np.median(np.abs(below - level))), 1e-3)
+    low = max(level + 4 * spread, level + 0.5 * floor)
+    seed_t = max(split, low, level + floor)
+    return level, low, seed_t
 
 
 def _segment_nuclei(
-    stain: np.ndarray, min_seed_px: int, max_reach_px: int
-) -> tuple[np.ndarray, float]:
-    """Nucleus pixels of one field, by hysteresis: find strong seeds, then grow to half maximum.
+    stain: np.ndarray, level: float, low: float, seed_t: float, min_seed_px: int, max_reach_px: int
+) -> np.ndarray:
+    """Nucleus pixels, by hysteresis: strong seeds, each grown to its half-maximum edge.
 
-    Nuclei are a few percent of the pixels, so Otsu on the whole field would
-    split glass from red cells instead. The bulk of the field (glass, red
-    cells) sets a robust level and spread; Otsu on the pixels clearly above
-    that bulk gives seeds, the cores of anything strongly stained. Each seed
-    then grows to where its stain falls to half way between the bulk level
-    and its own peak: the half-maximum edge of a blurred object, which keeps
-    a weakly stained nucleus as whole as a strong one. Platelets and specks
-    also seed, and are dropped later by size.
-
-    Returns:
-        (bool mask of nucleus pixels, the seed threshold)
+    Each seed grows to where its stain falls half way between the background
+    level and its own peak: the half-maximum edge of a blurred object, which
+    keeps a pale nucleus as whole as a dark one. Platelets and specks also
+    seed, and are dropped later by size.
     """
-    values = stain.ravel()
-    level = float(np.median(values))
-    spread = max(1.4826 * float(np.median(np.abs(values - level))), 1e-3)
-    low = level + 3 * spread
-    tail = values[values > low]
-    seed_t = max(_otsu(tail), low) if tail.size >= 20 else low
     seeds = (stain > seed_t).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(seeds, connectivity=8)
     h, w = stain.shape
@@ -319,25 +363,113 @@ def _segment_nuclei(
         _, grown = cv2.connectedComponents((local > edge).astype(np.uint8), connectivity=8)
         ids = np.unique(grown[seed])
         out[y0:y1, x0:x1] |= np.isin(grown, ids[ids > 0])
-    return out, seed_t
+    return out
 
 
-def _groups(nucleus: np.ndarray, gap_px: float, merge_px: float) -> list[np.ndarray]:
-    """Split the nucleus mask into one group per cell.
+def _split_touching(nucleus: np.ndarray, full_radius_px: float) -> np.ndarray:
+    """Label image of nuclei, with touching nuclei cut apart along their neck.
 
-    Fragments join when less than gap_px of glass or cytoplasm separates them
-    (the lobes of a neutrophil or eosinophil), or when their centres are
-    closer than merge_px (pieces of one nucleus that a weak chromatin patch
-    cut apart).
+    Every local maximum of the distance transform at least `full_radius_px`
+    deep is the core of a nucleus-sized blob. Two cores belong to one nucleus
+    when the straight path between them never narrows below NECK_RATIO of the
+    shallower core (a single oval or indented nucleus); otherwise there is a
+    neck between two cells, and a watershed on the distance map cuts it.
+    Lobes of a neutrophil are thinner than `full_radius_px` and never become
+    cores, so they are not cut here (they are grouped later).
     """
-    bridged = cv2.dilate(nucleus.astype(np.uint8), _disc(gap_px))
-    n, labels, _, _ = cv2.connectedComponentsWithStats(bridged, connectivity=8)
-    labels = np.where(nucleus, labels, 0)
+    mask = nucleus.astype(np.uint8)
+    n, labels = cv2.connectedComponents(mask, connectivity=8)
+    if n <= 1:
+        return labels
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    size = max(3, int(full_radius_px) | 1)
+    peaks = (dist >= full_radius_px) & (dist >= cv2.dilate(dist, np.ones((size, size), np.uint8)) - 1e-3)
+    pn, plabels, _, pcent = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    if pn <= 2:
+        return labels
+    # Group the peak plateaus of each component that are not separated by a neck.
+    parent = list(range(pn))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    depth = np.zeros(pn)
+    comp = np.zeros(pn, np.int32)
+    for k in range(1, pn):
+        cx, cy = int(round(pcent[k][0])), int(round(pcent[k][1]))
+        ys, xs = np.nonzero(plabels == k)
+        j = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
+        pcent[k] = (xs[j], ys[j])
+        depth[k] = dist[ys[j], xs[j]]
+        comp[k] = labels[ys[j], xs[j]]
+    for a in range(1, pn):
+        for b in range(a + 1, pn):
+            if comp[a] != comp[b]:
+                continue
+            steps = int(np.hypot(*(pcent[a] - pcent[b]))) + 2
+            xs = np.linspace(pcent[a][0], pcent[b][0], steps).round().astype(int)
+            ys = np.linspace(pcent[a][1], pcent[b][1], steps).round().astype(int)
+            if dist[ys, xs].min() >= NECK_RATIO * min(depth[a], depth[b]):
+                parent[find(a)] = find(b)
+    cores: dict[int, list[int]] = {}
+    for k in range(1, pn):
+        cores.setdefault(comp[k], []).append(find(k))
+    split_comps = {c for c, roots in cores.items() if len(set(roots)) > 1}
+    if not split_comps:
+        return labels
+    markers = np.zeros(labels.shape, np.int32)
+    next_id = 1
+    for c in range(1, n):
+        if c not in split_comps:
+            markers[labels == c] = next_id
+            next_id += 1
+    root_ids: dict[int, int] = {}
+    for k in range(1, pn):
+        if comp[k] in split_comps:
+            r = find(k)
+            if r not in root_ids:
+                root_ids[r] = next_id
+                next_id += 1
+            markers[plabels == k] = root_ids[r]
+    # Watershed on the inverted distance map, inside the nucleus mask only.
+    relief = cv2.normalize(-dist, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    markers[mask == 0] = next_id  # the outside is one more basin
+    cv2.watershed(cv2.cvtColor(relief, cv2.COLOR_GRAY2BGR), markers)
+    markers[(markers == next_id) | (markers < 0) | (mask == 0)] = 0
+    return markers
+
+
+def _inscribed_radius(mask: np.ndarray) -> float:
+    """Radius in pixels of the largest disc inside a bool mask."""
+    ys, xs = np.nonzero(mask)
+    crop = np.pad(mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], 1).astype(np.uint8)
+    return float(cv2.distanceTransform(crop, cv2.DIST_L2, 5).max())
+
+
+def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: float) -> list[np.ndarray]:
+    """One bool mask per cell: join the lobes of one nucleus, keep whole nuclei apart.
+
+    Pieces closer than gap_px (or whose centres are within merge_px) join when
+    at least one of them is lobe-sized (thinner than a whole nucleus): the
+    lobes of a neutrophil or eosinophil, or a nucleus cut by a pale chromatin
+    patch. Two nucleus-sized pieces never join, so touching blasts stay apart.
+    """
+    n = int(pieces.max()) + 1
+    if n <= 1:
+        return []
+    dist = cv2.distanceTransform((pieces > 0).astype(np.uint8), cv2.DIST_L2, 3)
+    full = np.zeros(n, bool)
     centroids = np.zeros((n, 2))
+    present = np.zeros(n, bool)
     for i in range(1, n):
-        ys, xs = np.nonzero(labels == i)
+        ys, xs = np.nonzero(pieces == i)
         if xs.size:
+            present[i] = True
             centroids[i] = xs.mean(), ys.mean()
+            full[i] = dist[ys, xs].max() >= full_radius_px
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -346,34 +478,106 @@ def _groups(nucleus: np.ndarray, gap_px: float, merge_px: float) -> list[np.ndar
             i = parent[i]
         return i
 
+    # Which pieces come within gap_px of each other: dilate each piece's label.
+    reach = max(1, int(round(gap_px / 2)))
+    grown = cv2.dilate(pieces.astype(np.float32), _disc(2 * reach + 1))
+    grown_min = -cv2.dilate(-np.where(pieces > 0, pieces, n + 1).astype(np.float32), _disc(2 * reach + 1))
+    touching = set()
+    both = (grown > 0) & (grown_min <= n) & (grown != grown_min)
+    for a, b in zip(grown[both].astype(int), grown_min[both].astype(int), strict=True):
+        touching.add((min(a, b), max(a, b)))
+    for a in range(1, n):
+        for b in range(a + 1, n):
+            if present[a] and present[b] and np.hypot(*(centroids[a] - centroids[b])) < merge_px:
+                touching.add((a, b))
+    for a, b in touching:
+        if not (full[a] and full[b]):
+            parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = {}
     for i in range(1, n):
-        for j in range(i + 1, n):
-            if np.hypot(*(centroids[i] - centroids[j])) < merge_px:
-                parent[find(i)] = find(j)
-    roots: dict[int, list[int]] = {}
-    for i in range(1, n):
-        roots.setdefault(find(i), []).append(i)
+        if present[i]:
+            groups.setdefault(find(i), []).append(i)
     lut = np.zeros(n, np.int32)
-    for k, members in enumerate(roots.values(), start=1):
+    for k, members in enumerate(groups.values(), start=1):
         lut[members] = k
-    grouped = lut[labels]
-    return [g for k in range(1, len(roots) + 1) if (g := grouped == k).any()]
+    grouped = lut[pieces]
+    return [grouped == k for k in range(1, len(groups) + 1)]
+
+
+def _cell_bodies(
+    groups: list[np.ndarray],
+    od: np.ndarray,
+    nuc: np.ndarray,
+    red: np.ndarray,
+    level: float,
+    cytoplasm_px: float,
+) -> list[np.ndarray]:
+    """The whole cell (nucleus + its own cytoplasm) for each nucleus group, tightly.
+
+    Cytoplasm is stained material next to a nucleus whose colour leans to the
+    nuclear stain more than a red cell's does (basophilic cytoplasm takes up
+    the azure dye; red cells take up eosin). The threshold on that lean comes
+    from the field's own red cells. Each candidate pixel belongs to its nearest
+    nucleus (a Voronoi split), and at most `cytoplasm_px` from it, so touching
+    cells are cut between their nuclei and a red cell's rim is never a cell.
+    """
+    h, w = nuc.shape
+    labels = np.zeros((h, w), np.int32)
+    for k, g in enumerate(groups, start=1):
+        labels[g] = k
+    total = od.sum(axis=2)
+    glass = total < 0.5 * _otsu(total.ravel())
+    lean = nuc / (np.abs(nuc) + np.maximum(red, 0) + 1e-3)
+    red_px = (~glass) & (labels == 0) & (red > nuc)
+    ref = lean[red_px] if red_px.sum() > 50 else np.array([0.2])
+    lean_t = min(0.6, float(np.percentile(ref, 90)) + 0.1)
+    material = (~glass) & (lean > lean_t) & (nuc > level)
+    # Nearest nucleus and the distance to it, in one pass.
+    dist, nearest = cv2.distanceTransformWithLabels(
+        (labels == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    owner_of_seed = np.zeros(int(nearest.max()) + 1, np.int32)
+    owner_of_seed[nearest[labels > 0]] = labels[labels > 0]
+    owner = owner_of_seed[nearest]
+    candidate = (material & (dist <= cytoplasm_px)) | (labels > 0)
+    smooth = _disc(max(3.0, cytoplasm_px / 3))
+    bodies = []
+    for k, g in enumerate(groups, start=1):
+        ys, xs = np.nonzero(g)
+        pad = int(cytoplasm_px) + 2
+        y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + pad + 1)
+        x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + pad + 1)
+        mine = (candidate[y0:y1, x0:x1] & (owner[y0:y1, x0:x1] == k)).astype(np.uint8)
+        # Keep what is connected to the nucleus, smooth the outline, fill holes.
+        _, comp = cv2.connectedComponents(mine, connectivity=8)
+        ids = np.unique(comp[g[y0:y1, x0:x1]])
+        mine = np.isin(comp, ids[ids > 0]).astype(np.uint8)
+        mine = cv2.morphologyEx(mine, cv2.MORPH_CLOSE, smooth)
+        mine = cv2.morphologyEx(mine, cv2.MORPH_OPEN, smooth).astype(bool)
+        mine = _fill_holes(mine | g[y0:y1, x0:x1]) & (owner[y0:y1, x0:x1] == k)
+        body = np.zeros((h, w), bool)
+        body[y0:y1, x0:x1] = mine
+        bodies.append(body)
+    return bodies
 
 
 def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) -> list[FoundCell]:
     """Find the white cells in a stained smear field.
 
     Args:
-        rgb: uint8 RGB field, HxWx3 (any size, from VGA to 12 MP).
+        rgb: uint8 RGB field, HxWx3 (any size, from 224x224 to 12 MP).
         options: FinderOptions; sizes are in microns.
 
     Returns:
-        FoundCells in field pixels, strongest stain first.
+        FoundCells in field pixels, strongest stain first. Empty for a field
+        with no white cell, and for a blank, saturated or one-colour image.
 
     Raises:
         ValueError: rgb is not a uint8 HxWx3 array.
     """
     check_rgb(rgb, "find_white_cells")
+    if field_problem(rgb) is not None:
+        return []
     H, W = rgb.shape[:2]
     um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
     factor = min(1.0, um_per_px / options.work_um_per_px)
@@ -382,49 +586,38 @@ def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) 
     sx, sy = W / w, H / h
     work_um = um_per_px * (sx + sy) / 2  # microns per working pixel
 
-    od = _optical_density(small)
-    stained = _stained_mask(od)
-    # Pale cytoplasm (neutrophils, monocytes) is lighter than a red cell but
-    # darker than glass: for the cell mask, only clearly empty glass is excluded.
-    total_od = od.sum(axis=2)
-    glass = total_od < 0.5 * _otsu(total_od.ravel())
-    stain = _nuclear_stain(
-        od,
-        stained,
-        np.asarray(options.nuclear_od, np.float64),
-        np.asarray(options.red_cell_od, np.float64),
-    )
-    if options.smooth_um > 0:
-        stain = cv2.GaussianBlur(stain, (0, 0), options.smooth_um / work_um)
+    od, nuc, red, vectors = _nuclear_map(small, work_um, options)
+    level, low, seed_t = _levels(nuc, options.min_nuclear_od)
     min_area = math.pi / 4 * (options.min_cell_um / work_um) ** 2
     max_area = math.pi / 4 * (options.max_cell_um / work_um) ** 2
-    nucleus, t = _segment_nuclei(
-        stain, max(2, int(min_area / 20)), int(math.ceil(options.max_cell_um / work_um))
-    )
-    nucleus = nucleus.astype(np.uint8)
+    nucleus = _segment_nuclei(
+        nuc, level, low, seed_t, max(2, int(min_area / 20)), int(math.ceil(options.max_cell_um / work_um))
+    ).astype(np.uint8)
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, _disc(options.close_um / work_um))
-    # A small opening drops specks (platelet fragments, dust) before grouping.
+    # A small opening drops specks (platelet fragments, dust, text strokes) before grouping.
     nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(1.0 / work_um)).astype(bool)
+    nucleus = _fill_holes(nucleus)
 
-    grow = _disc(2 * options.cytoplasm_um / work_um)
-    margin = options.cytoplasm_um / work_um
-    cells: list[tuple[float, FoundCell]] = []
-    for group in _groups(nucleus, options.gap_um / work_um, options.merge_um / work_um):
-        area = int(group.sum())
+    full_radius = options.nucleus_core_um / 2 / work_um
+    pieces = _split_touching(nucleus, full_radius)
+    groups = _group(pieces, options.gap_um / work_um, full_radius, options.merge_um / work_um)
+    kept = []
+    for g in groups:
+        area = int(g.sum())
         if not min_area <= area <= max_area:
             continue
-        ys, xs = np.nonzero(group)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        touches = bool(x0 - margin < 0 or y0 - margin < 0 or x1 + margin > w or y1 + margin > h)
-        # The cell is the nucleus' convex hull grown by the cytoplasm margin,
-        # less the clearly empty glass at its rim.
-        hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32))
-        body = np.zeros((h, w), np.uint8)
-        cv2.fillConvexPoly(body, hull, 1)
-        body = cv2.dilate(body, grow).astype(bool)
-        cell = _fill_holes(body & ~glass) & body
-        cys, cxs = np.nonzero(body)
+        # A nucleus is at least min_thickness_um thick somewhere; text strokes and scale bars are not.
+        if _inscribed_radius(g) < options.min_thickness_um / 2 / work_um:
+            continue
+        if float(nuc[g].mean()) < level + options.min_nuclear_od:
+            continue
+        kept.append(g)
+    bodies = _cell_bodies(kept, od, nuc, red, level, options.cytoplasm_um / work_um)
+    cells: list[tuple[float, FoundCell]] = []
+    for g, cell in zip(kept, bodies, strict=True):
+        cys, cxs = np.nonzero(cell)
         bx0, by0, bx1, by1 = cxs.min(), cys.min(), cxs.max() + 1, cys.max() + 1
+        touches = bool(bx0 <= 0 or by0 <= 0 or bx1 >= w or by1 >= h)
         box = (
             max(0, int(math.floor(bx0 * sx))),
             max(0, int(math.floor(by0 * sy))),
@@ -432,12 +625,12 @@ def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) 
             min(H, int(math.ceil(by1 * sy))),
         )
         mask = _upsample_mask(cell, box, sx, sy)
-        mean_stain = float(stain[group].mean())
-        score = float(np.clip(1.0 - t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0
+        mean_stain = float(nuc[g].mean())
+        score = float(np.clip(1.0 - seed_t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0
         found = FoundCell(
             box=box,
             mask=mask,
-            nucleus_area_um2=float(area * work_um**2),
+            nucleus_area_um2=float(g.sum() * work_um**2),
             score=score,
             touches_border=touches,
         )

@@ -35,6 +35,8 @@ LAZY_COMMANDS = {
                        "Check a bundle on this device and make it current (the old one is kept)."),
     "rollback-bundle": ("device.bundle_store:rollback_bundle_command", "Switch back to the previous model bundle."),
     "list-bundles": ("device.bundle_store:list_bundles_command", "List installed model bundles and their roles."),
+    "finder-eval": ("training.finder_eval:finder_eval_command",
+                    "Score the white-cell finder per stress condition; crop gallery beside training cells."),
     "doctor": ("device.doctor:doctor", "Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."),
 }
 

@@ -65,31 +65,43 @@ class Analyzer:
         self.contract = classifier.bundle.contract
 
     def analyse(self, field: np.ndarray, single_cell: bool = False) -> FieldAnalysis:
-        """Analyse a uint8 RGB field (or, with single_cell, an image that is already one cell)."""
+        """Analyse a uint8 RGB field (or, with single_cell, an image that is already one cell).
+
+        A field that cannot be a smear (blank, black, saturated, one flat
+        colour, too small) gets status "retake" with the reason, and no cells.
+        """
         check_rgb(field, "field")
         timings: dict[str, float] = {}
+        notes: list[str] = []
         t = time.perf_counter()
         qc = assess(field, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
         if single_cell:
             qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
+        problem = finder.field_problem(field)
         timings["qc"] = _ms(t)
 
         t = time.perf_counter()
-        um = self.config.finder.um_per_px or None
-        if single_cell:
+        um, review_scale = self._pixel_size(field, single_cell, notes) if problem is None else (None, False)
+        timings["scale"] = _ms(t)
+        t = time.perf_counter()
+        if problem is not None:
+            found = []
+        elif single_cell:
             found = [finder.single_cell(field)]
         else:
-            if um is None:
-                # Estimate once here (not again inside the finder) and keep it for the record.
-                um = finder.estimate_um_per_px(field) or finder.FinderOptions().default_um_per_px
-            found = finder.find_white_cells(field, finder.FinderOptions(um_per_px=um))
+            found = finder.find_white_cells(field, finder.FinderOptions(um_per_px=um or self.default_um))
         timings["find"] = _ms(t)
         limit = self.config.finder.max_cells
         skipped = max(0, len(found) - limit)
         found = sorted(found, key=lambda c: -c.score)[:limit]
 
         t = time.perf_counter()
-        crops = np.stack([crop_cell(field, c.box, c.mask, self.contract) for c in found]) if found else None
+        crop_um = None if single_cell else um
+        crops = (
+            np.stack([crop_cell(field, c.box, c.mask, self.contract, um_per_px=crop_um) for c in found])
+            if found
+            else None
+        )
         timings["crop"] = _ms(t)
 
         t = time.perf_counter()
@@ -100,18 +112,56 @@ class Analyzer:
         results = tuple(
             CellResult(
                 box=tuple(int(v) for v in c.box), probability=p.probability, logit=p.logit, label=p.label,
-                positive=p.positive, needs_review=p.needs_review, crop=crop, heatmap=overlay(crop, p.heatmap()),
+                positive=p.positive, needs_review=p.needs_review or review_scale, crop=crop,
+                heatmap=overlay(crop, p.heatmap()),
             )
             for c, p, crop in zip(found, preds, crops if crops is not None else [], strict=True)
         )
         timings["cam"] = _ms(t)
 
         problems = list(qc.problems)
-        if not results:
+        if problem is not None:
+            problems.append(problem)
+        elif not results:
             problems.append("no white cell found: move to a field with white cells, check focus and stain, and retake")
         status = "retake" if problems else "ok"
         message = "; ".join(problems) if problems else f"{len(results)} white cell(s) classified"
+        if notes:
+            message += " (" + "; ".join(notes) + ")"
         return FieldAnalysis(status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0])
+
+    @property
+    def default_um(self) -> float:
+        return finder.FinderOptions().default_um_per_px
+
+    def _pixel_size(self, field: np.ndarray, single_cell: bool, notes: list[str]) -> tuple[float | None, bool]:
+        """(µm per pixel or None, whether the cells must go to review because the scale is unknown).
+
+        The calibrated value is used as it is, with a cheap check against the
+        red cells that warns when they disagree (another objective). Without a
+        calibration the red cells are measured on every field (slow on 12 MP)
+        and, when they cannot tell, the pixel size is unknown: a bundle that
+        crops a fixed field of view in micrometres then cannot crop at the
+        trained scale, so its cells are marked for review, never silently rescaled.
+        """
+        calibrated = self.config.finder.um_per_px or None
+        if single_cell:
+            return calibrated, False
+        if calibrated is not None:
+            if self.config.finder.scale_check and (warning := finder.check_scale(field, calibrated)):
+                notes.append(warning)
+            return calibrated, False
+        um = finder.estimate_um_per_px(field)
+        if um is not None:
+            notes.append("pixel size measured on this field (not calibrated: run `leukocam calibrate`)")
+            return um, False
+        if self.contract.crop_um is not None:
+            notes.append(
+                "pixel size unknown (not calibrated, and the red cells cannot tell): cells were not cropped "
+                "at the model's scale and are marked for review; run `leukocam calibrate`"
+            )
+            return None, True
+        return None, False
 
 
 def to_record(

@@ -30,6 +30,10 @@ class PreprocessContract:
     """"black" sets pixels outside the cell mask to 0 (as in C-NMC images); "keep" leaves the smear."""
     interpolation: str = "area"
     """Resize filter: "area" (default, best for shrinking), "linear" or "cubic"."""
+    crop_um: float | None = None
+    """Side of the model's input in micrometres (the training images' field of view). When set,
+    the device cuts this much of the field around each cell, so a cell reaches the model at the
+    size it had in training; None (older bundles) scales each cell's box to the input instead."""
 
     def __post_init__(self) -> None:
         if self.input_size < 16:
@@ -38,6 +42,8 @@ class PreprocessContract:
             raise ValueError(f"crop_padding must be in [0, 1], got {self.crop_padding}")
         if self.background not in ("black", "keep"):
             raise ValueError(f"background must be 'black' or 'keep', got {self.background!r}")
+        if self.crop_um is not None and not 2.0 <= self.crop_um <= 200.0:
+            raise ValueError(f"crop_um must be between 2 and 200 micrometres, got {self.crop_um}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
 
@@ -88,14 +94,22 @@ def crop_cell(
     box: tuple[int, int, int, int],
     mask: np.ndarray | None,
     contract: PreprocessContract,
+    um_per_px: float | None = None,
 ) -> np.ndarray:
     """Cut one white cell out of a field and prepare it like a training image.
+
+    With `contract.crop_um` and a known pixel size the crop is a fixed field of
+    view (crop_um micrometres) centred on the cell, so the cell keeps its real
+    size relative to the input, as in training. Otherwise (an older bundle, or
+    a field whose pixel size is unknown) the cell's box plus `crop_padding` is
+    scaled to the input.
 
     Args:
         field: uint8 RGB field image.
         box: (x0, y0, x1, y1) of the whole cell, x1/y1 exclusive.
         mask: bool array of the box's shape, True on the cell; None means no mask.
         contract: the bundle's preprocessing contract.
+        um_per_px: the field's pixel size in micrometres; None = unknown.
 
     Returns:
         uint8 RGB (input_size, input_size, 3).
@@ -110,17 +124,24 @@ def crop_cell(
             raise ValueError(f"mask shape {mask.shape} does not match box {box}")
         cell[~mask.astype(bool)] = 0
     bw, bh = x1 - x0, y1 - y0
-    pad = int(round(max(bw, bh) * contract.crop_padding))
-    side = max(bw, bh) + 2 * pad
+    if contract.crop_um is not None and um_per_px is not None:
+        if not um_per_px > 0:
+            raise ValueError(f"um_per_px must be > 0, got {um_per_px}")
+        side = max(1, int(round(contract.crop_um / um_per_px)))
+    else:
+        pad = int(round(max(bw, bh) * contract.crop_padding))
+        side = max(bw, bh) + 2 * pad
+    # The square's top-left corner in field coordinates, centred on the box.
+    sx0, sy0 = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
     canvas = np.zeros((side, side, 3), dtype=np.uint8)
     if contract.background == "keep":
         # Take the real surroundings where the field has them, black beyond its edge.
-        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-        sx0, sy0 = cx - side // 2, cy - side // 2
         fx0, fy0 = max(sx0, 0), max(sy0, 0)
         fx1, fy1 = min(sx0 + side, field.shape[1]), min(sy0 + side, field.shape[0])
         canvas[fy0 - sy0 : fy1 - sy0, fx0 - sx0 : fx1 - sx0] = field[fy0:fy1, fx0:fx1]
     else:
-        oy, ox = (side - bh) // 2, (side - bw) // 2
-        canvas[oy : oy + bh, ox : ox + bw] = cell
+        # The masked cell, clipped where it is larger than the field of view.
+        cx0, cy0 = max(x0, sx0), max(y0, sy0)
+        cx1, cy1 = min(x1, sx0 + side), min(y1, sy0 + side)
+        canvas[cy0 - sy0 : cy1 - sy0, cx0 - sx0 : cx1 - sx0] = cell[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
     return prepare_cell(canvas, contract)

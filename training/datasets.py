@@ -32,7 +32,7 @@ from device.errors import ImageError, LeukoCamError
 from device.imaging import decode_image
 from device.preprocess import PreprocessContract, prepare_cell
 
-CNMC_NAME = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.bmp$", re.IGNORECASE)
+CNMC_NAME = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.(bmp|png)$", re.IGNORECASE)
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 POSITIVE_DIRS = {"all", "blast", "blasts", "leukemic", "malignant", "1"}
 NEGATIVE_DIRS = {"hem", "normal", "healthy", "benign", "0"}

@@ -412,6 +412,7 @@ def render_field(
     um_per_px: float = 0.1,
     labels: list[str] | None = None,
     stain: Stain | None = None,
+    gap_um: float = 1.0,
 ) -> tuple[np.ndarray, list[dict]]:
     """Render a synthetic Wright/Giemsa peripheral smear field with a few white cells.
 
@@ -424,6 +425,8 @@ def render_field(
         labels: one label per white cell ("all" or "hem"); None draws them at random.
             When given, its length must equal n_white.
         stain: the slide's stain variation; None is a neutral stain.
+        gap_um: least distance between two white cells' boxes; negative lets boxes
+            overlap by that much, so cells touch (clumps, blast-dense fields).
 
     Returns:
         (field, cells): uint8 RGB array (height, width, 3), and one dict per white
@@ -465,7 +468,7 @@ def render_field(
 
     cells: list[dict] = []
     placed: list[tuple[int, int, int, int]] = []
-    margin = max(2, int(1.0 / um_per_px))
+    margin = max(2, int(gap_um / um_per_px)) if gap_um > 0 else int(round(gap_um / um_per_px))
     for label in labels:
         morph = _sample_morphology(rng, label)
         rgb, alpha = _white_cell_patch(rng, morph, stain, 1.0 / um_per_px)

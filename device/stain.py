@@ -1,0 +1,230 @@
+"""Stain colour on a Romanowsky-stained smear field: light, optical density, stain vectors.
+
+This module owns the colour model the white-cell finder stands on, kept apart
+so that the stress corpus (which re-stains real fields into other labs' looks)
+uses exactly the same model as the finder.
+
+- Light: the field's own illumination, a smooth surface fitted to the upper
+  envelope of the brightness (the empty glass), so vignetting and uneven lamps
+  drop out. Each pixel's optical density (OD) is measured against it.
+- Stains: by Beer-Lambert, a pixel's OD is a non-negative mix of a few stain
+  colours. A Romanowsky smear has two that matter: the nuclear (azure /
+  methylene-blue-DNA, violet to blue, absorbs red light) and the red-cell one
+  (eosin and haemoglobin, absorbs green and blue, little red). The two
+  directions are estimated on each field by Macenko's method (the plane of the
+  two main directions of the OD vectors, and its extreme angles); a field that
+  cannot tell (too little stain, or two directions almost alike) falls back to
+  typical vectors, and says so.
+- Deconvolution: the concentration of each stain per pixel, by least squares
+  against (nuclear, red-cell, residual).
+
+Nothing here assumes a hue: Wright, Giemsa, May-Grünwald-Giemsa and Leishman
+differ in both directions, and pale or dark staining only scales the densities.
+
+Image contract: float32 or uint8 RGB HxWx3; densities are float32, >= 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NUCLEAR_OD_DEFAULT = (0.52, 0.80, 0.30)
+"""Typical OD direction of Romanowsky-stained nuclei (violet: absorbs red and green, passes blue)."""
+RED_CELL_OD_DEFAULT = (0.20, 0.72, 0.66)
+"""Typical OD direction of red cells (pink: absorbs green and blue, little red)."""
+MIN_STAIN_ANGLE_DEG = 10.0
+"""A colour tail closer than this to the red cells is their own variation, not a second stain."""
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    """v scaled to length 1 (float64); a zero vector stays zero."""
+    v = np.asarray(v, np.float64)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+@dataclass(frozen=True)
+class StainVectors:
+    """The two stain directions of one field, in OD space (R, G, B), each of length 1."""
+
+    nuclear: tuple[float, float, float]
+    """Nuclear stain (azure/methylene blue bound to DNA): violet, lilac or blue."""
+    red_cell: tuple[float, float, float]
+    """Red-cell stain (eosin + haemoglobin): pink, grey or blue-grey."""
+    estimated: bool
+    """True when measured on this field; False when the typical vectors were used."""
+
+    def matrix(self) -> np.ndarray:
+        """3x3 float64 rows: nuclear, red cell, and the residual direction orthogonal to both."""
+        n, r = unit(self.nuclear), unit(self.red_cell)
+        return np.stack([n, r, unit(np.cross(n, r))])
+
+
+DEFAULT_STAINS = StainVectors(NUCLEAR_OD_DEFAULT, RED_CELL_OD_DEFAULT, estimated=False)
+
+
+def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
+    """The light behind the slide: HxWx3 float32, the brightness of empty glass at each pixel.
+
+    A quadratic surface per channel is fitted to the upper envelope of block-wise
+    bright percentiles: blocks full of cells (a blast-dense corner) sit below the
+    surface and are down-weighted, so they do not pull the light down with them.
+    The surface is clamped to [0.5, 1.05] of the field's global white.
+
+    Args:
+        rgb: uint8 or float RGB, HxWx3.
+        blocks: grid size along the longer side.
+    """
+    img = rgb.astype(np.float32)
+    h, w = img.shape[:2]
+    lum = img.sum(axis=2)
+    # The global white: the brightest 2% of the field (clipped specular spots excluded below).
+    cut = float(np.percentile(lum, 98))
+    white = img[lum >= cut].reshape(-1, 3).mean(axis=0)
+    white = np.maximum(white, 1.0)
+    nb_y = max(1, round(blocks * h / max(h, w)))
+    nb_x = max(1, round(blocks * w / max(h, w)))
+    if h < 32 or w < 32 or nb_x * nb_y < 6:
+        return np.broadcast_to(white, img.shape).astype(np.float32)
+    ys = np.linspace(0, h, nb_y + 1).astype(int)
+    xs = np.linspace(0, w, nb_x + 1).astype(int)
+    pts, vals = [], []
+    for i in range(nb_y):
+        for j in range(nb_x):
+            block = img[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].reshape(-1, 3)
+            bl = block.sum(axis=1)
+            top = block[bl >= np.percentile(bl, 95)]
+            pts.append(((xs[j] + xs[j + 1]) / 2 / w - 0.5, (ys[i] + ys[i + 1]) / 2 / h - 0.5))
+            vals.append(top.mean(axis=0))
+    p = np.asarray(pts)
+    v = np.asarray(vals) / white  # relative to the global white
+    design = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1], p[:, 0] ** 2, p[:, 0] * p[:, 1], p[:, 1] ** 2])
+    if len(p) < 12:
+        design = design[:, :3]  # too few blocks for curvature: a plane
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gx, gy = (gx + 0.5) / w - 0.5, (gy + 0.5) / h - 0.5
+    terms = [np.ones_like(gx), gx, gy, gx * gx, gx * gy, gy * gy][: design.shape[1]]
+    out = np.empty(img.shape, np.float32)
+    for c in range(3):
+        weights = np.ones(len(p))
+        for _ in range(5):
+            coef, *_ = np.linalg.lstsq(design * weights[:, None], v[:, c] * weights, rcond=None)
+            resid = v[:, c] - design @ coef
+            # Upper envelope: blocks well below the surface are cells, not glass.
+            weights = np.where(resid < -0.03, 0.05, 1.0)
+        surface = sum(t * float(k) for t, k in zip(terms, coef, strict=True))
+        out[..., c] = np.clip(surface, 0.5, 1.05) * white[c]
+    return out
+
+
+def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndarray:
+    """HxWx3 float32 optical density (>= 0) against the light behind the slide.
+
+    Args:
+        rgb: uint8 or float RGB, HxWx3.
+        light: the illumination (as from `illumination`); None measures it.
+    """
+    img = rgb.astype(np.float32)
+    if light is None:
+        light = illumination(img)
+    od = np.log((light + 1.0) / (img + 1.0))
+    return np.maximum(od, 0.0).astype(np.float32)
+
+
+def _two_gaussians(x: np.ndarray, iterations: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """EM fit of a two-component 1-D Gaussian mixture: (weights, means, sds, responsibility of comp. 1).
+
+    Unlike Otsu, a mixture is not pulled into the big mode when one class is a
+    few percent of the pixels, and it still finds a class that is most of them.
+    """
+    mu = np.percentile(x, [10, 90]).astype(np.float64)
+    sd = np.full(2, max(float(x.std()) / 2, 1e-3))
+    w = np.array([0.5, 0.5])
+    for _ in range(iterations):
+        dens = w / sd * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)
+        r = dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
+        nk = r.sum(axis=0) + 1e-9
+        w = nk / nk.sum()
+        mu = (r * x[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((r * (x[:, None] - mu) ** 2).sum(axis=0) / nk)
+        sd = np.maximum(sd, 1e-3)
+    return w, mu, sd, r[:, 1]
+
+
+def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200) -> StainVectors:
+    """The nuclear and red-cell stain directions of one Romanowsky field.
+
+    A Macenko-style estimate: the OD vectors of stained pixels lie near the
+    plane of the two stains, and their angle in that plane runs from red-cell
+    stain to nuclear stain. A field with white cells has two populations of
+    angles, red cells and white cells, in whatever proportion (a blast-dense
+    field has more of the second). A two-Gaussian mixture on the angle finds
+    both, and each population's mean OD direction is one stain. The nuclear
+    one has the smaller share of blue absorption (azure-DNA passes blue light;
+    haemoglobin and eosin absorb it), whether red cells look pink, grey or
+    blue-grey.
+
+    A field with one population (no white cell) keeps its measured red-cell
+    direction and takes the typical nuclear one; a field with almost no stain
+    takes both typical directions.
+
+    Args:
+        od: HxWx3 (or Nx3) optical density.
+        min_od: pixels with a smaller total density (glass) are ignored.
+        min_pixels: with fewer stained pixels the typical vectors are returned.
+
+    Returns:
+        StainVectors; `estimated` is True only when both directions were measured.
+    """
+    flat = od.reshape(-1, 3).astype(np.float64)
+    flat = flat[np.linalg.norm(flat, axis=1) > min_od]
+    if flat.shape[0] < min_pixels:
+        return DEFAULT_STAINS
+    if flat.shape[0] > 10_000:  # a regular subsample keeps the estimate cheap on big fields
+        flat = flat[:: flat.shape[0] // 10_000 + 1]
+    _, vecs = np.linalg.eigh(flat.T @ flat)
+    plane = vecs[:, [2, 1]]  # the two main directions
+    if plane[:, 0].sum() < 0:
+        plane[:, 0] *= -1
+    proj = flat @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    w, mu, sd, resp = _two_gaussians(phi)
+    blue_share = lambda v: v[2] / max(v.sum(), 1e-9)  # noqa: E731
+    # Two populations, apart by more than their spread: red cells and white cells.
+    if min(w) >= 0.003 and abs(mu[1] - mu[0]) >= 1.5 * max(sd):
+        a = unit((flat * (1 - resp)[:, None]).sum(axis=0))
+        b = unit((flat * resp[:, None]).sum(axis=0))
+        nuclear, red_cell = (a, b) if blue_share(a) < blue_share(b) else (b, a)
+        if float(nuclear @ red_cell) < 0.998 and nuclear[0] >= 0.2:
+            return StainVectors(_tup(nuclear), _tup(red_cell), estimated=True)
+    # One population with a tail: the stained pixels are nearly all red cells, and a few white
+    # cells (or platelets) make the tail. The robust extreme of the angle on the side that passes
+    # blue is the nuclear direction, when it stands clearly apart from the red cells.
+    red_cell = unit(flat.mean(axis=0))
+    ends = [unit(plane @ np.array([np.cos(a), np.sin(a)])) for a in np.percentile(phi, [0.5, 99.5])]
+    nuclear = min(ends, key=blue_share)
+    apart = float(np.degrees(np.arccos(np.clip(nuclear @ red_cell, -1, 1))))
+    if apart >= MIN_STAIN_ANGLE_DEG and nuclear.min() > -0.05 and blue_share(nuclear) < blue_share(red_cell):
+        return StainVectors(_tup(np.clip(nuclear, 0, None)), _tup(red_cell), estimated=True)
+    nuclear = unit(NUCLEAR_OD_DEFAULT)
+    if blue_share(red_cell) <= blue_share(nuclear) or float(nuclear @ red_cell) > 0.99:
+        return DEFAULT_STAINS
+    return StainVectors(_tup(nuclear), _tup(red_cell), estimated=False)
+
+
+def _tup(v: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(x) for x in v)  # type: ignore[return-value]
+
+
+def concentrations(od: np.ndarray, stains: StainVectors) -> np.ndarray:
+    """Per-pixel stain amounts: HxWx3 float32 (nuclear, red cell, residual), by least squares."""
+    inv = np.linalg.pinv(stains.matrix()).astype(np.float32)  # od = c @ M  ->  c = od @ pinv(M)
+    return od.reshape(-1, 3) @ inv if od.ndim == 2 else (od @ inv).astype(np.float32)
+
+
+def recompose(conc: np.ndarray, stains: StainVectors, light: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+    """uint8 RGB from stain amounts (the inverse of `concentrations`) under the given light."""
+    od = conc.astype(np.float32) @ stains.matrix().astype(np.float32)
+    rgb = (np.asarray(light, np.float32) + 1.0) * np.exp(-od) - 1.0
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)

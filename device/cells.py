@@ -41,6 +41,8 @@ import numpy as np
 from device import stain as stain_model
 from device.imaging import check_rgb
 
+MAX_STAIN_OD = 3.0
+"""Total optical density (R+G+B) above which a pixel is black (ink, dirt), not stain."""
 NECK_RATIO = 0.55
 """Two nucleus cores joined by a neck thinner than this fraction of the smaller core are two cells."""
 MIN_FIELD_PX = 16
@@ -174,10 +176,19 @@ def _otsu(values: np.ndarray) -> float:
     return lo + (t + 0.5) / 255 * (hi - lo)
 
 
+def _glass_level(total: np.ndarray) -> float:
+    """Otsu split of total optical density between empty glass and stained material.
+
+    Densities are capped at MAX_STAIN_OD first: black text, a scale bar or a
+    dust speck would otherwise pull the split up between "stained" and "black".
+    """
+    return _otsu(np.minimum(total.ravel(), MAX_STAIN_OD))
+
+
 def _stained_mask(od: np.ndarray) -> np.ndarray:
-    """Everything that is not empty glass (red cells, white cells, platelets): Otsu on total density."""
+    """Everything that is not empty glass (red cells, white cells, platelets)."""
     total = od.sum(axis=2)
-    return total > _otsu(total.ravel())
+    return total > _glass_level(total)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -526,7 +537,7 @@ def _cell_bodies(
     for k, g in enumerate(groups, start=1):
         labels[g] = k
     total = od.sum(axis=2)
-    glass = total < 0.5 * _otsu(total.ravel())
+    glass = total < 0.5 * _glass_level(total)
     lean = nuc / (np.abs(nuc) + np.maximum(red, 0) + 1e-3)
     red_px = (~glass) & (labels == 0) & (red > nuc)
     ref = lean[red_px] if red_px.sum() > 50 else np.array([0.2])

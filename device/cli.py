@@ -265,6 +265,44 @@ def calibrate_qc(fields):
     click.echo(f"[quality]\nmin_focus = {t['min_focus']}\nmax_clipped_fraction = {t['max_clipped_fraction']}")
 
 
+@cli.command()
+@click.argument("fields", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def calibrate(fields):
+    """Measure the pixel size (µm/px) from the red cells of a few FIELDS taken with one objective and camera.
+
+    Pixel size belongs to the optics: measure it once per objective, paste the value into
+    [finder] um_per_px, and each capture then only checks it cheaply.
+    """
+    import statistics
+
+    from device.cells import estimate_um_per_px
+    from device.errors import ImageError
+    from device.imaging import decode_image
+
+    values = []
+    for path in fields:
+        try:
+            value = estimate_um_per_px(decode_image(path))
+        except ImageError as exc:
+            click.echo(f"{path}: skipped ({exc})")
+            continue
+        click.echo(f"{path}: " + (f"{value:.4f} µm/px" if value else "the red cells cannot tell (packed, empty or a single cell)"))
+        if value:
+            values.append(value)
+    if not values:
+        raise click.ClickException(
+            "no field gave a pixel size: use fields with separate red cells and some glass between them, "
+            "or measure a stage micrometer and set [finder] um_per_px by hand"
+        )
+    median = statistics.median(values)
+    spread = (max(values) - min(values)) / median if len(values) > 1 else 0.0
+    click.echo(f"\n{len(values)} of {len(fields)} fields measured; median {median:.4f} µm/px, range ±{spread / 2:.0%}")
+    if len(values) < 3:
+        click.echo("fewer than 3 fields measured: add more fields for a steadier value")
+    click.echo("\n# paste into the [finder] section of leukocam.toml")
+    click.echo(f"[finder]\num_per_px = {median:.4f}")
+
+
 def main() -> None:
     cli()
 

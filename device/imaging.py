@@ -35,6 +35,47 @@ def check_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
     return image
 
 
+def as_rgb8(image) -> tuple[np.ndarray | None, str | None]:
+    """Bring an image array to the uint8 RGB contract, or say why it cannot be.
+
+    High bit depth (uint16, int32) is scaled by its own maximum bit depth, float
+    in [0, 1] by 255, greyscale is repeated into three channels and an alpha
+    channel is dropped; anything else gets a reason instead of an exception.
+
+    Returns:
+        (uint8 HxWx3 array, None), or (None, a reason a person can act on).
+    """
+    if not isinstance(image, np.ndarray):
+        return None, f"not an image array ({type(image).__name__})"
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
+        return None, f"not an image of shape HxW, HxWx3 or HxWx4 (got {image.shape})"
+    if image.shape[2] == 4:
+        image = image[..., :3]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image), None
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255, None
+    if np.issubdtype(image.dtype, np.integer):
+        top = int(image.max()) if image.size else 0
+        if int(image.min()) < 0:
+            return None, f"image has negative pixel values ({image.dtype}): not a camera image"
+        bits = max(8, int(np.ceil(np.log2(top + 1)))) if top > 0 else 8
+        return (image.astype(np.float64) * (255.0 / (2**bits - 1))).round().astype(np.uint8), None
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            return None, "image has NaN or infinite pixel values"
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0 or hi > 255:
+            return None, f"float image values {lo:.3g}..{hi:.3g} are neither 0-1 nor 0-255"
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return np.clip(image * scale + 0.5, 0, 255).astype(np.uint8), None
+    return None, f"unsupported pixel type {image.dtype}"
+
+
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file or bytes into uint8 RGB.
 

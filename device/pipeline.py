@@ -9,6 +9,7 @@ and benchmarks.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +18,13 @@ from device import cells as finder
 from device.classifier import Classifier
 from device.config import Config
 from device.heatmap import overlay
-from device.imaging import check_rgb, encode_image
+from device.imaging import as_rgb8, encode_image
 from device.preprocess import crop_cell
 from device.quality import QualityReport, assess
 from device.store import CaptureRecord, CellRecord
+
+FIELD_JPEG_QUALITY = 90
+"""Quality of the archival field JPEG."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,11 @@ class Analyzer:
         A field that cannot be a smear (blank, black, saturated, one flat
         colour, too small) gets status "retake" with the reason, and no cells.
         """
-        check_rgb(field, "field")
         timings: dict[str, float] = {}
         notes: list[str] = []
+        field, bad = as_rgb8(field)
+        if bad is not None:
+            return _refused(f"cannot analyse this image: {bad}")
         t = time.perf_counter()
         qc = assess(field, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
         if single_cell:
@@ -164,6 +170,11 @@ class Analyzer:
         return None, False
 
 
+def _refused(message: str) -> FieldAnalysis:
+    """The analysis of an input that is no image at all: a verdict, no cells."""
+    return FieldAnalysis("retake", message, QualityReport(0.0, 0.0, 0.0, (message,)), (), 0, None, {}, 0, 0)
+
+
 def to_record(
     analysis: FieldAnalysis,
     field: np.ndarray,
@@ -175,8 +186,12 @@ def to_record(
     model_synthetic: bool,
     camera: dict | None = None,
     extra_timings: dict | None = None,
+    field_jpeg: Future | bytes | None = None,
 ) -> CaptureRecord:
-    """Encode images and package an analysis for `Store.save_capture`."""
+    """Encode images and package an analysis for `Store.save_capture`.
+
+    `field_jpeg` is the field already encoded (or being encoded beside the analysis); None encodes it here.
+    """
     t = time.perf_counter()
     cells = tuple(
         CellRecord(
@@ -185,7 +200,10 @@ def to_record(
         )
         for c in analysis.cells
     )
-    field_jpeg = encode_image(field, "JPEG", quality=90)
+    if field_jpeg is None:
+        field_jpeg = encode_image(field, "JPEG", quality=FIELD_JPEG_QUALITY)
+    elif isinstance(field_jpeg, Future):
+        field_jpeg = field_jpeg.result()
     timings = dict(extra_timings or {}, **analysis.timings_ms, encode=_ms(t))
     qc = analysis.quality.to_dict()
     qc["skipped_cells"] = analysis.skipped

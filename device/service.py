@@ -13,6 +13,7 @@ import queue
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,8 +23,8 @@ from device.camera import Camera, build_camera
 from device.classifier import SelfTestResult
 from device.config import Config
 from device.errors import BusyError, CameraError, ImageError, LeukoCamError
-from device.imaging import decode_image
-from device.pipeline import Analyzer, to_record
+from device.imaging import decode_image, encode_image
+from device.pipeline import FIELD_JPEG_QUALITY, Analyzer, to_record
 from device.store import ReconcileReport, Store
 from device.trigger import Trigger
 
@@ -60,6 +61,9 @@ class Appliance:
         self.slide_id = self.new_slide(config.service.slide_id or f"slide-{datetime.now():%Y%m%d}")
         self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
         self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
+        # The archival field JPEG is encoded beside the analysis (PIL releases the GIL while it
+        # encodes), so it does not hold the result back on a multi-core Pi.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-encode")
         self._busy = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,6 +89,7 @@ class Appliance:
             self._thread.join(timeout)
         self.camera.close()
         self.classifier.close()
+        self._encoder.shutdown(wait=True)
 
     def __enter__(self) -> Appliance:
         return self
@@ -198,12 +203,13 @@ class Appliance:
         with self._work_lock:
             try:
                 self.store.check_space()
+                field_jpeg = self._encoder.submit(encode_image, image, "JPEG", quality=FIELD_JPEG_QUALITY)
                 analysis = self.analyzer.analyse(image, single_cell=single_cell)
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
                     analysis, image, slide_id=self.slide_id, source=source, trigger=trigger,
                     model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
-                    extra_timings=extra,
+                    extra_timings=extra, field_jpeg=field_jpeg,
                 )
                 t = time.perf_counter()
                 capture_id = self.store.save_capture(record)

@@ -34,6 +34,8 @@ NUCLEAR_OD_DEFAULT = (0.52, 0.80, 0.30)
 """Typical OD direction of Romanowsky-stained nuclei (violet: absorbs red and green, passes blue)."""
 RED_CELL_OD_DEFAULT = (0.20, 0.72, 0.66)
 """Typical OD direction of red cells (pink: absorbs green and blue, little red)."""
+BLUE_CYTOPLASM_RG = 1.5
+"""An OD direction absorbing red this many times more than green is basophilic cytoplasm, not a nucleus."""
 MIN_STAIN_ANGLE_DEG = 10.0
 """A colour tail closer than this to the red cells is their own variation, not a second stain."""
 
@@ -196,6 +198,10 @@ def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200)
         a = unit((flat * (1 - resp)[:, None]).sum(axis=0))
         b = unit((flat * resp[:, None]).sum(axis=0))
         nuclear, red_cell = (a, b) if blue_share(a) < blue_share(b) else (b, a)
+        if nuclear[0] > BLUE_CYTOPLASM_RG * nuclear[1] and blue_share(red_cell) < blue_share(unit(RED_CELL_OD_DEFAULT)) * 0.75:
+            # No red cells in view (a blast-dense patch, a buffy coat): the two populations are the
+            # blue cytoplasm (absorbs red far more than green) and the violet nuclei.
+            return StainVectors(_tup(red_cell), RED_CELL_OD_DEFAULT, estimated=False)
         if float(nuclear @ red_cell) < 0.998 and nuclear[0] >= 0.2:
             return StainVectors(_tup(nuclear), _tup(red_cell), estimated=True)
     # One population with a tail: the stained pixels are nearly all red cells, and a few white

@@ -16,8 +16,8 @@ stain amounts are measured, then recombined with another lab's stain colours.
 So it changes exactly what differs between labs (the dye colours, their
 strength, the light) and keeps the morphology, which is real.
 
-Layout on disk: ``ROOT/<condition>/<name>.(jpg|png)`` and
-``ROOT/<condition>/truth.json`` = {name: {"boxes": [[x0, y0, x1, y1], ...],
+Layout on disk: ``ROOT/<condition>/<name>.(png|jpg)`` and
+``ROOT/<condition>/truth.json`` = {name: {"file": "<name>.png", "boxes": [[x0, y0, x1, y1], ...],
 "um_per_px": float, "synthetic": bool}}.
 """
 
@@ -268,6 +268,7 @@ def build_corpus(
     per_condition: int | None = None,
     synth_fields: int = 20,
     seed: int = 0,
+    image_format: str = "png",
 ) -> dict[str, int]:
     """Write the stress corpus under `out`; returns the image count per condition.
 
@@ -278,7 +279,10 @@ def build_corpus(
         per_condition: at most this many BCCD fields per condition (None = all).
         synth_fields: synthetic fields per synthetic condition.
         seed: seed of the synthetic fields.
+        image_format: "png" (lossless, the default) or "jpg" (quality 95: a small slice to commit).
     """
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     out = Path(out)
     counts: dict[str, int] = {}
     sources = []
@@ -300,30 +304,40 @@ def build_corpus(
             for stem, image, xml in sources:
                 truth_boxes = read_voc_boxes(xml) + [tuple(b) for b in BCCD_AMENDMENTS.get(stem, [])]
                 rgb, boxes, um = transform_bccd(condition, decode_image(image), truth_boxes, source_stains)
-                truth[stem] = _write(folder, stem, rgb, boxes, um, synthetic=False)
+                truth[stem] = _write(folder, f"{stem}.{image_format}", rgb, boxes, um, synthetic=False)
         else:
             for i in range(synth_fields):
                 rgb, boxes, um = synth_field(condition, seed * 1000 + i)
-                truth[f"synth_{i:03d}"] = _write(folder, f"synth_{i:03d}", rgb, boxes, um, synthetic=True)
+                name = f"synth_{i:03d}"
+                truth[name] = _write(folder, f"{name}.{image_format}", rgb, boxes, um, synthetic=True)
         (folder / "truth.json").write_text(json.dumps(truth, indent=1), encoding="utf-8")
         counts[condition] = len(truth)
     (out / "README.md").write_text(_README, encoding="utf-8")
     return counts
 
 
-def _write(folder: Path, name: str, rgb: np.ndarray, boxes, um: float, synthetic: bool) -> dict:
-    # Lossless PNG: JPEG artefacts are part of a condition only where the condition says so.
-    path = folder / f"{name}.png"
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+def _write(folder: Path, filename: str, rgb: np.ndarray, boxes, um: float, synthetic: bool) -> dict:
+    # Lossless PNG by default: JPEG artefacts are part of a condition only where the condition says so.
+    path = folder / filename
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if filename.endswith(".jpg") else []
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
         raise OSError(f"could not write {path}")
-    return {"boxes": [[round(float(v), 1) for v in b] for b in boxes], "um_per_px": um, "synthetic": synthetic}
+    return {
+        "file": filename,
+        "boxes": [[round(float(v), 1) for v in b] for b in boxes],
+        "um_per_px": um,
+        "synthetic": synthetic,
+    }
 
 
 def read_condition(folder: str | Path) -> list[tuple[Path, list, float]]:
     """(image path, boxes, µm per pixel) for each field of one condition folder."""
     folder = Path(folder)
     truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
-    return [(folder / f"{name}.png", [tuple(b) for b in t["boxes"]], float(t["um_per_px"])) for name, t in truth.items()]
+    return [
+        (folder / t.get("file", f"{name}.png"), [tuple(b) for b in t["boxes"]], float(t["um_per_px"]))
+        for name, t in truth.items()
+    ]
 
 
 _README = """# LeukoCam finder stress corpus

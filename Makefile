@@ -7,13 +7,15 @@ DATA ?= data/synthetic/cells
 MODEL ?= runs/latest/model.keras
 BUNDLE ?= runs/latest/bundle
 PYTEST_ARGS ?=
+BCCD ?=
 PI ?=
 OUT ?= runs/latest
 FOLDS ?= 5
 ARGS ?=
+BCCD ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-train run test lint demo-model inspect train cv evaluate convert deploy bench clean
+.PHONY: help install install-train run test lint demo-model inspect train cv evaluate convert deploy bench finder-eval clean
 
 help:
 	@echo "LeukoCam — make targets"
@@ -29,7 +31,8 @@ help:
 	@echo "  make evaluate     MODEL=... DATA=...       report for an existing model"
 	@echo "  make convert      MODEL=... DATA=... BUNDLE=...  verified (gated) bundle from a trained Keras model"
 	@echo "  make deploy PI=pi@leukocam.local [BUNDLE=...]  copy a bundle to the Pi, install (checked there), restart"
-	@echo "  make bench        pipeline, dashboard, training and model benchmarks in one run -> runs/bench/bench.md"
+	@echo "  make bench        models, pipeline, finder, dashboard and training benchmarks in one run -> runs/bench/bench.md"
+	@echo "  make finder-eval  [BCCD=dir]               finder stress table (stains, scales, density) + crop gallery"
 	@echo "  make clean        remove build outputs (keeps .venv)"
 	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
 
@@ -79,6 +82,9 @@ convert: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-test
 	$(BIN)/leukocam bench --out runs/bench
+
+finder-eval: $(VENV)/.stamp-test
+	$(BIN)/leukocam finder-eval --build --out runs/finder-eval $(if $(BCCD),--bccd $(BCCD),)
 
 deploy: $(VENV)/.stamp-device
 	@test -n "$(PI)" || { echo "usage: make deploy PI=user@host [BUNDLE=$(BUNDLE)]"; exit 2; }

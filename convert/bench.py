@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -43,9 +44,12 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_models(size: int = 300, modes=("int8", "float16", "float32"), batches=(1, 8), threads=(1, 2, 4),
-                 repeats: int = 5, calibration: int = 16, seed: int = 0) -> dict:
-    """Build an EfficientNetB3 (random weights: latency does not depend on them), convert it, time everything."""
+def bench_models(size: int = 300, modes=("int8", "float16", "float32"), batches=(1, 5, 8), threads=(1, 2, 4),
+                 repeats: int = 5, calibration: int = 16, seed: int = 0, keep_dir: str | Path | None = None) -> dict:
+    """Build an EfficientNetB3 (random weights: latency does not depend on them), convert it, time everything.
+
+    With keep_dir, the int8 bundle is kept there (keep_dir/int8) for the pipeline benchmark of the same run.
+    """
     import keras
     import tensorflow as tf
 
@@ -81,6 +85,9 @@ def bench_models(size: int = 300, modes=("int8", "float16", "float32"), batches=
             out = write_bundle(Path(tmp) / mode, data, meta, {"crops": crops[:2], "probabilities": ref["probability"],
                                                               "cams": ref["cam"]}, tolerance=1.0)
             bundle = load_bundle(out)
+            if keep_dir is not None and mode == "int8":
+                shutil.rmtree(Path(keep_dir) / "int8", ignore_errors=True)
+                shutil.copytree(out, Path(keep_dir) / "int8")
             for t in threads:
                 with Classifier(bundle, threads=t) as clf:
                     for b in batches:
@@ -120,12 +127,13 @@ def write_results(results: list[dict], out_dir: str | Path) -> Path:
 
 PIPELINE_CHILD = r"""
 import json, sys, time, dataclasses
-from device.config import Config, CameraConfig, ModelConfig, StoreConfig, ServiceConfig
+from device.config import Config, CameraConfig, FinderConfig, ModelConfig, StoreConfig, ServiceConfig
 from device.service import Appliance
 from device.web import create_app
-replay, bundle, store, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+replay, bundle, store, n, um = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 cfg = Config(camera=CameraConfig(replay_dir=replay), model=ModelConfig(bundle=bundle, threads=2),
-             store=StoreConfig(data_dir=store, min_free_mb=1), service=ServiceConfig(startup_captures=0))
+             store=StoreConfig(data_dir=store, min_free_mb=1), service=ServiceConfig(startup_captures=0),
+             finder=FinderConfig(um_per_px=um))
 rows = []
 with Appliance(cfg) as app:
     create_app(app)  # the dashboard lives in the same process on the Pi
@@ -156,10 +164,11 @@ print("RESULT" + json.dumps({"rows": rows, "model_ms": sorted(times)[len(times) 
 
 
 def bench_pipeline(bundle_dir: str | Path, width: int = 4056, height: int = 3040, cells: int = 5, captures: int = 5,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, um_per_px: float = 0.1) -> dict:
     """Capture-to-result latency by stage on the replay camera, against pure model time; peak RSS of the process.
 
-    The appliance runs in a child process so that its peak RSS is measured on its own.
+    The appliance runs in a child process so that its peak RSS is measured on its own. The pixel
+    size is calibrated in its config, as on a rig after `leukocam calibrate`.
     """
     import subprocess
     import sys
@@ -168,19 +177,23 @@ def bench_pipeline(bundle_dir: str | Path, width: int = 4056, height: int = 3040
     from training.synth import render_field
 
     with tempfile.TemporaryDirectory() as tmp:
-        field, truth = render_field(np.random.default_rng(seed), width, height, cells, um_per_px=0.1)
+        field, truth = render_field(np.random.default_rng(seed), width, height, cells, um_per_px=um_per_px)
         atomic_write_bytes(Path(tmp) / "replay" / "field.jpg", encode_image(field, "JPEG", quality=92))
         proc = subprocess.run([sys.executable, "-c", PIPELINE_CHILD, str(Path(tmp) / "replay"), str(bundle_dir),
-                               str(Path(tmp) / "store"), str(captures)], capture_output=True, text=True, timeout=1800)
+                               str(Path(tmp) / "store"), str(captures), str(um_per_px)],
+                              capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline benchmark failed:\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.split("RESULT", 1)[1])
     rows = data["rows"]
     stages = [k for k in rows[0] if k not in ("total", "cells")]
     med = {k: statistics.median(r[k] for r in rows) for k in ["total", *stages]}
+    # What happens after the frame has arrived: everything but the camera (here: reading the replay file).
+    after_frame = statistics.median(r["total"] - r.get("capture", 0.0) for r in rows)
     return {"benchmark": "pipeline", "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "field": [width, height],
             "true_cells": len(truth), "found_cells": rows[-1]["cells"], "captures": len(rows), "median_ms": med,
             "model_ms": data["model_ms"], "model_share": data["model_ms"] / med["total"], "peak_rss_mb": data["peak_rss_kb"] / 1024,
+            "after_frame_ms": after_frame, "after_frame_vs_model": after_frame / data["model_ms"],
             "runtime": data["runtime"], "quantization": data["quantization"], "input_size": data["input_size"],
             "bundle": str(bundle_dir)}
 
@@ -193,8 +206,56 @@ def pipeline_markdown(r: dict) -> str:
     for k, v in r["median_ms"].items():
         lines.append(f"| {k} | {v:.1f} | {v / r['median_ms']['total']:.0%} |")
     lines += ["", f"Pure model time for the same {r['found_cells']} crops: {r['model_ms']:.1f} ms = "
-              f"{r['model_share']:.0%} of capture-to-result. Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB.", ""]
+              f"{r['model_share']:.0%} of capture-to-result. Everything after the frame arrived (QC, scale check, find, "
+              f"crop, classify, CAM, encode, store): {r['after_frame_ms']:.0f} ms = **{r['after_frame_vs_model']:.1f}× "
+              f"the pure model time** (target ≤ 2×). Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB "
+              "(target ≤ 300 MB).", ""]
     return "\n".join(lines)
+
+
+def bench_finder(model_ms_5: float | None, width: int = 4056, height: int = 3040, cells: int = 5, repeats: int = 5,
+                 um_per_px: float = 0.1, corpus: str | Path | None = None, bccd: str | Path | None = None,
+                 synth_fields: int = 5, seed: int = 0) -> dict:
+    """The finder on a 12 MP field against the int8 model on its crops, and its stress table, in one run.
+
+    Args:
+        model_ms_5: int8 model time for `cells` crops at 300 px (2 threads), from the models benchmark of
+            this run; None leaves the ratio out.
+        corpus: a stress corpus folder; None builds a small one from `bccd` and synthetic fields.
+    """
+    from device.cells import FinderOptions, check_scale, estimate_um_per_px, find_white_cells
+    from training.finder_eval import DEFAULT_BCCD, corpus_markdown, evaluate_corpus
+    from training.stress import build_corpus
+    from training.synth import render_field
+
+    field, truth = render_field(np.random.default_rng(seed), width, height, cells, um_per_px=um_per_px)
+    options = FinderOptions(um_per_px=um_per_px)
+    found = len(find_white_cells(field, options))
+    find_ms = median_ms(lambda: find_white_cells(field, options), repeats, warmup=1)
+    check_ms = median_ms(lambda: check_scale(field, um_per_px), repeats, warmup=1)
+    estimate_ms = median_ms(lambda: estimate_um_per_px(field), 3, warmup=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if corpus is None:
+            corpus = Path(tmp) / "corpus"
+            build_corpus(corpus, Path(bccd or DEFAULT_BCCD), synth_fields=synth_fields)
+        rows = evaluate_corpus(corpus)
+    return {"benchmark": "finder", "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "field": [width, height],
+            "true_cells": len(truth), "found_cells": found, "find_ms": find_ms, "scale_check_ms": check_ms,
+            "scale_estimate_ms": estimate_ms, "model_ms": model_ms_5,
+            "find_vs_model": None if model_ms_5 is None else find_ms / model_ms_5,
+            "corpus": str(corpus), "stress": rows, "stress_markdown": corpus_markdown(rows)}
+
+
+def finder_markdown(r: dict) -> str:
+    ratio = ("" if r["model_ms"] is None else
+             f"int8 EfficientNetB3 at 300 px on the same {r['found_cells']} crops (2 threads, this run): "
+             f"{r['model_ms']:.1f} ms; **finder / model = {r['find_vs_model']:.1f}×** (target ≤ 1×).\n\n")
+    return (f"### White-cell finder: {r['field'][0]}×{r['field'][1]} synthetic field, {r['found_cells']} of "
+            f"{r['true_cells']} cells found; CPU: {r['cpu']} ({r['cores']} cores)\n\n"
+            f"Find with a calibrated pixel size: {r['find_ms']:.0f} ms. Cheap scale check per capture: "
+            f"{r['scale_check_ms']:.0f} ms; a full red-cell estimate (what an uncalibrated rig pays): "
+            f"{r['scale_estimate_ms']:.0f} ms.\n\n" + ratio
+            + f"Stress corpus ({r['corpus']}):\n\n" + r["stress_markdown"] + "\n")
 
 
 def bench_training(size: int = 96, batch: int = 16, steps: int = 5, seed: int = 0) -> dict:

@@ -43,6 +43,9 @@ from device.imaging import check_rgb
 
 MAX_STAIN_OD = 3.0
 """Total optical density (R+G+B) above which a pixel is black (ink, dirt), not stain."""
+CHECK_RBC_PX = 12
+"""Red-cell size (inscribed diameter, px) at which the per-capture scale check looks: coarse and cheap,
+enough to catch another objective (a factor of 1.5 or more), not to calibrate."""
 NECK_RATIO = 0.55
 """Two nucleus cores joined by a neck thinner than this fraction of the smaller core are two cells."""
 MIN_FIELD_PX = 16
@@ -63,7 +66,7 @@ class FinderOptions:
     """Pixel size of the input field; None = estimate it from the red cells."""
     default_um_per_px: float = 0.1
     """Pixel size used when um_per_px is None and the red cells cannot tell (100x oil, VGA-ish)."""
-    work_um_per_px: float = 0.3
+    work_um_per_px: float = 0.4
     """Working resolution; the field is downscaled to this (never upscaled) before finding."""
     min_cell_um: float = 4.5
     """Smallest nucleus kept, as an equivalent-circle diameter (platelets are 2-3 µm)."""
@@ -144,17 +147,27 @@ def _optical_density(rgb: np.ndarray) -> np.ndarray:
     return stain_model.optical_density(rgb)
 
 
-def field_problem(rgb: np.ndarray) -> str | None:
-    """Why a uint8 RGB image cannot be a smear field, or None when it can be searched.
+def field_problem(rgb: np.ndarray, on_black: bool = False) -> str | None:
+    """Why a uint8 RGB image cannot be a smear field (or a cell), or None when it can be searched.
 
     A blank, black, saturated or one-colour image, or one too small to hold a
     white cell, gets a verdict a person can act on instead of junk cells.
+
+    Args:
+        rgb: uint8 RGB image.
+        on_black: the image is one cell on a black background (an upload in single-cell mode):
+            only its non-black pixels are judged.
     """
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_FIELD_PX:
         return f"the image is only {w}x{h} px: too small to hold a white cell (at least {MIN_FIELD_PX} px a side)"
-    step = max(1, int(math.sqrt(h * w / 250_000)))
+    step = max(1, int(math.sqrt(h * w / 60_000)))
     sample = rgb[::step, ::step].reshape(-1, 3).astype(np.int16)
+    if on_black:
+        lit = sample[sample.max(axis=1) > 16]
+        if lit.shape[0] < 0.01 * sample.shape[0]:
+            return "the image is black: no cell in it"
+        sample = lit
     lum = sample.sum(axis=1) / 3
     if float(np.mean(lum)) < 20:
         return "the image is almost black: check the lamp, the shutter and the exposure"
@@ -213,7 +226,7 @@ def _downscale(rgb: np.ndarray, factor: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- pixel size
 
 
-def _median_inscribed_diameter(stained: np.ndarray) -> float | None:
+def _median_inscribed_diameter(stained: np.ndarray, r_start: float = 1.5) -> float | None:
     """Granulometry: the disc diameter whose opening removes half of the stained area.
 
     Opening by a disc of radius r keeps exactly the pixels that lie in some
@@ -221,6 +234,7 @@ def _median_inscribed_diameter(stained: np.ndarray) -> float | None:
     typical object's inscribed radius. Unlike blob counting, this works on
     clumps and chains of overlapping red cells. Both the erosion and the
     dilation come from distance transforms, so each radius costs two O(N) passes.
+    `r_start` skips the radii far below an expected size (the cheap check).
     """
     mask = stained.astype(np.uint8)
     total = int(mask.sum())
@@ -228,7 +242,7 @@ def _median_inscribed_diameter(stained: np.ndarray) -> float | None:
         return None
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
     r_prev, kept_prev = 0.0, 1.0
-    r = 1.5
+    r = r_start
     while r < min(mask.shape) / 4:
         core = (dist > r).astype(np.uint8)
         kept = 0.0
@@ -249,8 +263,8 @@ def estimate_um_per_px(rgb: np.ndarray, expected: float | None = None) -> float 
 
     Pixel size belongs to the optics: calibrate it once (`leukocam calibrate`)
     and pass it to the finder. With `expected` (the calibrated value) this is
-    a cheap check: the field is shrunk once so a red cell spans about 24
-    pixels, and one measurement is made there.
+    a cheap check: the field is shrunk once so an expected red cell spans
+    CHECK_RBC_PX pixels, and radii from half of that are tried.
 
     Args:
         rgb: uint8 RGB field, HxWx3.
@@ -263,9 +277,12 @@ def estimate_um_per_px(rgb: np.ndarray, expected: float | None = None) -> float 
     """
     check_rgb(rgb, "estimate_um_per_px")
     h, w = rgb.shape[:2]
+    r_start = 1.5
     if expected is not None:
-        long_side = int(max(h, w) * min(1.0, 24 * expected / RED_CELL_INSCRIBED_UM))
+        # One look at the scale where the expected red cell is CHECK_RBC_PX across; radii from half of it.
+        long_side = int(max(h, w) * min(1.0, CHECK_RBC_PX * expected / RED_CELL_INSCRIBED_UM))
         tries = 1
+        r_start = max(1.5, CHECK_RBC_PX / 4)
     else:
         long_side, tries = 640, 3
     for _ in range(tries):
@@ -275,16 +292,17 @@ def estimate_um_per_px(rgb: np.ndarray, expected: float | None = None) -> float 
         # Without glass between them (or without cells) there is no cell size to read.
         if not 0.05 <= fraction <= 0.85:
             return None
-        diameter = _median_inscribed_diameter(stained)
+        diameter = _median_inscribed_diameter(stained, r_start)
         if diameter is None:
             return None
         # Below ~16 px the measurement is too coarse: look again at higher resolution.
         if diameter >= 16 or factor >= 1.0:
             break
         long_side = int(long_side * 24 / diameter)
-    if diameter < 6:
-        return None
-    return RED_CELL_INSCRIBED_UM / (diameter / factor)
+    if expected is None and diameter < 6:
+        return None  # too small to measure
+    # With an expected size, a red cell far smaller than expected still gives a (rough) value: enough to warn.
+    return RED_CELL_INSCRIBED_UM / (max(diameter, 1.0) / factor)
 
 
 def check_scale(rgb: np.ndarray, calibrated: float, tolerance: float = 0.25) -> str | None:
@@ -460,8 +478,42 @@ def _inscribed_radius(mask: np.ndarray) -> float:
     return float(cv2.distanceTransform(crop, cv2.DIST_L2, 5).max())
 
 
-def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: float) -> list[np.ndarray]:
-    """One bool mask per cell: join the lobes of one nucleus, keep whole nuclei apart.
+@dataclass(frozen=True)
+class _Region:
+    """One labelled region of a label image, with its bounding window."""
+
+    label: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def mask(self, labels: np.ndarray, pad: int = 0) -> tuple[np.ndarray, int, int]:
+        """(bool mask of the region in its window grown by pad, window top, window left)."""
+        h, w = labels.shape
+        y0, x0 = max(0, self.y0 - pad), max(0, self.x0 - pad)
+        return labels[y0 : min(h, self.y1 + pad), x0 : min(w, self.x1 + pad)] == self.label, y0, x0
+
+
+def _regions(labels: np.ndarray) -> tuple[list[_Region], np.ndarray]:
+    """The regions of a label image (0 = background) and the pixel count of every label, in one pass."""
+    n = int(labels.max()) + 1
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    area = np.bincount(lab, minlength=n)
+    big = np.iinfo(np.int64).max
+    y0, x0 = np.full(n, big), np.full(n, big)
+    y1, x1 = np.full(n, -1), np.full(n, -1)
+    np.minimum.at(y0, lab, ys)
+    np.minimum.at(x0, lab, xs)
+    np.maximum.at(y1, lab, ys)
+    np.maximum.at(x1, lab, xs)
+    regions = [_Region(k, int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1) for k in range(1, n) if area[k]]
+    return regions, area
+
+
+def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: float) -> np.ndarray:
+    """Label image with one label per cell: join the lobes of one nucleus, keep whole nuclei apart.
 
     Pieces closer than gap_px (or whose centres are within merge_px) join when
     at least one of them is lobe-sized (thinner than a whole nucleus): the
@@ -470,17 +522,18 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     """
     n = int(pieces.max()) + 1
     if n <= 1:
-        return []
+        return pieces
     dist = cv2.distanceTransform((pieces > 0).astype(np.uint8), cv2.DIST_L2, 3)
-    full = np.zeros(n, bool)
-    centroids = np.zeros((n, 2))
-    present = np.zeros(n, bool)
-    for i in range(1, n):
-        ys, xs = np.nonzero(pieces == i)
-        if xs.size:
-            present[i] = True
-            centroids[i] = xs.mean(), ys.mean()
-            full[i] = dist[ys, xs].max() >= full_radius_px
+    ys, xs = np.nonzero(pieces)
+    lab = pieces[ys, xs]
+    area = np.bincount(lab, minlength=n).astype(np.float64)
+    present = area > 0
+    centroids = np.stack(
+        [np.bincount(lab, xs, minlength=n), np.bincount(lab, ys, minlength=n)], axis=1
+    ) / np.maximum(area, 1)[:, None]
+    depth = np.zeros(n, np.float32)
+    np.maximum.at(depth, lab, dist[ys, xs])
+    full = depth >= full_radius_px
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -493,37 +546,32 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     reach = max(1, int(round(gap_px / 2)))
     grown = cv2.dilate(pieces.astype(np.float32), _disc(2 * reach + 1))
     grown_min = -cv2.dilate(-np.where(pieces > 0, pieces, n + 1).astype(np.float32), _disc(2 * reach + 1))
-    touching = set()
     both = (grown > 0) & (grown_min <= n) & (grown != grown_min)
-    for a, b in zip(grown[both].astype(int), grown_min[both].astype(int), strict=True):
-        touching.add((min(a, b), max(a, b)))
-    for a in range(1, n):
-        for b in range(a + 1, n):
-            if present[a] and present[b] and np.hypot(*(centroids[a] - centroids[b])) < merge_px:
-                touching.add((a, b))
-    for a, b in touching:
+    pairs = {(int(min(a, b)), int(max(a, b))) for a, b in zip(grown[both], grown_min[both], strict=True)}
+    ids = np.flatnonzero(present)
+    d = np.hypot(*(centroids[ids, None, :] - centroids[None, ids, :]).transpose(2, 0, 1))
+    for i, j in zip(*np.nonzero(np.triu(d < merge_px, k=1)), strict=True):
+        pairs.add((int(ids[i]), int(ids[j])))
+    for a, b in pairs:
         if not (full[a] and full[b]):
             parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = {}
-    for i in range(1, n):
-        if present[i]:
-            groups.setdefault(find(i), []).append(i)
     lut = np.zeros(n, np.int32)
-    for k, members in enumerate(groups.values(), start=1):
-        lut[members] = k
-    grouped = lut[pieces]
-    return [grouped == k for k in range(1, len(groups) + 1)]
+    roots: dict[int, int] = {}
+    for i in ids:
+        lut[i] = roots.setdefault(find(int(i)), len(roots) + 1)
+    return lut[pieces]
 
 
 def _cell_bodies(
-    groups: list[np.ndarray],
+    kept: list[_Region],
+    grouped: np.ndarray,
     od: np.ndarray,
     nuc: np.ndarray,
     red: np.ndarray,
     level: float,
     cytoplasm_px: float,
-) -> list[np.ndarray]:
-    """The whole cell (nucleus + its own cytoplasm) for each nucleus group, tightly.
+) -> list[tuple[np.ndarray, int, int]]:
+    """The whole cell (nucleus + its own cytoplasm) for each kept nucleus group, tightly.
 
     Cytoplasm is stained material next to a nucleus whose colour leans to the
     nuclear stain more than a red cell's does (basophilic cytoplasm takes up
@@ -531,11 +579,14 @@ def _cell_bodies(
     from the field's own red cells. Each candidate pixel belongs to its nearest
     nucleus (a Voronoi split), and at most `cytoplasm_px` from it, so touching
     cells are cut between their nuclei and a red cell's rim is never a cell.
+
+    Returns:
+        One (bool mask, window top, window left) per kept group, in working pixels.
     """
-    h, w = nuc.shape
-    labels = np.zeros((h, w), np.int32)
-    for k, g in enumerate(groups, start=1):
-        labels[g] = k
+    lut = np.zeros(int(grouped.max()) + 1, np.int32)
+    for k, r in enumerate(kept, start=1):
+        lut[r.label] = k
+    labels = lut[grouped]
     total = od.sum(axis=2)
     glass = total < 0.5 * _glass_level(total)
     lean = nuc / (np.abs(nuc) + np.maximum(red, 0) + 1e-3)
@@ -552,23 +603,20 @@ def _cell_bodies(
     owner = owner_of_seed[nearest]
     candidate = (material & (dist <= cytoplasm_px)) | (labels > 0)
     smooth = _disc(max(3.0, cytoplasm_px / 3))
+    pad = int(cytoplasm_px) + 2
     bodies = []
-    for k, g in enumerate(groups, start=1):
-        ys, xs = np.nonzero(g)
-        pad = int(cytoplasm_px) + 2
-        y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + pad + 1)
-        x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + pad + 1)
-        mine = (candidate[y0:y1, x0:x1] & (owner[y0:y1, x0:x1] == k)).astype(np.uint8)
+    for k, r in enumerate(kept, start=1):
+        g, y0, x0 = r.mask(grouped, pad)
+        y1, x1 = y0 + g.shape[0], x0 + g.shape[1]
+        mine_owner = owner[y0:y1, x0:x1] == k
+        mine = (candidate[y0:y1, x0:x1] & mine_owner).astype(np.uint8)
         # Keep what is connected to the nucleus, smooth the outline, fill holes.
         _, comp = cv2.connectedComponents(mine, connectivity=8)
-        ids = np.unique(comp[g[y0:y1, x0:x1]])
+        ids = np.unique(comp[g])
         mine = np.isin(comp, ids[ids > 0]).astype(np.uint8)
         mine = cv2.morphologyEx(mine, cv2.MORPH_CLOSE, smooth)
         mine = cv2.morphologyEx(mine, cv2.MORPH_OPEN, smooth).astype(bool)
-        mine = _fill_holes(mine | g[y0:y1, x0:x1]) & (owner[y0:y1, x0:x1] == k)
-        body = np.zeros((h, w), bool)
-        body[y0:y1, x0:x1] = mine
-        bodies.append(body)
+        bodies.append((_fill_holes(mine | g) & mine_owner, y0, x0))
     return bodies
 
 
@@ -611,23 +659,24 @@ def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) 
 
     full_radius = options.nucleus_core_um / 2 / work_um
     pieces = _split_touching(nucleus, full_radius)
-    groups = _group(pieces, options.gap_um / work_um, full_radius, options.merge_um / work_um)
+    grouped = _group(pieces, options.gap_um / work_um, full_radius, options.merge_um / work_um)
+    regions, areas = _regions(grouped)
     kept = []
-    for g in groups:
-        area = int(g.sum())
-        if not min_area <= area <= max_area:
+    for r in regions:
+        if not min_area <= areas[r.label] <= max_area:
             continue
+        g, y0, x0 = r.mask(grouped)
         # A nucleus is at least min_thickness_um thick somewhere; text strokes and scale bars are not.
         if _inscribed_radius(g) < options.min_thickness_um / 2 / work_um:
             continue
-        if float(nuc[g].mean()) < level + options.min_nuclear_od:
+        if float(nuc[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]][g].mean()) < level + options.min_nuclear_od:
             continue
-        kept.append(g)
-    bodies = _cell_bodies(kept, od, nuc, red, level, options.cytoplasm_um / work_um)
+        kept.append(r)
+    bodies = _cell_bodies(kept, grouped, od, nuc, red, level, options.cytoplasm_um / work_um)
     cells: list[tuple[float, FoundCell]] = []
-    for g, cell in zip(kept, bodies, strict=True):
+    for r, (cell, oy, ox) in zip(kept, bodies, strict=True):
         cys, cxs = np.nonzero(cell)
-        bx0, by0, bx1, by1 = cxs.min(), cys.min(), cxs.max() + 1, cys.max() + 1
+        bx0, by0, bx1, by1 = ox + cxs.min(), oy + cys.min(), ox + cxs.max() + 1, oy + cys.max() + 1
         touches = bool(bx0 <= 0 or by0 <= 0 or bx1 >= w or by1 >= h)
         box = (
             max(0, int(math.floor(bx0 * sx))),
@@ -635,13 +684,14 @@ def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) 
             min(W, int(math.ceil(bx1 * sx))),
             min(H, int(math.ceil(by1 * sy))),
         )
-        mask = _upsample_mask(cell, box, sx, sy)
-        mean_stain = float(nuc[g].mean())
+        mask = _upsample_mask(cell, (ox, oy), box, sx, sy)
+        g, gy, gx = r.mask(grouped)
+        mean_stain = float(nuc[gy : gy + g.shape[0], gx : gx + g.shape[1]][g].mean())
         score = float(np.clip(1.0 - seed_t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0
         found = FoundCell(
             box=box,
             mask=mask,
-            nucleus_area_um2=float(g.sum() * work_um**2),
+            nucleus_area_um2=float(areas[r.label] * work_um**2),
             score=score,
             touches_border=touches,
         )
@@ -651,13 +701,13 @@ def find_white_cells(rgb: np.ndarray, options: FinderOptions = FinderOptions()) 
 
 
 def _upsample_mask(
-    mask: np.ndarray, box: tuple[int, int, int, int], sx: float, sy: float
+    mask: np.ndarray, origin: tuple[int, int], box: tuple[int, int, int, int], sx: float, sy: float
 ) -> np.ndarray:
-    """Map a working-resolution mask onto the field-pixel box with smooth edges."""
+    """Map a working-resolution mask (whose window starts at origin = (x, y)) onto the field-pixel box."""
     x0, y0, x1, y1 = box
     # Sample the working mask at the centre of every field pixel in the box.
-    map_x = ((np.arange(x0, x1, dtype=np.float32) + 0.5) / sx - 0.5)[None, :]
-    map_y = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / sy - 0.5)[:, None]
+    map_x = ((np.arange(x0, x1, dtype=np.float32) + 0.5) / sx - 0.5 - origin[0])[None, :]
+    map_y = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / sy - 0.5 - origin[1])[:, None]
     map_x = np.broadcast_to(map_x, (y1 - y0, x1 - x0)).astype(np.float32)
     map_y = np.broadcast_to(map_y, (y1 - y0, x1 - x0)).astype(np.float32)
     up = cv2.remap(

@@ -121,12 +121,14 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92) -> bytes:
-    """Encode a uint8 RGB array as JPEG or PNG bytes."""
+def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92, fast: bool = False) -> bytes:
+    """Encode a uint8 RGB array as JPEG or PNG bytes; `fast` PNG trades a little size for speed (still lossless)."""
     check_rgb(rgb)
     buf = io.BytesIO()
     if fmt.upper() == "JPEG":
         Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    elif fmt.upper() == "PNG":
+        Image.fromarray(rgb).save(buf, format="PNG", compress_level=1 if fast else 6)
     else:
         Image.fromarray(rgb).save(buf, format=fmt.upper())
     return buf.getvalue()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 NUCLEAR_OD_DEFAULT = (0.52, 0.80, 0.30)
@@ -78,36 +79,39 @@ def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
         rgb: uint8 or float RGB, HxWx3.
         blocks: grid size along the longer side.
     """
-    img = rgb.astype(np.float32)
-    h, w = img.shape[:2]
-    lum = img.sum(axis=2)
-    # The global white: the brightest 2% of the field (clipped specular spots excluded below).
-    cut = float(np.percentile(lum, 98))
-    white = img[lum >= cut].reshape(-1, 3).mean(axis=0)
-    white = np.maximum(white, 1.0)
-    nb_y = max(1, round(blocks * h / max(h, w)))
-    nb_x = max(1, round(blocks * w / max(h, w)))
-    if h < 32 or w < 32 or nb_x * nb_y < 6:
-        return np.broadcast_to(white, img.shape).astype(np.float32)
-    ys = np.linspace(0, h, nb_y + 1).astype(int)
-    xs = np.linspace(0, w, nb_x + 1).astype(int)
+    h, w = rgb.shape[:2]
+    # The light is smooth: it is measured and fitted on a thumbnail, then stretched to full size.
+    shrink = min(1.0, 256 / max(h, w))
+    thumb = rgb.astype(np.float32)
+    if shrink < 1.0:
+        thumb = cv2.resize(thumb, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
+    th, tw = thumb.shape[:2]
+    lum = thumb.sum(axis=2)
+    # The global white: the brightest 2% of the field.
+    white = np.maximum(thumb[lum >= float(np.percentile(lum, 98))].reshape(-1, 3).mean(axis=0), 1.0)
+    nb_y = max(1, round(blocks * th / max(th, tw)))
+    nb_x = max(1, round(blocks * tw / max(th, tw)))
+    if th < 32 or tw < 32 or nb_x * nb_y < 6:
+        return np.broadcast_to(white.astype(np.float32), (h, w, 3))
+    ys = np.linspace(0, th, nb_y + 1).astype(int)
+    xs = np.linspace(0, tw, nb_x + 1).astype(int)
     pts, vals = [], []
     for i in range(nb_y):
         for j in range(nb_x):
-            block = img[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].reshape(-1, 3)
+            block = thumb[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].reshape(-1, 3)
             bl = block.sum(axis=1)
             top = block[bl >= np.percentile(bl, 95)]
-            pts.append(((xs[j] + xs[j + 1]) / 2 / w - 0.5, (ys[i] + ys[i + 1]) / 2 / h - 0.5))
+            pts.append(((xs[j] + xs[j + 1]) / 2 / tw - 0.5, (ys[i] + ys[i + 1]) / 2 / th - 0.5))
             vals.append(top.mean(axis=0))
     p = np.asarray(pts)
     v = np.asarray(vals) / white  # relative to the global white
     design = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1], p[:, 0] ** 2, p[:, 0] * p[:, 1], p[:, 1] ** 2])
     if len(p) < 12:
         design = design[:, :3]  # too few blocks for curvature: a plane
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    gx, gy = (gx + 0.5) / w - 0.5, (gy + 0.5) / h - 0.5
+    gy, gx = np.mgrid[0:th, 0:tw].astype(np.float32)
+    gx, gy = (gx + 0.5) / tw - 0.5, (gy + 0.5) / th - 0.5
     terms = [np.ones_like(gx), gx, gy, gx * gx, gx * gy, gy * gy][: design.shape[1]]
-    out = np.empty(img.shape, np.float32)
+    small = np.empty((th, tw, 3), np.float32)
     for c in range(3):
         weights = np.ones(len(p))
         for _ in range(5):
@@ -116,8 +120,10 @@ def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
             # Upper envelope: blocks well below the surface are cells, not glass.
             weights = np.where(resid < -0.03, 0.05, 1.0)
         surface = sum(t * float(k) for t, k in zip(terms, coef, strict=True))
-        out[..., c] = np.clip(surface, 0.5, 1.05) * white[c]
-    return out
+        small[..., c] = np.clip(surface, 0.5, 1.05) * white[c]
+    if (th, tw) == (h, w):
+        return small
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndarray:
@@ -134,7 +140,7 @@ def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndar
     return np.maximum(od, 0.0).astype(np.float32)
 
 
-def _two_gaussians(x: np.ndarray, iterations: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _two_gaussians(x: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """EM fit of a two-component 1-D Gaussian mixture: (weights, means, sds, responsibility of comp. 1).
 
     Unlike Otsu, a mixture is not pulled into the big mode when one class is a
@@ -179,12 +185,12 @@ def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200)
     Returns:
         StainVectors; `estimated` is True only when both directions were measured.
     """
-    flat = od.reshape(-1, 3).astype(np.float64)
+    flat = od.reshape(-1, 3)
+    # A regular subsample keeps the estimate cheap on big fields (about 12,000 pixels, then the stained ones).
+    flat = flat[:: max(1, flat.shape[0] // 12_000)].astype(np.float64)
     flat = flat[np.linalg.norm(flat, axis=1) > min_od]
-    if flat.shape[0] < min_pixels:
+    if flat.shape[0] < min(min_pixels, od.size // 3 // 50):
         return DEFAULT_STAINS
-    if flat.shape[0] > 10_000:  # a regular subsample keeps the estimate cheap on big fields
-        flat = flat[:: flat.shape[0] // 10_000 + 1]
     _, vecs = np.linalg.eigh(flat.T @ flat)
     plane = vecs[:, [2, 1]]  # the two main directions
     if plane[:, 0].sum() < 0:

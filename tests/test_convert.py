@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import numpy as np
@@ -100,6 +101,18 @@ def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     assert "tflite int8" in path.read_text() and json.loads(path.with_suffix(".json").read_text())[0]["cpu"]
 
 
+def test_finder_benchmark_reports_the_ratio_and_the_stress_table():
+    from convert.bench import bench_finder, finder_markdown
+
+    stress = Path(__file__).parent / "data" / "stress"
+    r = bench_finder(model_ms_5=10.0, width=640, height=480, cells=2, repeats=1, corpus=stress)
+    assert r["found_cells"] == r["true_cells"] == 2
+    assert r["find_ms"] > 0 and r["find_vs_model"] == r["find_ms"] / 10.0
+    assert {row["condition"] for row in r["stress"]} >= {"bccd-mgg", "synth-blast-dense"}
+    md = finder_markdown(r)
+    assert "finder / model" in md and "| bccd-mgg |" in md
+
+
 def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
     from convert.bench import bench_pipeline, bench_training, pipeline_markdown, training_markdown
 
@@ -108,7 +121,8 @@ def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
     for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode", "store", "total"):
         assert p["median_ms"][stage] >= 0
     assert 0 < p["model_share"] <= 1.5 and p["peak_rss_mb"] > 50
-    assert "| classify |" in pipeline_markdown(p)
+    assert p["after_frame_ms"] > 0 and p["after_frame_vs_model"] > 0
+    assert "| classify |" in pipeline_markdown(p) and "pure model time" in pipeline_markdown(p)
     t = bench_training(size=32, batch=2, steps=1)
     assert t["stage1_images_per_s"] > 0 and t["stage2_images_per_s"] > 0
     assert "fine-tuning" in training_markdown(t)

@@ -369,7 +369,9 @@ def crop_gallery(
 @click.option("--training-cells", default=str(DEFAULT_CNMC), show_default=True, type=click.Path(file_okay=False),
               help="Folder of training cells (C-NMC style) for the crop gallery.")
 @click.option("--out", "out_dir", default="runs/finder-eval", show_default=True, type=click.Path(file_okay=False))
-def finder_eval_command(corpus_dir, build, bccd_dir, synth_fields, training_cells, out_dir):
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Also run the field-path parity check with this model bundle (training path vs device field path).")
+def finder_eval_command(corpus_dir, build, bccd_dir, synth_fields, training_cells, out_dir, bundle_dir):
     """Score the white-cell finder per stress condition (stains, scales, JPEG, density) and draw the crop gallery."""
     from training.stress import build_corpus
 
@@ -393,6 +395,15 @@ def finder_eval_command(corpus_dir, build, bccd_dir, synth_fields, training_cell
         "`synth-*` rows are SYNTHETIC fields.\n\n"
         f"![device crops beside training crops]({gallery.name})\n"
     )
+    if bundle_dir is not None:
+        from device.bundle import load_bundle
+        from device.classifier import Classifier
+        from training.parity import field_parity, parity_markdown
+
+        with Classifier(load_bundle(bundle_dir), threads=2) as clf:
+            parity = field_parity(clf)
+        report += "\n## Field-path parity (" + str(bundle_dir) + ")\n\n" + parity_markdown(parity)
+        click.echo(parity_markdown(parity))
     (out / "report.md").write_text(report, encoding="utf-8")
     (out / "finder_eval.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     click.echo(table)

@@ -47,12 +47,18 @@ class RunData:
     contract: PreprocessContract
     calibration: np.ndarray
     held_out: np.ndarray
+    """The gate's crops: the validation split (the test split is kept for reporting, once)."""
     labels: np.ndarray
     model_path: Path
+    test_x: np.ndarray | None = None
+    """The test split, measured once on the chosen bundle; None when DATA lacks it."""
+    test_y: np.ndarray | None = None
+    gate_split: str = "validation"
 
 
 def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=None, seed: int = 0) -> RunData:
-    """Load the Keras model, its training.json, calibration crops (train split) and held-out crops (test split)."""
+    """Load the Keras model, its training.json, calibration crops (train split), the gate's crops (validation
+    split) and the test crops (test split, reported once on the chosen bundle and never used to choose it)."""
     import keras
 
     from device.imaging import decode_image
@@ -74,12 +80,16 @@ def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=Non
     def part(name: str):
         return [by_path[p] for p in info.get("split_files", {}).get(name, []) if p in by_path]
 
-    train_part, test_part = part("train"), part("test")
-    if not test_part:
-        click.echo("warning: the model's test split is not in DATA; verifying on all of DATA, which may include "
-                   "training images and flatter the converted model", err=True)
+    train_part, val_part, test_part = part("train"), part("val"), part("test")
+    gate_part, gate_split = val_part, "validation"
+    if not val_part:
+        gate_part, gate_split = test_part, "test (the run has no validation split in DATA)"
+    if not gate_part:
+        gate_part, gate_split = samples, "all of DATA"
+        click.echo("warning: the model's validation and test splits are not in DATA; verifying on all of DATA, which "
+                   "may include training images and flatter the converted model", err=True)
     if calibration > 0:
-        xc, yc, _, _ = load_images(train_part or samples, contract)
+        xc, yc, _, _ = load_images(train_part or samples, contract, um_per_px=info.get("data_um_per_px"))
         xc = xc[stratified_pick(yc, calibration, seed)]
     else:  # only --extra-calibration crops
         xc = np.zeros((0, contract.input_size, contract.input_size, 3), dtype=np.uint8)
@@ -89,8 +99,10 @@ def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=Non
         if extra:
             xc = np.concatenate([xc, np.stack(extra)])
         click.echo(f"calibration: {len(extra)} extra crops from {extra_calibration}")
-    xt, yt, _, _ = load_images(test_part or samples, contract)
-    return RunData(model, info, train_metrics, contract, xc, xt, yt, model_path)
+    um = info.get("data_um_per_px")
+    xg, yg, _, _ = load_images(gate_part, contract, um_per_px=um)
+    xt, yt = (load_images(test_part, contract, um_per_px=um)[:2]) if test_part and gate_part is not test_part else (None, None)
+    return RunData(model, info, train_metrics, contract, xc, xg, yg, model_path, xt, yt, gate_split)
 
 
 def base_meta(run: RunData, name: str | None, cam_shape) -> dict:
@@ -120,8 +132,13 @@ def base_meta(run: RunData, name: str | None, cam_shape) -> dict:
 
 def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: int = 200, extra_calibration=None,
                 float_layers: int = 0, gate=None, force: bool = False, golden: int = 8, name: str | None = None,
-                seed: int = 0, max_mb: float | None = None) -> dict:
-    """Convert, verify with the device classifier, gate, and write the bundle. Returns the verification."""
+                seed: int = 0, max_mb: float | None = None, parity_fields: int = 30) -> dict:
+    """Convert, verify with the device classifier, gate, and write the bundle. Returns the verification.
+
+    `parity_fields` SYNTHETIC fields also go through the device's whole field path (finder, crop,
+    classifier) beside the training path on the same cells; a significant sensitivity loss larger than
+    the gate's max_delta_sensitivity fails the gate too (0 skips the check).
+    """
     from convert.bundle_writer import write_bundle
     from convert.tflite import convert, float_outputs, layer_errors
     from convert.verify import Gate, compare, device_outputs, reference_gradcam, report
@@ -166,6 +183,11 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
     if chosen is None:
         raise click.ClickException(f"no mode fits the {max_mb} MB limit; no bundle was written")
     attempt_mode, keep_float, tflite, verification, quant_test, input_dtype, failures = chosen
+    parity = None
+    if parity_fields:
+        parity = check_field_parity(tflite, meta, attempt_mode, parity_fields, gate.max_delta_sensitivity, seed)
+        if not parity["passed"]:
+            failures = [*failures, f"field path loses sensitivity: {parity['reason']}"]
     if failures:
         if not worst and attempt_mode == "int8":
             worst = layer_errors(run.model, run.calibration)
@@ -183,14 +205,59 @@ def run_convert(model_path, data_dir, out_dir, mode: str = "int8", calibration: 
     meta["quantization"] = {"mode": attempt_mode, "float_layers": keep_float, "calibration_images": int(len(run.calibration)),
                             "input_type": input_dtype, "attempts": tried}
     meta["verification"] = verification
+    meta["field_parity"] = parity
     meta["gate"] = {**gate.to_dict(), "passed": not failures, "failures": failures, "forced": bool(failures and force)}
-    meta["metrics"] = {"float": verification.get("float_metrics"), "quantized": verification.get("quantized_metrics")}
+    verification["split"] = run.gate_split
+    meta["metrics"] = measure_test_split(run, tflite, meta, attempt_mode, threshold) or {
+        "split": run.gate_split, "float": verification.get("float_metrics"), "quantized": verification.get("quantized_metrics")}
     if worst:
         meta["quantization"]["worst_layers"] = worst[:10]
     golden_set = {"crops": run.held_out[g_idx], "probabilities": quant_test["probability"][g_idx], "cams": quant_test["cam"][g_idx]}
     out = write_bundle(out_dir, tflite, meta, golden_set, tolerance=0.05)
     click.echo(f"bundle written to {out} ({len(tflite) / 1e6:.1f} MB, {meta['quantization']['mode']})")
     return verification
+
+
+def _provisional_bundle(folder: Path, tflite: bytes, meta: dict, mode: str) -> Path:
+    """A bundle the device's classifier can load for measuring (its blank golden crop is never self-tested)."""
+    from convert.bundle_writer import write_bundle
+
+    size = meta["input_size"]
+    golden = {"crops": np.zeros((1, size, size, 3), np.uint8), "probabilities": np.zeros(1, np.float32),
+              "cams": np.zeros((1, *meta["cam"]["shape"]), np.float32)}
+    return write_bundle(folder / "provisional", tflite, {**meta, "quantization": {"mode": mode}}, golden, tolerance=1.0)
+
+
+def measure_test_split(run: RunData, tflite: bytes, meta: dict, mode: str, threshold: float) -> dict | None:
+    """Float and quantized metrics on the test split, measured once on the chosen bundle (None without a test split).
+
+    The gate chose the mode on validation; the test split stays untouched until here, so its numbers are
+    an honest estimate for the bundle that ships.
+    """
+    from convert.tflite import float_outputs
+    from convert.verify import device_outputs
+    from training.metrics import binary_metrics
+
+    if run.test_x is None or not len(run.test_x):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        quant, _ = device_outputs(_provisional_bundle(Path(tmp), tflite, meta, mode), run.test_x)
+    flt = float_outputs(run.model, run.test_x)
+    return {"split": "test", "n": int(len(run.test_y)),
+            "float": binary_metrics(run.test_y, flt["probability"], threshold),
+            "quantized": binary_metrics(run.test_y, quant["probability"], threshold)}
+
+
+def check_field_parity(tflite: bytes, meta: dict, mode: str, n_fields: int, max_loss: float, seed: int) -> dict:
+    """The field-path parity of a converted model, through the device's own classifier (training.parity)."""
+    from device.classifier import Classifier
+    from training.parity import ParityGate, field_parity, parity_markdown
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with Classifier(load_bundle(_provisional_bundle(Path(tmp), tflite, meta, mode)), threads=2) as clf:
+            parity = field_parity(clf, n_fields=n_fields, seed=seed, gate=ParityGate(max_sensitivity_loss=max_loss))
+    click.echo(parity_markdown(parity))
+    return parity
 
 
 def run_verify(bundle_dir, model_path, data_dir, gate=None) -> tuple[dict, list[str]]:
@@ -239,14 +306,17 @@ def with_gate_options(f):
 @click.option("--force", is_flag=True, help="Write the bundle even when the gate fails (model.json records it).")
 @click.option("--max-mb", type=float, default=None, help="Skip modes whose model file is larger than this (e.g. for a small SD card).")
 @click.option("--name", default=None, help="Model name shown on the dashboard.")
+@click.option("--parity-fields", type=click.IntRange(0), default=30, show_default=True,
+              help="SYNTHETIC fields run through the device's whole field path beside the training path (0: skip).")
 def convert(model, data_dir, out_dir, mode, calibration, extra_calibration, float_layers, min_agreement,
-            max_delta_sensitivity, min_cam_correlation, force, max_mb, name):
+            max_delta_sensitivity, min_cam_correlation, force, max_mb, name, parity_fields):
     """Convert MODEL (a .keras file from `leukocam train`) into a verified model bundle."""
     from convert.verify import Gate
 
     gate = Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
     run_convert(model, data_dir, out_dir, mode=mode, calibration=calibration, extra_calibration=extra_calibration,
-                float_layers=float_layers, gate=gate, force=force, name=name, max_mb=max_mb)
+                float_layers=float_layers, gate=gate, force=force, name=name, max_mb=max_mb,
+                parity_fields=parity_fields)
 
 
 @click.command()
@@ -270,15 +340,20 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
-@click.option("--only", type=click.Choice(["all", "models", "pipeline", "training", "dashboard"]), default="all",
-              show_default=True,
+@click.option("--only", type=click.Choice(["all", "models", "pipeline", "finder", "training", "dashboard"]),
+              default="all", show_default=True,
               help="On a Pi (no TensorFlow) use --only pipeline.")
-def bench(out_dir, size, repeats, quick, bundle_dir, only):
-    """Measure the capture pipeline, the dashboard, training throughput and the models in one run; markdown + JSON."""
+@click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Finder stress corpus (from `leukocam finder-eval --build`); default: a small one built from "
+                   "the repository's BCCD fields and synthetic fields.")
+def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
+    """Measure the capture pipeline, the finder, the dashboard, training throughput and the models in one run."""
     from convert.bench import (
+        bench_finder,
         bench_models,
         bench_pipeline,
         bench_training,
+        finder_markdown,
         pipeline_markdown,
         to_markdown,
         training_markdown,
@@ -289,16 +364,29 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only):
     if quick:
         size, repeats = 64, 2
     results = []
-    if only in ("all", "pipeline"):
-        click.echo("benchmarking the capture pipeline ...")
-        w, h, n = (1280, 960, 2) if quick else (4056, 3040, 5)
-        result = bench_pipeline(bundle_dir or DEMO_BUNDLE, width=w, height=h, cells=5, captures=n)
-        result["markdown"] = pipeline_markdown(result)
-        results.append(result)
+    model_ms_5 = None
     if only in ("all", "models"):
         click.echo(f"benchmarking models at {size} px ...")
-        result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4))
+        result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4), keep_dir=out_dir)
         result["markdown"] = to_markdown(result)
+        results.append(result)
+        model_ms_5 = next(r["ms"] for r in result["rows"] if r["model"] == "tflite int8" and r["threads"] == 2
+                          and r["batch"] == 5)
+    if only in ("all", "pipeline"):
+        # The int8 bundle of this run (300 px) unless one is named; the demo bundle when models were not built.
+        kept = Path(out_dir) / "int8"
+        bundle = bundle_dir or (kept if only == "all" and kept.is_dir() else DEMO_BUNDLE)
+        click.echo(f"benchmarking the capture pipeline with {bundle} ...")
+        w, h, n = (1280, 960, 2) if quick else (4056, 3040, 5)
+        result = bench_pipeline(bundle, width=w, height=h, cells=5, captures=n)
+        result["markdown"] = pipeline_markdown(result)
+        results.append(result)
+    if only in ("all", "finder"):
+        click.echo("benchmarking the white-cell finder ...")
+        w, h = (1280, 960) if quick else (4056, 3040)
+        result = bench_finder(model_ms_5, width=w, height=h, repeats=repeats, corpus=corpus_dir,
+                              synth_fields=2 if quick else 5)
+        result["markdown"] = finder_markdown(result)
         results.append(result)
     if only in ("all", "dashboard"):
         from device.web.bench import bench_dashboard

@@ -19,7 +19,7 @@ from device.classifier import Classifier
 from device.config import Config
 from device.heatmap import overlay
 from device.imaging import as_rgb8, encode_image
-from device.preprocess import crop_cell
+from device.preprocess import crop_cell, prepare_cell
 from device.quality import QualityReport, assess
 from device.store import CaptureRecord, CellRecord
 
@@ -83,7 +83,7 @@ class Analyzer:
         qc = assess(field, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
         if single_cell:
             qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
-        problem = finder.field_problem(field)
+        problem = finder.field_problem(field, on_black=single_cell)
         timings["qc"] = _ms(t)
 
         t = time.perf_counter()
@@ -102,12 +102,16 @@ class Analyzer:
         found = sorted(found, key=lambda c: -c.score)[:limit]
 
         t = time.perf_counter()
-        crop_um = None if single_cell else um
-        crops = (
-            np.stack([crop_cell(field, c.box, c.mask, self.contract, um_per_px=crop_um) for c in found])
-            if found
-            else None
-        )
+        if single_cell and found:
+            # An uploaded cell goes through exactly the training path (prepare_cell, no margin): training
+            # images are used as they are, so an upload of the same file gives the model the same input.
+            crops = np.stack([prepare_cell(field, self.contract)])
+        else:
+            crops = (
+                np.stack([crop_cell(field, c.box, c.mask, self.contract, um_per_px=um) for c in found])
+                if found
+                else None
+            )
         timings["crop"] = _ms(t)
 
         t = time.perf_counter()
@@ -196,7 +200,8 @@ def to_record(
     cells = tuple(
         CellRecord(
             box=c.box, probability=c.probability, logit=c.logit, label=c.label, positive=c.positive,
-            needs_review=c.needs_review, crop_png=encode_image(c.crop, "PNG"), heatmap_png=encode_image(c.heatmap, "PNG"),
+            needs_review=c.needs_review, crop_png=encode_image(c.crop, "PNG", fast=True),
+            heatmap_png=encode_image(c.heatmap, "PNG", fast=True),
         )
         for c in analysis.cells
     )

@@ -67,18 +67,24 @@ def pad_to_square(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def prepare_cell(rgb: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+def prepare_cell(rgb: np.ndarray, contract: PreprocessContract, um_per_px: float | None = None) -> np.ndarray:
     """Turn a single-cell image into the model's input.
 
     Args:
         rgb: uint8 RGB HxWx3, one cell (any size, any aspect ratio).
         contract: the bundle's preprocessing contract.
+        um_per_px: the image's pixel size. With it and `contract.crop_um`, the image is centred on a
+            black square of crop_um micrometres (cut to it when larger), so every image reaches the model
+            at one physical scale whatever its pixel size; without, the image is padded to a square.
 
     Returns:
         uint8 RGB array of shape (input_size, input_size, 3), values 0-255.
     """
     check_rgb(rgb, "cell image")
-    square = pad_to_square(rgb)
+    if contract.crop_um is not None and um_per_px is not None:
+        square = centre_on_square(rgb, max(1, int(round(contract.crop_um / um_per_px))))
+    else:
+        square = pad_to_square(rgb)
     size = contract.input_size
     if square.shape[0] == size:
         return np.ascontiguousarray(square)
@@ -87,6 +93,17 @@ def prepare_cell(rgb: np.ndarray, contract: PreprocessContract) -> np.ndarray:
     if square.shape[0] < size and interp == cv2.INTER_AREA:
         interp = cv2.INTER_LINEAR
     return cv2.resize(square, (size, size), interpolation=interp)
+
+
+def centre_on_square(rgb: np.ndarray, side: int) -> np.ndarray:
+    """The image centred on a black side x side square: padded where smaller, its middle cut where larger."""
+    h, w = rgb.shape[:2]
+    out = np.zeros((side, side, 3), dtype=np.uint8)
+    sy, sx = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    part = rgb[sy : sy + min(h, side), sx : sx + min(w, side)]
+    oy, ox = (side - part.shape[0]) // 2, (side - part.shape[1]) // 2
+    out[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
+    return out
 
 
 def crop_cell(

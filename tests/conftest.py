@@ -52,8 +52,10 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = root / "cells"
-    write_cell_dataset(data, n_subjects=8, cells_per_subject=10, size=96, seed=1)
-    opts = TrainOptions(input_size=64, epochs=2, batch_size=16, weights="none", bn_momentum=0.9, seed=1)
+    cells = write_cell_dataset(data, n_subjects=8, cells_per_subject=10, size=96, seed=1)
+    # With the images' pixel size, so the bundle carries crop_um and the device crops at the trained scale.
+    opts = TrainOptions(input_size=64, um_per_px=cells["um_per_px"], epochs=2, batch_size=16, weights="none",
+                        bn_momentum=0.9, seed=1)
     metrics = run_training(data, root / "run", opts, progress=False)
     return root, data, metrics
 
@@ -67,8 +69,21 @@ def small_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small_run")
     data = root / "cells"
-    write_cell_dataset(data, n_subjects=10, cells_per_subject=16, size=96, seed=2)
-    opts = TrainOptions(input_size=64, epochs=25, batch_size=16, backbone="smallcnn", weights="none",
-                        learning_rate=3e-3, patience=25, seed=2)
+    cells = write_cell_dataset(data, n_subjects=10, cells_per_subject=16, size=96, seed=2)
+    opts = TrainOptions(input_size=64, um_per_px=cells["um_per_px"], epochs=25, batch_size=16, backbone="smallcnn",
+                        weights="none", learning_rate=3e-3, patience=25, seed=2)
     metrics = run_training(data, root / "run", opts, progress=False)
     return root, data, metrics
+
+
+@pytest.fixture(scope="session")
+def physical_classifier(demo_bundle_dir):
+    """The demo model behind a contract that crops 20.25 µm around each cell, as a retrained bundle does
+    (the synthetic cells' training scale, docs/scale.md)."""
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+
+    bundle = load_bundle(demo_bundle_dir)
+    bundle = dataclasses.replace(bundle, contract=dataclasses.replace(bundle.contract, crop_um=20.25))
+    with Classifier(bundle, threads=1) as clf:
+        yield clf

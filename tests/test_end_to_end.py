@@ -29,6 +29,9 @@ def test_training_writes_a_reproducible_run_folder(tiny_run):
     splits = {k: set(v) for k, v in info["splits"].items()}
     assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"]), "a subject leaked across splits"
     assert info["preprocess"]["input_size"] == 64
+    # The training images' scale is recorded: 96 px synthetic cells at 0.211 µm/px span 20.25 µm.
+    assert info["data_um_per_px"] == pytest.approx(450 * 0.045 / 96)
+    assert info["preprocess"]["crop_um"] == pytest.approx(20.25, abs=0.01)
     for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv"):
         m = metrics["test"][key]
         if m["n"]:
@@ -58,7 +61,14 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
     from convert.cli import run_convert
     from convert.verify import Gate
     from device.bundle import load_bundle, sha256_file
-    from device.config import CameraConfig, Config, ModelConfig, ServiceConfig, StoreConfig
+    from device.config import (
+        CameraConfig,
+        Config,
+        FinderConfig,
+        ModelConfig,
+        ServiceConfig,
+        StoreConfig,
+    )
     from device.service import Appliance
     from device.web import create_app
     from training.synth import write_fields
@@ -73,11 +83,18 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
     assert bundle.meta["quantization"]["mode"] == "int8" and bundle.synthetic
     assert verification["n"] > 0 and verification["mean_abs_dprob"] < 0.2
     assert verification["cam_pairs"] > 0 and verification["cam_correlation_mean"] > 0.5
+    # The scale travels from training through convert to the device's contract.
+    assert bundle.contract.crop_um == pytest.approx(20.25, abs=0.01)
+    # The whole field path was run beside the training path and recorded.
+    parity = bundle.meta["field_parity"]
+    assert parity["cells"] > 0 and parity["found"] >= 0.9 * parity["cells"]
+    assert {"training_path", "field_path", "p_value", "passed"} <= set(parity)
 
     fields = tmp_path / "fields"
     write_fields(fields, n=2, width=640, height=480, um_per_px=0.1, seed=3)
     cfg = Config(camera=CameraConfig(replay_dir=str(fields)), model=ModelConfig(bundle=str(bundle_dir), threads=1),
-                 store=StoreConfig(data_dir=str(tmp_path / "store"), min_free_mb=1), service=ServiceConfig(startup_captures=0))
+                 store=StoreConfig(data_dir=str(tmp_path / "store"), min_free_mb=1), service=ServiceConfig(startup_captures=0),
+                 finder=FinderConfig(um_per_px=0.1))
     cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, port=0))
     with Appliance(cfg) as app:
         assert app.self_test.passed

@@ -254,20 +254,6 @@ def test_bccd_truth_reader_still_reads_voc():
 # ------------------------------------------------------------------ the on-device analysis
 
 
-@pytest.fixture(scope="module")
-def physical_classifier(demo_bundle_dir):
-    """The demo model, behind a contract that crops 20 µm around each cell (as a retrained bundle does)."""
-    import dataclasses
-
-    from device.bundle import load_bundle
-    from device.classifier import Classifier
-
-    bundle = load_bundle(demo_bundle_dir)
-    bundle = dataclasses.replace(bundle, contract=dataclasses.replace(bundle.contract, crop_um=20.0))
-    with Classifier(bundle, threads=1) as clf:
-        yield clf
-
-
 def _config(config, um_per_px):
     import dataclasses
 
@@ -318,3 +304,15 @@ def test_non_images_get_a_verdict_not_an_exception(physical_classifier, config, 
 
     analysis = Analyzer(physical_classifier, config).analyse(image)
     assert analysis.status == "retake" and "cannot analyse" in analysis.message
+
+
+def test_single_cell_upload_is_the_training_path(physical_classifier, config):
+    from device.pipeline import Analyzer
+
+    contract = physical_classifier.bundle.contract
+    for path in sorted((DATA / "cnmc-sample").rglob("*.png"))[:3]:
+        cell = decode_image(path)
+        analysis = Analyzer(physical_classifier, config).analyse(cell, single_cell=True)
+        assert analysis.status == "ok", analysis.message
+        # Byte for byte what training feeds the model for the same file: no extra margin.
+        assert np.array_equal(analysis.cells[0].crop, prepare_cell(cell, contract))

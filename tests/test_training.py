@@ -12,6 +12,7 @@ import pytest
 
 from training.metrics import (
     auc_ci,
+    binary_metrics,
     ece,
     fit_temperature,
     nll,
@@ -52,6 +53,33 @@ def test_threshold_meets_target_sensitivity_and_band_contains_it():
     thr, (lo, hi) = operating_point(y, p, 0.95, 0.99)
     assert thr == t and lo <= thr <= hi
     assert np.mean(p[y == 1] >= lo) >= 0.99 and np.mean(p[y == 0] < hi) >= 0.99
+
+
+def test_confidence_intervals_come_from_subjects_when_known():
+    rng = np.random.default_rng(0)
+    # 10 subjects, 30 cells each; each subject's cells share its own accuracy (correlated within subject).
+    y, prob, groups = [], [], []
+    for s in range(10):
+        acc = 0.6 + 0.04 * s
+        for _ in range(30):
+            label = int(rng.random() < 0.5)
+            right = rng.random() < acc
+            y.append(label)
+            prob.append(0.9 if label == right else 0.1)
+            groups.append(f"S{s}")
+    by_cell = binary_metrics(np.array(y), np.array(prob), 0.5)
+    by_subject = binary_metrics(np.array(y), np.array(prob), 0.5, groups=groups)
+    assert "Wilson" in by_cell["ci_method"] and "10 subjects" in by_subject["ci_method"]
+    assert by_subject["accuracy"]["value"] == by_cell["accuracy"]["value"]
+    for m in (by_cell, by_subject):
+        lo, hi = m["accuracy"]["ci95"]
+        assert lo <= m["accuracy"]["value"] <= hi
+        assert m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+    # With 300 correlated cells of 10 patients, the honest interval is no narrower than the cell one.
+    width = lambda m: m["accuracy"]["ci95"][1] - m["accuracy"]["ci95"][0]  # noqa: E731
+    assert width(by_subject) >= 0.9 * width(by_cell)
+    # One subject only: nothing to resample, so the cell-level interval (and says so).
+    assert "Wilson" in binary_metrics(np.array(y[:30]), np.array(prob[:30]), 0.5, groups=groups[:30])["ci_method"]
 
 
 def test_weighted_f1_and_auc_ci():
@@ -181,18 +209,48 @@ def test_cross_validation_is_grouped_and_summarised(two_stage_run, tmp_path):
     assert all(len(s) == 1 for s in where.values()), "a subject is in two folds"
     assert {r["split"] for r in rows} == {"test", "fold0", "fold1"}
     assert len(summary["per_fold"]) == 2 and summary["mean_sd"]["test accuracy"]["n"] == 2
+    # Validation folds set the thresholds: they are reported apart, as tuning data, never in the evidence.
+    assert not any(key.startswith("val") for key in summary["mean_sd"])
+    assert summary["tuning_val_mean_sd"]["val sensitivity"]["n"] == 2 and "construction" in summary["note"]
     assert (tmp_path / "cv" / "cv.json").is_file() and (tmp_path / "cv" / "fold1" / "model.keras").is_file()
 
 
 @pytest.mark.tf
-def test_color_jitter_keeps_black_background():
+def test_augmentation_is_stateless_and_keeps_black_background():
     tf = pytest.importorskip("tensorflow")
-    from training.train import color_jitter
+    from training.train import augment_one
 
-    img = np.zeros((16, 16, 3), np.float32)
-    img[4:12, 4:12] = [180.0, 90.0, 200.0]
-    out = color_jitter(tf.constant(img)).numpy()
-    assert np.all(out[:4] == 0) and np.all(out[4:12, 4:12] > 0) and out.max() <= 255.0
+    img = np.zeros((32, 32, 3), np.float32)
+    img[12:20, 12:20] = [180.0, 90.0, 200.0]
+    a = augment_one(tf.constant(img), tf.constant([1, 2], tf.int64), jitter=True).numpy()
+    b = augment_one(tf.constant(img), tf.constant([1, 2], tf.int64), jitter=True).numpy()
+    c = augment_one(tf.constant(img), tf.constant([3, 4], tf.int64), jitter=True).numpy()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # the seed, and only the seed, decides
+    for out in (a, c):
+        assert np.all(out[:4] == 0) and np.all(out[:, :4] == 0)  # the black background stays black
+        assert out[14:18, 14:18].min() > 0 and out.max() <= 255.0  # the cell stays, in range
+
+
+@pytest.mark.tf
+def test_same_seed_same_model(tmp_path):
+    """Two runs with one seed give the same weights (augmentation, shuffle, init and dropout all seeded)."""
+    pytest.importorskip("tensorflow")
+    from training.synth import write_cell_dataset
+    from training.train import TrainOptions, run_training
+
+    data = tmp_path / "cells"
+    write_cell_dataset(data, n_subjects=6, cells_per_subject=6, size=48, seed=5)
+    opts = TrainOptions(input_size=32, epochs=2, batch_size=8, backbone="smallcnn", weights="none", seed=7,
+                        stages=1, target_sensitivity=None)
+    weights = []
+    for run in ("a", "b"):
+        run_training(data, tmp_path / run, opts, progress=False)
+        import keras
+
+        weights.append(keras.saving.load_model(tmp_path / run / "model.keras").get_weights())
+    assert len(weights[0]) == len(weights[1])
+    for w0, w1 in zip(*weights, strict=True):
+        np.testing.assert_array_equal(w0, w1)
 
 
 @pytest.mark.tf
@@ -204,3 +262,59 @@ def test_resnet_preprocessing_lives_in_the_graph():
     pre = model.get_layer("preprocess")(np.array([[[[10.0, 20.0, 30.0]]]], np.float32)).numpy()[0, 0, 0]
     np.testing.assert_allclose(pre, [30 - 103.939, 20 - 116.779, 10 - 123.68], atol=1e-3)  # RGB -> BGR, minus mean
     assert model.get_layer("gap") and model.get_layer("logit").units == 1 and feature_layer_name(model)
+
+
+@pytest.mark.tf
+def test_local_weights_file_gets_the_imagenet_input_scaling(tmp_path, monkeypatch):
+    """--weights PATH must build the same function as --weights imagenet with the same file.
+
+    Keras adds its compensating Rescaling only for weights == "imagenet"; the imagenet graph is built
+    here offline by pointing Keras' download at the local file.
+    """
+    pytest.importorskip("tensorflow")
+    import keras
+    from keras.src.applications import efficientnet as keras_efficientnet
+
+    from training.model import build_model
+
+    # A notop weights file with ImageNet's normalization statistics, as Keras' own file has.
+    base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    norm = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
+    mean, var, *rest = norm.get_weights()
+    norm.set_weights([np.array([0.485, 0.456, 0.406], mean.dtype), np.square([0.229, 0.224, 0.225]).astype(var.dtype), *rest])
+    norm.finalize_state()
+    path = tmp_path / "efficientnetb0_notop.weights.h5"
+    base.save_weights(path)
+
+    monkeypatch.setattr(keras_efficientnet.file_utils, "get_file", lambda *a, **k: str(path))
+    keras.utils.set_random_seed(0)
+    imagenet = build_model(32, "efficientnetb0", weights="imagenet")
+    keras.utils.set_random_seed(0)
+    local = build_model(32, "efficientnetb0", weights=str(path))
+    # The imagenet graph has one Rescaling more; the local one folds it into the Normalization variance.
+    rescales = [sum(isinstance(layer, keras.layers.Rescaling) for layer in m.layers) for m in (imagenet, local)]
+    assert rescales[0] == rescales[1] + 1
+    # Same backbone function on the same 0-255 input (the head is random in both, so compare the embedding).
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    emb = [keras.Model(m.input, m.get_layer("gap").output)(x, training=False).numpy() for m in (imagenet, local)]
+    np.testing.assert_allclose(emb[0], emb[1], rtol=1e-3, atol=1e-3 * float(np.abs(emb[0]).max()))
+    # And without the fix the local model would differ: the stems see different inputs.
+    plain = keras.applications.EfficientNetB0(include_top=False, weights=str(path), input_shape=(32, 32, 3))
+    gap = keras.layers.GlobalAveragePooling2D()(plain.output)
+    assert not np.allclose(keras.Model(plain.input, gap)(x, training=False).numpy(), emb[0], rtol=1e-3)
+
+
+@pytest.mark.tf
+def test_unfreeze_counts_the_layers_that_train():
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from training.model import backbone_layers, build_model, freeze_backbone, unfreeze
+
+    model = build_model(32, "efficientnetb0", None)
+    freeze_backbone(model)
+    assert unfreeze(model, 20) == 20
+    trainable = [layer for layer in backbone_layers(model) if layer.trainable and layer.weights]
+    assert len(trainable) == 20
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert unfreeze(model, 0) == 0

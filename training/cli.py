@@ -28,7 +28,7 @@ def synth_cells(out, subjects, cells_per_subject, size, seed):
     from training.synth import write_cell_dataset
 
     summary = write_cell_dataset(out, n_subjects=subjects, cells_per_subject=cells_per_subject, size=size, seed=seed)
-    click.echo(json.dumps({k: v for k, v in summary.items() if k in ("n_images", "per_class", "seed", "synthetic")}))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k in ("n_images", "per_class", "seed", "um_per_px", "synthetic")}))
 
 
 @synth.command("fields")
@@ -53,6 +53,9 @@ def training_options(f):
     """The options train and cv share."""
     options = [
         click.option("--input-size", default=300, show_default=True),
+        click.option("--um-per-px", type=float, default=None,
+                     help="Pixel size of the training images in µm (C-NMC: about 0.045, see docs/scale.md); "
+                          "lets the device crop cells at the trained scale."),
         click.option("--epochs", default=20, show_default=True, help="Maximum epochs (stage 2 when --stages 2)."),
         click.option("--batch-size", default=16, show_default=True),
         click.option("--learning-rate", default=1e-3, show_default=True, help="Head / one-stage learning rate."),
@@ -73,6 +76,8 @@ def training_options(f):
                      show_default=True),
         click.option("--mixed-precision", is_flag=True, help="mixed_float16 (only when a GPU is present)."),
         click.option("--no-augment", is_flag=True),
+        click.option("--nondeterministic", is_flag=True,
+                     help="Allow TensorFlow's faster non-deterministic kernels (the same seed may then differ)."),
         click.option("--seed", default=0, show_default=True),
     ]
     for option in reversed(options):
@@ -83,12 +88,12 @@ def training_options(f):
 def _options(kw: dict):
     from training.train import TrainOptions
 
-    return TrainOptions(input_size=kw["input_size"], epochs=kw["epochs"], batch_size=kw["batch_size"],
+    return TrainOptions(input_size=kw["input_size"], um_per_px=kw["um_per_px"], epochs=kw["epochs"], batch_size=kw["batch_size"],
                         learning_rate=kw["learning_rate"], backbone=kw["backbone"], weights=kw["weights"],
                         bn_momentum=kw["bn_momentum"], stages=kw["stages"], balance=kw["balance"],
                         fine_tune_layers=kw["fine_tune_layers"], fine_tune_lr=kw["fine_tune_lr"],
                         target_sensitivity=kw["target_sensitivity"], test_fraction=kw["test_fraction"],
-                        strategy=kw["strategy"], mixed_precision=kw["mixed_precision"], augment=not kw["no_augment"],
+                        strategy=kw["strategy"], mixed_precision=kw["mixed_precision"], augment=not kw["no_augment"], deterministic=not kw["nondeterministic"],
                         seed=kw["seed"])
 
 
@@ -215,9 +220,10 @@ def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir
     try:
         data = work / "cells"
         click.echo(f"generating {subjects * cells_per_subject} synthetic cells in {data}")
-        write_cell_dataset(data, n_subjects=subjects, cells_per_subject=cells_per_subject, size=2 * input_size, seed=seed)
-        opts = TrainOptions(input_size=input_size, epochs=epochs, batch_size=32, weights="none", bn_momentum=0.9,
-                            patience=10, seed=seed)
+        cells = write_cell_dataset(data, n_subjects=subjects, cells_per_subject=cells_per_subject,
+                                   size=2 * input_size, seed=seed)
+        opts = TrainOptions(input_size=input_size, um_per_px=cells["um_per_px"], epochs=epochs, batch_size=32,
+                            weights="none", bn_momentum=0.9, patience=10, seed=seed)
         metrics = run_training(data, work / "run", opts)
         click.echo(f"held-out synthetic test accuracy {metrics['test']['accuracy']['value']:.3f}")
         # The demo must fit the repository (<= 15 MB) and pass the default fidelity gate.

@@ -212,8 +212,12 @@ def summarize(samples: list[Sample]) -> dict:
     }
 
 
-def load_images(samples: list[Sample], contract: PreprocessContract, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[Sample], list[str]]:
+def load_images(samples: list[Sample], contract: PreprocessContract, progress: bool = True,
+                um_per_px: float | None = None) -> tuple[np.ndarray, np.ndarray, list[Sample], list[str]]:
     """Decode and prepare images. Unreadable files are skipped and listed, never fatal.
+
+    `um_per_px` is the images' pixel size: with the contract's crop_um, every image is brought to that
+    physical field of view (see `prepare_cell`).
 
     Returns:
         (images uint8 N x S x S x 3, labels int N, kept samples, problems)
@@ -223,13 +227,36 @@ def load_images(samples: list[Sample], contract: PreprocessContract, progress: b
     kept, problems = [], []
     for s in tqdm(samples, desc="loading images", unit="img", disable=not progress or len(samples) < 200):
         try:
-            images[len(kept)] = prepare_cell(decode_image(s.path), contract)
+            images[len(kept)] = prepare_cell(decode_image(s.path), contract, um_per_px)
         except ImageError as exc:
             problems.append(str(exc))
             continue
         kept.append(s)
     labels = np.array([s.label for s in kept], dtype=np.int32)
     return images[: len(kept)], labels, kept, problems
+
+
+def subject_groups(samples: list[Sample]) -> list[str] | None:
+    """Each image's subject, for subject-level confidence intervals; None when subjects are unknown."""
+    if not samples or any(s.subject is None for s in samples):
+        return None
+    return [s.subject for s in samples]
+
+
+def largest_side(samples: list[Sample]) -> int:
+    """The largest width or height among the images, read from their headers (no decoding)."""
+    from PIL import Image
+
+    side = 0
+    for s in samples:
+        try:
+            with Image.open(s.path) as img:
+                side = max(side, *img.size)
+        except Exception:  # unreadable files are reported by load_images
+            continue
+    if side == 0:
+        raise DatasetError("no readable image to measure")
+    return side
 
 
 def split_by_subject(samples: list[Sample], fractions: dict[str, float], seed: int = 0) -> dict[str, list[Sample]]:

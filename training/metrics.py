@@ -28,36 +28,80 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, sensitivity, specificity, PPV, NPV and F1, each with a Wilson 95% CI where it is a proportion."""
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, groups=None,
+                   n_boot: int = 1000, seed: int = 0) -> dict:
+    """Accuracy, sensitivity, specificity, PPV, NPV, F1 and AUC, each with a 95% CI.
+
+    Args:
+        groups: the subject of each image. With two or more subjects the CIs come from a percentile
+            bootstrap over subjects (cells of one patient are correlated, so cell-level intervals are too
+            narrow); without, proportions get Wilson intervals and the AUC a bootstrap over images.
+            `ci_method` says which.
+    """
     y = np.asarray(y_true).astype(int)
-    pred = (np.asarray(prob) >= threshold).astype(int)
+    prob = np.asarray(prob, dtype=np.float64)
+    pred = (prob >= threshold).astype(int)
     tp = int(np.sum((pred == 1) & (y == 1)))
     tn = int(np.sum((pred == 0) & (y == 0)))
     fp = int(np.sum((pred == 1) & (y == 0)))
     fn = int(np.sum((pred == 0) & (y == 1)))
+    by_subject = groups is not None and len(set(groups)) >= 2
+    boot = _subject_bootstrap(y, prob, pred, groups, n_boot, seed) if by_subject else None
 
-    def prop(k: int, n: int) -> dict:
+    def prop(name: str, k: int, n: int) -> dict:
         # Undefined (no denominator) is None, not NaN, so metrics.json stays valid JSON.
-        return {"value": k / n if n else None, "ci95": list(wilson_ci(k, n)) if n else None, "n": n}
+        if not n:
+            return {"value": None, "ci95": None, "n": n}
+        ci = boot[name] if boot is not None else list(wilson_ci(k, n))
+        return {"value": k / n, "ci95": ci, "n": n}
 
-    sens, ppv = prop(tp, tp + fn), prop(tp, tp + fp)
+    sens, ppv = prop("sensitivity", tp, tp + fn), prop("ppv", tp, tp + fp)
     f1 = (2 * sens["value"] * ppv["value"] / (sens["value"] + ppv["value"])
           if sens["value"] is not None and ppv["value"] is not None and (sens["value"] + ppv["value"]) > 0 else None)
+    n_subjects = len(set(groups)) if groups is not None else None
     return {
         "threshold": threshold,
         "n": int(len(y)),
+        "subjects": n_subjects,
+        "ci_method": (f"percentile bootstrap over {n_subjects} subjects ({n_boot} resamples)" if by_subject else
+                      "Wilson score (cells treated as independent); AUC: bootstrap over cells"),
         "confusion": {"tp": tp, "tn": tn, "fp": fp, "fn": fn},
-        "accuracy": prop(tp + tn, len(y)),
+        "accuracy": prop("accuracy", tp + tn, len(y)),
         "sensitivity": sens,
-        "specificity": prop(tn, tn + fp),
+        "specificity": prop("specificity", tn, tn + fp),
         "ppv": ppv,
-        "npv": prop(tn, tn + fn),
+        "npv": prop("npv", tn, tn + fn),
         "f1": f1,
         "auc": roc_auc(y, prob),
-        "auc_ci95": auc_ci(y, prob),
+        "auc_ci95": boot["auc"] if boot is not None else auc_ci(y, prob),
         "f1_weighted": weighted_f1(y, prob, threshold),
     }
+
+
+def _subject_bootstrap(y, prob, pred, groups, n_boot: int, seed: int) -> dict:
+    """95% percentile intervals of the proportions and the AUC, resampling whole subjects with replacement."""
+    keys = np.asarray([str(g) for g in groups])
+    subjects, inverse = np.unique(keys, return_inverse=True)
+    n_sub = len(subjects)
+    # Per-subject counts, so each resample is a sum over drawn subjects.
+    counts = np.zeros((n_sub, 4))
+    for j, (cond) in enumerate(((pred == 1) & (y == 1), (pred == 0) & (y == 0), (pred == 1) & (y == 0),
+                                (pred == 0) & (y == 1))):
+        counts[:, j] = np.bincount(inverse, weights=cond.astype(float), minlength=n_sub)
+    members = [np.flatnonzero(inverse == s) for s in range(n_sub)]
+    rng = np.random.default_rng(seed)
+    stats: dict[str, list[float]] = {k: [] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "auc")}
+    for _ in range(n_boot):
+        draw = rng.integers(0, n_sub, n_sub)
+        tp, tn, fp, fn = counts[draw].sum(axis=0)
+        for name, k, n in (("accuracy", tp + tn, tp + tn + fp + fn), ("sensitivity", tp, tp + fn),
+                           ("specificity", tn, tn + fp), ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+            if n:
+                stats[name].append(k / n)
+        idx = np.concatenate([members[s] for s in draw])
+        if 0 < y[idx].sum() < len(idx):
+            stats["auc"].append(_fast_auc(y[idx], prob[idx]))
+    return {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None) for k, v in stats.items()}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

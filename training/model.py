@@ -74,6 +74,26 @@ def resolve_weights(weights: str | None) -> str | None:
     return str(path)
 
 
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def match_imagenet_normalization(base: keras.Model) -> None:
+    """Give an EfficientNet loaded from a local weights file the input scaling of weights="imagenet".
+
+    Keras adds a compensating Rescaling(1/sqrt(stddev)) after the stem's Normalization only when
+    `weights == "imagenet"` (keras/applications/efficientnet.py); a local *_notop.h5 would otherwise
+    feed the pretrained features inputs about twice too large. Folding the same factor into the
+    Normalization layer's variance (x - mean) / sqrt(var * stddev) gives the identical function
+    with built-in layers only, so model.keras still loads without custom objects.
+    """
+    norm = next((layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)), None)
+    if norm is None:
+        raise ValueError(f"{base.name}: no Normalization layer in the stem; cannot match ImageNet input scaling")
+    mean, variance, *rest = norm.get_weights()
+    norm.set_weights([mean, variance * np.asarray(IMAGENET_STDDEV_RGB, dtype=variance.dtype), *rest])
+    norm.finalize_state()  # Normalization caches mean and variance as tensors; refresh them from the weights
+
+
 def build_model(input_size: int, backbone: str = "efficientnetb3", weights: str | None = None,
                 dropout: float = 0.3, bn_momentum: float | None = None) -> keras.Model:
     """Build backbone + GAP + Dropout + Dense(1) returning the pre-activation logit.
@@ -89,8 +109,11 @@ def build_model(input_size: int, backbone: str = "efficientnetb3", weights: str 
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     inp = keras.Input((input_size, input_size, 3), name="image")
-    base = BACKBONES[backbone](include_top=False, weights=resolve_weights(weights),
+    resolved = resolve_weights(weights)
+    base = BACKBONES[backbone](include_top=False, weights=resolved,
                                input_tensor=input_preprocessing(backbone, inp))
+    if backbone.startswith("efficientnet") and resolved not in (None, "imagenet"):
+        match_imagenet_normalization(base)
     if bn_momentum is not None:
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -138,12 +161,16 @@ def freeze_backbone(model: keras.Model) -> None:
 
 
 def unfreeze(model: keras.Model, top_layers: int = 20) -> int:
-    """Make the top `top_layers` backbone layers trainable, BatchNorm kept frozen; returns how many are trainable.
+    """Make the top `top_layers` weighted backbone layers trainable, BatchNorm kept frozen; returns how many train.
 
     BatchNorm stays frozen (keras-io EfficientNet fine-tuning recipe): with small fine-tuning batches its
-    statistics would drift away from the ones the head was trained on.
+    statistics would drift away from the ones the head was trained on. BatchNorm layers are therefore not
+    counted: `top_layers` is the number of layers that really train (convolutions, dense, ...).
     """
     layers = [layer for layer in backbone_layers(model) if layer.weights]
-    for i, layer in enumerate(layers):
-        layer.trainable = (i >= len(layers) - top_layers) and not isinstance(layer, keras.layers.BatchNormalization)
+    for layer in layers:
+        layer.trainable = False
+    trainable = [layer for layer in layers if not isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in trainable[len(trainable) - top_layers :] if top_layers > 0 else []:
+        layer.trainable = True
     return sum(layer.trainable for layer in layers)

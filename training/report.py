@@ -159,10 +159,12 @@ def write_report(out: str | Path, model, images: np.ndarray, y: np.ndarray, prob
         *[prop(k) for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")],
         f"| F1 (blast) | {fmt(t.get('f1'))} | |",
         f"| weighted F1 (C-NMC metric) | {fmt(t.get('f1_weighted'))} | |",
-        f"| ROC AUC | {fmt(t.get('auc'))}" + (f" (bootstrap 95% CI {fmt(auc_ci[0])}-{fmt(auc_ci[1])})" if auc_ci else "")
+        f"| ROC AUC | {fmt(t.get('auc'))}" + (f" (95% CI {fmt(auc_ci[0])}-{fmt(auc_ci[1])})" if auc_ci else "")
         + " | |",
         "",
         f"Confusion: {t['confusion']}.",
+        "",
+        f"Confidence intervals: {t.get('ci_method', 'Wilson score (cells treated as independent)')}.",
         "",
     ]
     op = metrics.get("operating_point")

@@ -36,6 +36,11 @@ import numpy as np
 from tqdm import tqdm
 
 LABELS = ("all", "hem")
+CELL_IMAGE_SIDE = 450
+"""Side of a C-NMC cell image, and of the synthetic ones at their default size."""
+SYNTH_CELL_UM_PER_PX = 0.045
+"""Pixel size of a 450 px synthetic cell image: C-NMC's estimated scale (docs/scale.md). An image of
+`size` px has CELL_IMAGE_SIDE * SYNTH_CELL_UM_PER_PX / size um per pixel."""
 GENERATOR_NAME = "leukocam.training.synth"
 FOLDS = 3
 
@@ -47,9 +52,11 @@ _BLASTNESS_SD = 0.14
 # Wright/Giemsa-like base colours (RGB, 0-255), before the stain's variation.
 _NUC_DENSE = (78.0, 44.0, 138.0)  # dark violet, condensed chromatin (lymphocyte)
 _NUC_OPEN = (138.0, 104.0, 196.0)  # lighter purple, open chromatin (blast)
-_NUCLEOLUS = (172.0, 162.0, 214.0)  # pale lavender-blue spot
-_CYTO_PALE = (182.0, 200.0, 232.0)  # pale blue rim of a lymphocyte
-_CYTO_BASO = (150.0, 176.0, 224.0)  # more basophilic blast cytoplasm
+# Every stained colour is darker than the glass (_FIELD_BG) in every channel, as light through a stained
+# cell must be (Beer-Lambert): cytoplasm is blue because it absorbs red, not because it adds blue.
+_NUCLEOLUS = (166.0, 150.0, 194.0)  # pale lavender-blue spot
+_CYTO_PALE = (166.0, 186.0, 198.0)  # pale blue rim of a lymphocyte
+_CYTO_BASO = (136.0, 164.0, 192.0)  # more basophilic blast cytoplasm
 _PLATELET = (128.0, 92.0, 182.0)  # purple granules, same hue as nuclei
 _FIELD_BG = (204.0, 201.0, 200.0)  # near-white, slightly pink-grey background
 # Optical density per unit red-cell thickness: hemoglobin absorbs green and
@@ -319,10 +326,9 @@ def render_cell(
         raise ValueError(f"size must be at least 16 px, got {size}")
     stain = stain or Stain()
     morph = _sample_morphology(rng, label)
-    # Physical size maps to image size (C-NMC keeps one magnification), so the
-    # blast/lymphocyte size difference stays visible: 8 um -> 45%, 18 um -> 85%.
-    frac = float(np.clip(0.45 + 0.40 * (morph.diameter_um - 8.0) / 10.0, 0.42, 0.86))
-    px_per_um = frac * size / morph.diameter_um
+    # One magnification for every cell, as in C-NMC, so the blast/lymphocyte size difference is
+    # real: a 450 px image spans 450 x SYNTH_CELL_UM_PER_PX = 20.25 um (8 um -> 40%, 18 um -> 89%).
+    px_per_um = size / (CELL_IMAGE_SIDE * SYNTH_CELL_UM_PER_PX)
     rgb, alpha = _white_cell_patch(rng, morph, stain, px_per_um)
     # The camera blurs before segmentation, so blur colours first and cut the
     # sharp-edged mask afterwards, as C-NMC's black background shows.
@@ -413,6 +419,7 @@ def render_field(
     labels: list[str] | None = None,
     stain: Stain | None = None,
     gap_um: float = 1.0,
+    masks: list | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Render a synthetic Wright/Giemsa peripheral smear field with a few white cells.
 
@@ -427,6 +434,8 @@ def render_field(
         stain: the slide's stain variation; None is a neutral stain.
         gap_um: least distance between two white cells' boxes; negative lets boxes
             overlap by that much, so cells touch (clumps, blast-dense fields).
+        masks: a list to receive each white cell's true extent: a bool HxW mask of the field
+            (the ideal segmentation, as C-NMC's organisers cut their cells).
 
     Returns:
         (field, cells): uint8 RGB array (height, width, 3), and one dict per white
@@ -499,6 +508,10 @@ def render_field(
         placed.append(tuple(box))
         _paste(field, rgb, alpha, x0, y0)
         cells.append({"box": box, "label": label})
+        if masks is not None:
+            whole = np.zeros((height, width), np.float32)
+            _paste(whole[..., None], np.ones((*alpha.shape, 1), np.float32), alpha, x0, y0)
+            masks.append(whole > 0.5)
 
     field = _finish(field, stain, stain.blur_um / um_per_px, rng)
     return _to_uint8(field), cells
@@ -591,6 +604,7 @@ def write_cell_dataset(
         "generator": GENERATOR_NAME,
         "seed": seed,
         "size": size,
+        "um_per_px": CELL_IMAGE_SIDE * SYNTH_CELL_UM_PER_PX / size,
         "n_images": total,
         "per_class": per_class,
         "per_subject": per_subject,

@@ -31,9 +31,11 @@ from device.preprocess import PreprocessContract
 from training.datasets import (
     LABELS,
     DatasetError,
+    largest_side,
     load_images,
     read_dataset,
     split_by_subject,
+    subject_groups,
     subject_warning,
     summarize,
     write_folds_csv,
@@ -45,6 +47,10 @@ from training.metrics import binary_metrics, ece, fit_temperature, nll, operatin
 class TrainOptions:
     input_size: int = 300
     """Model input side in pixels (the paper used 300)."""
+    um_per_px: float | None = None
+    """Pixel size of the training images in micrometres (C-NMC: about 0.045, see docs/scale.md). It makes the
+    bundle crop cells at the trained scale on the device (crop_um = largest image side x um_per_px); None
+    leaves the scale unknown and the device scales each cell's box to the input (the size cue is lost)."""
     epochs: int = 20
     """Maximum epochs (the paper's default); early stopping on validation loss may end sooner."""
     batch_size: int = 16
@@ -63,6 +69,9 @@ class TrainOptions:
     threshold: float = 0.5
     review_band: tuple[float, float] = (0.3, 0.7)
     augment: bool = True
+    deterministic: bool = True
+    """Same seed, same model: seeded stateless augmentation plus TensorFlow's deterministic kernels (a little
+    slower; turn off for speed on a GPU where an op has no deterministic kernel)."""
     color_jitter: bool = True
     """Stain/colour jitter (brightness, contrast, saturation, small hue) on top of rotation/flip/zoom."""
     stages: int = 1
@@ -86,45 +95,61 @@ class TrainOptions:
     """Write report.md and the plots (ROC, confusion matrix, reliability, Grad-CAM grid)."""
 
 
-def augmenter():
-    """Rotation, flips and zoom as in the paper; fill with black like the C-NMC background."""
-    import keras
+def augment_one(image, seed, jitter: bool):
+    """Rotation, flips and zoom as in the paper, and stain/colour jitter, on one float 0-255 RGB image.
 
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal_and_vertical"),
-        keras.layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0),
-        keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", fill_value=0.0),
-    ], name="augment")
+    Every random draw is a stateless op keyed by `seed` (a [2] int tensor given to each element), so the
+    same seed gives the same augmented image in any thread order: training is reproducible. Rotation and
+    zoom are one projective transform about the centre, filled with black like the C-NMC background;
+    the jitter leaves the black background black.
+    """
+    import math
 
-
-def color_jitter(image, seed_offset: int = 0):
-    """Small stain/colour changes on one float 0-255 RGB image; the black background stays black."""
     import tensorflow as tf
 
-    mask = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 0, image.dtype)
-    x = image / 255.0
-    x = tf.image.random_brightness(x, 0.08)
-    x = tf.image.random_contrast(x, 0.85, 1.15)
-    x = tf.image.random_saturation(x, 0.8, 1.2)
-    x = tf.image.random_hue(x, 0.03)
-    return tf.clip_by_value(x, 0.0, 1.0) * 255.0 * mask
+    seeds = tf.random.experimental.stateless_split(seed, 8)
+    x = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    x = tf.image.stateless_random_flip_up_down(x, seeds[1])
+    angle = tf.random.stateless_uniform([], seeds[2], -math.pi, math.pi)
+    zoom = tf.random.stateless_uniform([], seeds[3], 0.9, 1.1)  # > 1 enlarges the cell
+    h, w = tf.cast(tf.shape(x)[0], tf.float32), tf.cast(tf.shape(x)[1], tf.float32)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    # Output pixel (u, v) samples input (a0 u + a1 v + a2, b0 u + b1 v + b2): rotate and scale about the centre.
+    transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+    x = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    if jitter:
+        mask = tf.cast(tf.reduce_max(x, axis=-1, keepdims=True) > 0, x.dtype)
+        y = x / 255.0
+        y = tf.image.stateless_random_brightness(y, 0.08, seeds[4])
+        y = tf.image.stateless_random_contrast(y, 0.85, 1.15, seeds[5])
+        y = tf.image.stateless_random_saturation(y, 0.8, 1.2, seeds[6])
+        y = tf.image.stateless_random_hue(y, 0.03, seeds[7])
+        x = tf.clip_by_value(y, 0.0, 1.0) * 255.0 * mask
+    return x
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, augment: bool, seed: int,
                  jitter: bool = False):
-    """tf.data pipeline: cast (cached), shuffle, per-image colour jitter, batch, geometric augmentation, prefetch."""
+    """tf.data pipeline: cast (cached), shuffle, per-image augmentation with its own stateless seed, batch, prefetch.
+
+    The seeds come from `Dataset.random(seed)`, which draws a new but reproducible stream each epoch, so
+    every epoch sees new augmentations and two runs with one seed see the same ones.
+    """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)[:, None]))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    if augment and jitter:
-        ds = ds.map(lambda x, y: (color_jitter(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size)
     if augment:
-        aug = augmenter()
-        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augment_one(xy[0], s, jitter), xy[1]), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+    ds = ds.batch(batch_size)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -215,8 +240,14 @@ def run_training(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(opts.seed)
-    contract = PreprocessContract(input_size=opts.input_size)
+    if opts.deterministic:
+        tf.config.experimental.enable_op_determinism()
     samples = read_dataset(data_dir)
+    crop_um = None if opts.um_per_px is None else round(largest_side(samples) * opts.um_per_px, 3)
+    contract = PreprocessContract(input_size=opts.input_size, crop_um=crop_um)
+    if crop_um is None and progress:
+        print("warning: --um-per-px not given: the bundle cannot crop cells at the trained scale on the device, "
+              "which then scales each cell to the input and loses its size (see docs/scale.md)", file=sys.stderr)
     summary = summarize(samples)
     warning = subject_warning(samples)
     if warning and progress:
@@ -228,12 +259,12 @@ def run_training(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, 
     for name, part in parts.items():
         if not part:
             raise DatasetError(f"the {name} split is empty: the dataset has too few subjects or images for these fractions")
-        x, y, kept, bad = load_images(part, contract, progress=progress)
+        x, y, kept, bad = load_images(part, contract, progress=progress, um_per_px=opts.um_per_px)
         loaded[name] = (x, y, kept)
         problems += bad
     write_folds_csv(out / "folds.csv", [s for _, _, kept in loaded.values() for s in kept],
                     [name for name, (_, _, kept) in loaded.items() for _ in kept])
-    (xtr, ytr, _), (xva, yva, _), (xte, yte, kept_te) = loaded["train"], loaded["val"], loaded["test"]
+    (xtr, ytr, _), (xva, yva, kept_va), (xte, yte, kept_te) = loaded["train"], loaded["val"], loaded["test"]
 
     gpus = tf.config.list_physical_devices("GPU")
     if opts.mixed_precision and gpus:
@@ -301,8 +332,8 @@ def run_training(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, 
     synthetic = _is_synthetic(data_dir)
     metrics = {
         "synthetic_data": synthetic,
-        "test": binary_metrics(yte, test_prob, threshold),
-        "val": binary_metrics(yva, val_prob, threshold),
+        "test": binary_metrics(yte, test_prob, threshold, groups=subject_groups(kept_te), seed=opts.seed),
+        "val": binary_metrics(yva, val_prob, threshold, groups=subject_groups(kept_va), seed=opts.seed),
         "operating_point": {"threshold": threshold, "review_band": band, "rule": op_rule},
         "calibration": calibration,
         "balance": balance,
@@ -315,6 +346,7 @@ def run_training(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, 
         "options": {**asdict(opts), "review_band": list(opts.review_band)},
         "labels": list(LABELS),
         "preprocess": contract.to_dict(),
+        "data_um_per_px": opts.um_per_px,
         "threshold": threshold,
         "review_band": band,
         "temperature": temperature,

@@ -185,3 +185,10 @@ def test_gpio_button_captures_and_long_press_starts_a_slide(config):
         Device.pin_factory = previous
         factory.reset()
         factory.close()
+
+
+def test_big_buffers_go_back_to_the_os():
+    # glibc (the Pi's Raspberry Pi OS and this machine): mallopt accepts the fixed mmap threshold.
+    from device.service import return_big_buffers_to_the_os
+
+    assert return_big_buffers_to_the_os() is True

@@ -395,6 +395,23 @@ def _segment_nuclei(
     return out
 
 
+class _DisjointSets:
+    """Union-find over 0..n-1 (path halving): which pieces belong to one cell."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
 def _split_touching(nucleus: np.ndarray, full_radius_px: float) -> np.ndarray:
     """Label image of nuclei, with touching nuclei cut apart along their neck.
 
@@ -417,14 +434,7 @@ def _split_touching(nucleus: np.ndarray, full_radius_px: float) -> np.ndarray:
     if pn <= 2:
         return labels
     # Group the peak plateaus of each component that are not separated by a neck.
-    parent = list(range(pn))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    sets = _DisjointSets(pn)
     depth = np.zeros(pn)
     comp = np.zeros(pn, np.int32)
     for k in range(1, pn):
@@ -442,10 +452,10 @@ def _split_touching(nucleus: np.ndarray, full_radius_px: float) -> np.ndarray:
             xs = np.linspace(pcent[a][0], pcent[b][0], steps).round().astype(int)
             ys = np.linspace(pcent[a][1], pcent[b][1], steps).round().astype(int)
             if dist[ys, xs].min() >= NECK_RATIO * min(depth[a], depth[b]):
-                parent[find(a)] = find(b)
+                sets.join(a, b)
     cores: dict[int, list[int]] = {}
     for k in range(1, pn):
-        cores.setdefault(comp[k], []).append(find(k))
+        cores.setdefault(comp[k], []).append(sets.find(k))
     split_comps = {c for c, roots in cores.items() if len(set(roots)) > 1}
     if not split_comps:
         return labels
@@ -458,7 +468,7 @@ def _split_touching(nucleus: np.ndarray, full_radius_px: float) -> np.ndarray:
     root_ids: dict[int, int] = {}
     for k in range(1, pn):
         if comp[k] in split_comps:
-            r = find(k)
+            r = sets.find(k)
             if r not in root_ids:
                 root_ids[r] = next_id
                 next_id += 1
@@ -534,13 +544,7 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     depth = np.zeros(n, np.float32)
     np.maximum.at(depth, lab, dist[ys, xs])
     full = depth >= full_radius_px
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    sets = _DisjointSets(n)
 
     # Which pieces come within gap_px of each other: dilate each piece's label.
     reach = max(1, int(round(gap_px / 2)))
@@ -554,11 +558,11 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
         pairs.add((int(ids[i]), int(ids[j])))
     for a, b in pairs:
         if not (full[a] and full[b]):
-            parent[find(a)] = find(b)
+            sets.join(a, b)
     lut = np.zeros(n, np.int32)
     roots: dict[int, int] = {}
     for i in ids:
-        lut[i] = roots.setdefault(find(int(i)), len(roots) + 1)
+        lut[i] = roots.setdefault(sets.find(int(i)), len(roots) + 1)
     return lut[pieces]
 
 

@@ -112,6 +112,18 @@ def match_boxes(predicted: Sequence[Box], truth: Sequence[Box]) -> MatchResult:
     return MatchResult(tp, len(predicted) - tp, len(truth) - tp, tuple(ious))
 
 
+def _scores(tp: int, fp: int, fn: int) -> dict:
+    """Counts with recall and precision (1.0 where nothing was there to find, or nothing was found)."""
+    n_true, n_found = tp + fn, tp + fp
+    return dict(
+        true_positives=tp,
+        false_positives=fp,
+        false_negatives=fn,
+        recall=tp / n_true if n_true else 1.0,
+        precision=tp / n_found if n_found else 1.0,
+    )
+
+
 def evaluate_folder(
     images_dir: str | Path,
     annotations_dir: str | Path,
@@ -173,11 +185,7 @@ def evaluate_folder(
     n_true, n_found = tp + fn, tp + fp
     result = dict(
         images=len(xmls),
-        true_positives=tp,
-        false_positives=fp,
-        false_negatives=fn,
-        recall=tp / n_true if n_true else 1.0,
-        precision=tp / n_found if n_found else 1.0,
+        **_scores(tp, fp, fn),
         recall_iou30=tp30 / n_true if n_true else 1.0,
         precision_iou30=tp30 / n_found if n_found else 1.0,
         mean_iou=float(np.mean(all_ious)) if all_ious else 0.0,
@@ -239,14 +247,9 @@ def evaluate_fields(
             unknown += 1
         else:
             errors.append(abs(estimate / um - 1))
-    n_true, n_found = tp + fn, tp + fp
     return dict(
         images=len(fields),
-        true_positives=tp,
-        false_positives=fp,
-        false_negatives=fn,
-        recall=tp / n_true if n_true else 1.0,
-        precision=tp / n_found if n_found else 1.0,
+        **_scores(tp, fp, fn),
         mean_iou=float(np.mean(ious)) if ious else 0.0,
         ms_per_image=1000 * seconds / max(1, len(fields)),
         scale_error=float(np.median(errors)) if errors else None,

@@ -85,6 +85,9 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
     assert verification["cam_pairs"] > 0 and verification["cam_correlation_mean"] > 0.5
     # The scale travels from training through convert to the device's contract.
     assert bundle.contract.crop_um == pytest.approx(20.25, abs=0.01)
+    # The mode was chosen on validation; the test split was measured once, on the chosen bundle.
+    assert bundle.meta["verification"]["split"] == "validation"
+    assert bundle.meta["metrics"]["split"] == "test" and bundle.meta["metrics"]["quantized"]["n"] > 0
     # The whole field path was run beside the training path and recorded.
     parity = bundle.meta["field_parity"]
     assert parity["cells"] > 0 and parity["found"] >= 0.9 * parity["cells"]

@@ -148,17 +148,14 @@ def crop_cell(
     else:
         pad = int(round(max(bw, bh) * contract.crop_padding))
         side = max(bw, bh) + 2 * pad
-    # The square's top-left corner in field coordinates, centred on the box.
-    sx0, sy0 = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
-    canvas = np.zeros((side, side, 3), dtype=np.uint8)
     if contract.background == "keep":
         # Take the real surroundings where the field has them, black beyond its edge.
+        sx0, sy0 = (x0 + x1) // 2 - side // 2, (y0 + y1) // 2 - side // 2
+        canvas = np.zeros((side, side, 3), dtype=np.uint8)
         fx0, fy0 = max(sx0, 0), max(sy0, 0)
         fx1, fy1 = min(sx0 + side, field.shape[1]), min(sy0 + side, field.shape[0])
         canvas[fy0 - sy0 : fy1 - sy0, fx0 - sx0 : fx1 - sx0] = field[fy0:fy1, fx0:fx1]
     else:
-        # The masked cell, clipped where it is larger than the field of view.
-        cx0, cy0 = max(x0, sx0), max(y0, sy0)
-        cx1, cy1 = min(x1, sx0 + side), min(y1, sy0 + side)
-        canvas[cy0 - sy0 : cy1 - sy0, cx0 - sx0 : cx1 - sx0] = cell[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        # The masked cell on black, the same centring as a training image (cut where it is larger).
+        canvas = centre_on_square(cell, side)
     return prepare_cell(canvas, contract)

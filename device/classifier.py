@@ -3,7 +3,7 @@
 The model takes uint8 RGB crops and returns, by signature name, the blast
 probability, the pre-activation logit and the class activation map
 CAM = sum_k w_k A_k of the last feature map. For a global-average-pooling +
-Dense head this is exactly Grad-CAM up to a positive scale (DESIGN.md), so the
+Dense head this is exactly Grad-CAM up to a positive scale (docs/design.md), so the
 device needs no gradients: the heatmap of the positive class is ReLU(CAM), of
 the negative class ReLU(-CAM).
 """

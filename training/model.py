@@ -2,7 +2,7 @@
 
 The head must stay GAP -> (Dropout) -> Dense(1): for that head Grad-CAM equals
 the class activation map computed from the Dense weights, which is what lets
-the Pi produce heatmaps without gradients (DESIGN.md). The model takes uint8
+the Pi produce heatmaps without gradients (docs/design.md). The model takes uint8
 RGB values 0-255 as float; Keras EfficientNet rescales and normalizes inside
 its own graph, so the data pipeline must not normalize.
 """

@@ -60,7 +60,7 @@ class TrainOptions:
     """"imagenet", "none", or a local weights file."""
     dropout: float = 0.3
     bn_momentum: float | None = None
-    """BatchNorm momentum override; 0.9 helps short from-scratch runs (see DESIGN.md, known traps)."""
+    """BatchNorm momentum override; 0.9 helps short from-scratch runs (see docs/design.md, known traps)."""
     test_fraction: float = 0.3
     val_fraction: float = 0.15
     patience: int = 8

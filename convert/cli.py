@@ -340,9 +340,10 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
-@click.option("--only", type=click.Choice(["all", "models", "pipeline", "finder", "training", "dashboard"]),
+@click.option("--only", type=click.Choice(["all", "models", "pipeline", "finder", "device", "training", "dashboard"]),
               default="all", show_default=True,
-              help="On a Pi (no TensorFlow) use --only pipeline.")
+              help="device = pipeline and finder (no TensorFlow: what a Pi can run; the finder is then compared "
+                   "with the pipeline's own model time).")
 @click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Finder stress corpus (from `leukocam finder-eval --build`); default: a small one built from "
                    "the repository's BCCD fields and synthetic fields.")
@@ -372,7 +373,7 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
         results.append(result)
         model_ms_5 = next(r["ms"] for r in result["rows"] if r["model"] == "tflite int8" and r["threads"] == 2
                           and r["batch"] == 5)
-    if only in ("all", "pipeline"):
+    if only in ("all", "pipeline", "device"):
         # The int8 bundle of this run (300 px) unless one is named; the demo bundle when models were not built.
         kept = Path(out_dir) / "int8"
         bundle = bundle_dir or (kept if only == "all" and kept.is_dir() else DEMO_BUNDLE)
@@ -381,11 +382,15 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
         result = bench_pipeline(bundle, width=w, height=h, cells=5, captures=n)
         result["markdown"] = pipeline_markdown(result)
         results.append(result)
-    if only in ("all", "finder"):
+        if model_ms_5 is None and result["found_cells"] == 5:
+            model_ms_5 = result["model_ms"]  # the same bundle's pure model time on the 5 crops, this run
+    if only in ("all", "finder", "device"):
         click.echo("benchmarking the white-cell finder ...")
         w, h = (1280, 960) if quick else (4056, 3040)
+        kept = Path(out_dir) / "int8"
+        side_by_side = bundle_dir or (kept if kept.is_dir() and only == "all" else None)
         result = bench_finder(model_ms_5, width=w, height=h, repeats=repeats, corpus=corpus_dir,
-                              synth_fields=2 if quick else 5)
+                              synth_fields=2 if quick else 5, bundle_dir=side_by_side)
         result["markdown"] = finder_markdown(result)
         results.append(result)
     if only in ("all", "dashboard"):

@@ -249,15 +249,24 @@ def set_password(config_path, username, password):
 
 
 @cli.command("calibrate-qc")
+@config_option
 @click.argument("fields", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def calibrate_qc(fields):
-    """Suggest [quality] thresholds from a few FIELDS you judge good (in focus, well exposed)."""
+def calibrate_qc(config_path, fields):
+    """Suggest [quality] thresholds from a few FIELDS you judge good (in focus, well exposed).
+
+    With a calibrated pixel size ([finder] um_per_px) sharpness is measured on the finder's
+    working copy, exactly as each capture measures it: calibrate the pixel size first.
+    """
+    from device.cells import working_copy
+    from device.config import load_config
     from device.imaging import decode_image
     from device.quality import assess, suggest_thresholds
 
+    um = load_config(config_path).finder.um_per_px or None
     reports = []
     for path in fields:
-        r = assess(decode_image(path), min_focus=0.0, max_clipped_fraction=1.0)
+        rgb = decode_image(path)
+        r = assess(working_copy(rgb, um) if um else rgb, min_focus=0.0, max_clipped_fraction=1.0)
         click.echo(f"{path}: sharpness {r.focus:.1f}, clipped {r.clipped_fraction:.4f}, brightness {r.mean_brightness:.0f}")
         reports.append(r)
     t = suggest_thresholds(reports)

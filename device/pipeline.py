@@ -9,7 +9,7 @@ and benchmarks.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +25,11 @@ from device.store import CaptureRecord, CellRecord
 
 FIELD_JPEG_QUALITY = 90
 """Quality of the archival field JPEG."""
-_CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-scale-check")
-"""The per-capture scale check runs here, beside the finder (OpenCV releases the GIL while it works)."""
+HEATMAP_JPEG_QUALITY = 90
+"""The heatmap overlay is a picture for people (JPEG, ten times faster to encode than PNG); the crop,
+which is the model's input and can become training data, stays lossless PNG."""
+_CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-qc")
+"""Quality control runs here, beside the finder (OpenCV releases the GIL)."""
 CLASSIFY_BATCH = 1
 """Crops per interpreter call. One keeps the interpreter's working memory small (a 300 px B3 at batch 8 needs
 about 20 MB more at the peak) for a few percent of int8 speed per crop."""
@@ -80,28 +83,33 @@ class Analyzer:
         colour, too small) gets status "retake" with the reason, and no cells.
         """
         timings: dict[str, float] = {}
-        notes: list = []  # strings, and the Future of the scale check's warning
+        notes: list[str] = []
         field, bad = as_rgb8(field)
         if bad is not None:
             return _refused(f"cannot analyse this image: {bad}")
         t = time.perf_counter()
-        qc = assess(field, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
-        if single_cell:
-            qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
         problem = finder.field_problem(field, on_black=single_cell)
-        timings["qc"] = _ms(t)
-
-        t = time.perf_counter()
         um, review_scale = self._pixel_size(field, single_cell, notes) if problem is None else (None, False)
+        calibrated = self.config.finder.um_per_px or None
+        small = None
+        if problem is None and not single_cell:
+            # One shrink of the frame, shared by quality control, the scale check and the finder.
+            small = finder.working_copy(field, um or self.default_um)
         timings["scale"] = _ms(t)
+        # Quality control runs beside the finder on the shared copy (OpenCV and NumPy release the
+        # GIL); its report is collected when the cells are found. (The scale check of a calibrated
+        # rig runs after the result: see Appliance._after_result.)
+        qc_future = _CHECKS.submit(self._quality, field if small is None or calibrated is None else small, single_cell)
         t = time.perf_counter()
         if problem is not None:
             found = []
         elif single_cell:
             found = [finder.single_cell(field)]
         else:
-            found = finder.find_white_cells(field, finder.FinderOptions(um_per_px=um or self.default_um))
+            options = finder.FinderOptions(um_per_px=um or self.default_um)
+            found = finder.find_white_cells(field, options, small=small)
         timings["find"] = _ms(t)
+        qc, timings["qc"] = qc_future.result()
         limit = self.config.finder.max_cells
         skipped = max(0, len(found) - limit)
         found = sorted(found, key=lambda c: -c.score)[:limit]
@@ -134,8 +142,6 @@ class Analyzer:
         )
         timings["cam"] = _ms(t)
 
-        notes = [n.result() if isinstance(n, Future) else n for n in notes]
-        notes = [n for n in notes if n]
         problems = list(qc.problems)
         if problem is not None:
             problems.append(problem)
@@ -146,6 +152,15 @@ class Analyzer:
         if notes:
             message += " (" + "; ".join(notes) + ")"
         return FieldAnalysis(status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0])
+
+    def _quality(self, image: np.ndarray, single_cell: bool) -> tuple[QualityReport, float]:
+        """(focus and exposure report, milliseconds). `image` is the working copy on a calibrated rig
+        (sharpness is then measured at a fixed scale in µm, as `leukocam calibrate-qc` measures it)."""
+        t = time.perf_counter()
+        qc = assess(image, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
+        if single_cell:
+            qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
+        return qc, _ms(t)
 
     @property
     def default_um(self) -> float:
@@ -165,10 +180,7 @@ class Analyzer:
         if single_cell:
             return calibrated, False
         if calibrated is not None:
-            if self.config.finder.scale_check:
-                # Only a warning depends on it: it runs beside the finder and is collected at the end.
-                notes.append(_CHECKS.submit(finder.check_scale, field, calibrated))
-            return calibrated, False
+            return calibrated, False  # checked against the red cells beside the finder (see analyse)
         um = finder.estimate_um_per_px(field)
         if um is not None:
             notes.append("pixel size measured on this field (not calibrated: run `leukocam calibrate`)")
@@ -198,25 +210,24 @@ def to_record(
     model_synthetic: bool,
     camera: dict | None = None,
     extra_timings: dict | None = None,
-    field_jpeg: Future | bytes | None = None,
+    archive_later: bool = False,
 ) -> CaptureRecord:
     """Encode images and package an analysis for `Store.save_capture`.
 
-    `field_jpeg` is the field already encoded (or being encoded beside the analysis); None encodes it here.
+    With `archive_later` the record carries no field JPEG: the caller stores the result first and
+    attaches the field image when it is encoded (`Store.attach_field_image`), so encoding a 12 MP
+    JPEG never holds the result back.
     """
     t = time.perf_counter()
     cells = tuple(
         CellRecord(
             box=c.box, probability=c.probability, logit=c.logit, label=c.label, positive=c.positive,
             needs_review=c.needs_review, crop_png=encode_image(c.crop, "PNG", fast=True),
-            heatmap_png=encode_image(c.heatmap, "PNG", fast=True),
+            heatmap_jpeg=encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
         )
         for c in analysis.cells
     )
-    if field_jpeg is None:
-        field_jpeg = encode_image(field, "JPEG", quality=FIELD_JPEG_QUALITY)
-    elif isinstance(field_jpeg, Future):
-        field_jpeg = field_jpeg.result()
+    field_jpeg = None if archive_later else encode_field(field)
     timings = dict(extra_timings or {}, **analysis.timings_ms, encode=_ms(t))
     qc = analysis.quality.to_dict()
     qc["skipped_cells"] = analysis.skipped
@@ -225,6 +236,11 @@ def to_record(
         width=analysis.width, height=analysis.height, um_per_px=analysis.um_per_px, model_sha256=model_sha256,
         model_synthetic=model_synthetic, field_jpeg=field_jpeg, qc=qc, timings=timings, camera=camera or {}, cells=cells,
     )
+
+
+def encode_field(field: np.ndarray) -> bytes:
+    """The archival field JPEG."""
+    return encode_image(field, "JPEG", quality=FIELD_JPEG_QUALITY)
 
 
 def _ms(t0: float) -> float:

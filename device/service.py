@@ -14,18 +14,19 @@ import queue
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
 from device.bundle import Bundle
 from device.bundle_store import resolve_active_bundle
 from device.camera import Camera, build_camera
+from device.cells import check_scale
 from device.classifier import SelfTestResult
 from device.config import Config
 from device.errors import BusyError, CameraError, ImageError, LeukoCamError
-from device.imaging import decode_image, encode_image
-from device.pipeline import FIELD_JPEG_QUALITY, Analyzer, to_record
+from device.imaging import decode_image
+from device.pipeline import Analyzer, encode_field, to_record
 from device.store import ReconcileReport, Store
 from device.trigger import Trigger
 
@@ -41,12 +42,17 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
     mmap threshold after the first large free, after which such buffers come from the heap and stay
     resident: the appliance's peak memory then grows by tens of MB per capture pattern. Measured with a
     300 px int8 bundle: steady RSS 221 -> 169 MB, peak 337 -> 289 MB. glibc only; elsewhere a no-op.
+    The price is a page fault per 4 kB on first touch of each fresh buffer (the 12 MP find takes about
+    110 ms instead of 90 in the pipeline benchmark); a 16 MB threshold, which keeps the finder's buffers on
+    the heap, measured a peak of 331 MB against 273 MB.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
 SLIDE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -80,9 +86,12 @@ class Appliance:
         self.slide_id = self.new_slide(config.service.slide_id or f"slide-{datetime.now():%Y%m%d}")
         self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
         self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
-        # The archival field JPEG is encoded beside the analysis (PIL releases the GIL while it
-        # encodes), so it does not hold the result back on a multi-core Pi.
+        # The archival field JPEG is encoded after the result is stored (PIL releases the GIL while
+        # it encodes), so it never holds the result back; stop() waits for it.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-encode")
+        self._archiving: Future | None = None
+        self.scale_warning: str | None = None
+        """The last disagreement between the red cells and the calibrated pixel size, for the status page."""
         self._busy = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -222,17 +231,20 @@ class Appliance:
         with self._work_lock:
             try:
                 self.store.check_space()
-                field_jpeg = self._encoder.submit(encode_image, image, "JPEG", quality=FIELD_JPEG_QUALITY)
                 analysis = self.analyzer.analyse(image, single_cell=single_cell)
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
                     analysis, image, slide_id=self.slide_id, source=source, trigger=trigger,
                     model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
-                    extra_timings=extra, field_jpeg=field_jpeg,
+                    extra_timings=extra, archive_later=True,
                 )
                 t = time.perf_counter()
                 capture_id = self.store.save_capture(record)
                 self.store.add_timing(capture_id, "store", (time.perf_counter() - t) * 1000)
+                # The result is stored; the 12 MP archival JPEG and the scale check follow in the background.
+                check = (self.config.finder.um_per_px or None) if (
+                    self.config.finder.scale_check and not single_cell and analysis.status == "ok") else None
+                self._archiving = self._encoder.submit(self._after_result, capture_id, image, check)
                 if self.config.store.max_images_mb:
                     self.retention = self.store.apply_retention(self.config.store.max_images_mb)
                 log.info("capture %d (%s): %s", capture_id, trigger, analysis.message)
@@ -249,6 +261,31 @@ class Appliance:
         self.last_outcome = outcome
         return outcome
 
+    def _after_result(self, capture_id: int, image, calibrated: float | None) -> None:
+        """What follows a stored result, on the encoder thread: the archival field JPEG, then the
+        cheap check of the calibrated pixel size against the red cells (a warning on the capture)."""
+        t = time.perf_counter()
+        try:
+            self.store.attach_field_image(capture_id, encode_field(image))
+            self.store.add_timing(capture_id, "archive", (time.perf_counter() - t) * 1000)
+        except (LeukoCamError, OSError) as exc:
+            self.last_error = f"capture {capture_id}: field image not saved: {exc}"
+            log.error(self.last_error)
+        if calibrated is None:
+            return
+        t = time.perf_counter()
+        warning = check_scale(image, calibrated)
+        self.store.add_timing(capture_id, "scale_check", (time.perf_counter() - t) * 1000)
+        if warning:
+            log.warning("capture %d: %s", capture_id, warning)
+            self.scale_warning = f"capture {capture_id}: {warning}"
+            self.store.add_note(capture_id, warning)
+
+    def wait_archived(self, timeout: float | None = None) -> None:
+        """Block until the last capture's field image is on disk (tests, benchmarks, shutdown)."""
+        if self._archiving is not None:
+            self._archiving.result(timeout)
+
     # -- status ------------------------------------------------------------------------------
     def health(self) -> dict:
         worker_alive = self.worker_alive
@@ -259,6 +296,7 @@ class Appliance:
             "uptime_s": round(time.time() - self.started_at, 1),
             "captures_done": self.captures_done,
             "last_error": self.last_error,
+            "scale_warning": self.scale_warning,
             "last_outcome": None if self.last_outcome is None else self.last_outcome.__dict__,
             "camera": self.camera.name,
             "slide_id": self.slide_id,

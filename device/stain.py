@@ -39,6 +39,10 @@ BLUE_CYTOPLASM_RG = 1.5
 """An OD direction absorbing red this many times more than green is basophilic cytoplasm, not a nucleus."""
 MIN_STAIN_ANGLE_DEG = 10.0
 """A colour tail closer than this to the red cells is their own variation, not a second stain."""
+DENSE_PLANE_DEG = 4.0
+"""When the densest pixels' hue is this far from the main direction, the stain plane is spanned through them."""
+HUE_TIE_SHARE = 0.04
+"""Two populations whose blue shares differ by less than this are told apart by density instead of hue."""
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -67,7 +71,7 @@ class StainVectors:
 DEFAULT_STAINS = StainVectors(NUCLEAR_OD_DEFAULT, RED_CELL_OD_DEFAULT, estimated=False)
 
 
-def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
+def illumination(rgb: np.ndarray, blocks: int = 8, full_size: bool = True) -> np.ndarray:
     """The light behind the slide: HxWx3 float32, the brightness of empty glass at each pixel.
 
     A quadratic surface per channel is fitted to the upper envelope of block-wise
@@ -78,13 +82,16 @@ def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
     Args:
         rgb: uint8 or float RGB, HxWx3.
         blocks: grid size along the longer side.
+        full_size: False returns the fitted surface at thumbnail size (at most 256 px on the
+            long side; `optical_density` stretches it), which saves a full-size float image.
     """
     h, w = rgb.shape[:2]
     # The light is smooth: it is measured and fitted on a thumbnail, then stretched to full size.
     shrink = min(1.0, 256 / max(h, w))
-    thumb = rgb.astype(np.float32)
+    thumb = rgb
     if shrink < 1.0:
-        thumb = cv2.resize(thumb, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
+        thumb = cv2.resize(rgb, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
+    thumb = thumb.astype(np.float32)
     th, tw = thumb.shape[:2]
     lum = thumb.sum(axis=2)
     # The global white: the brightest 2% of the field.
@@ -92,19 +99,18 @@ def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
     nb_y = max(1, round(blocks * th / max(th, tw)))
     nb_x = max(1, round(blocks * tw / max(th, tw)))
     if th < 32 or tw < 32 or nb_x * nb_y < 6:
-        return np.broadcast_to(white.astype(np.float32), (h, w, 3))
-    ys = np.linspace(0, th, nb_y + 1).astype(int)
-    xs = np.linspace(0, tw, nb_x + 1).astype(int)
-    pts, vals = [], []
-    for i in range(nb_y):
-        for j in range(nb_x):
-            block = thumb[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].reshape(-1, 3)
-            bl = block.sum(axis=1)
-            top = block[bl >= np.percentile(bl, 95)]
-            pts.append(((xs[j] + xs[j + 1]) / 2 / tw - 0.5, (ys[i] + ys[i + 1]) / 2 / th - 0.5))
-            vals.append(top.mean(axis=0))
-    p = np.asarray(pts)
-    v = np.asarray(vals) / white  # relative to the global white
+        return np.broadcast_to(white.astype(np.float32), (h, w, 3) if full_size else (th, tw, 3))
+    # Each block's brightest 5% (by summed channels), all blocks at once: equal blocks of
+    # bh x bw pixels (the last few rows and columns of the thumbnail are left out).
+    bh, bw = th // nb_y, tw // nb_x
+    blocks = thumb[: nb_y * bh, : nb_x * bw].reshape(nb_y, bh, nb_x, bw, 3).transpose(0, 2, 1, 3, 4)
+    blocks = blocks.reshape(nb_y * nb_x, bh * bw, 3)
+    bl = blocks.sum(axis=2)
+    top = bl >= np.percentile(bl, 95, axis=1, keepdims=True)
+    vals = (blocks * top[..., None]).sum(axis=1) / top.sum(axis=1, keepdims=True)
+    cy, cx = np.meshgrid((np.arange(nb_y) + 0.5) * bh / th - 0.5, (np.arange(nb_x) + 0.5) * bw / tw - 0.5, indexing="ij")
+    p = np.column_stack([cx.ravel(), cy.ravel()])
+    v = vals / white  # relative to the global white
     design = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1], p[:, 0] ** 2, p[:, 0] * p[:, 1], p[:, 1] ** 2])
     if len(p) < 12:
         design = design[:, :3]  # too few blocks for curvature: a plane
@@ -121,9 +127,13 @@ def illumination(rgb: np.ndarray, blocks: int = 8) -> np.ndarray:
             weights = np.where(resid < -0.03, 0.05, 1.0)
         surface = sum(t * float(k) for t, k in zip(terms, coef, strict=True))
         small[..., c] = np.clip(surface, 0.5, 1.05) * white[c]
-    if (th, tw) == (h, w):
+    if (th, tw) == (h, w) or not full_size:
         return small
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+_LOG_U8 = np.log(np.arange(256, dtype=np.float32) + 1.0)
+"""log(v + 1) for every uint8 value: the optical density of a uint8 image is a table look-up."""
 
 
 def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndarray:
@@ -131,13 +141,20 @@ def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndar
 
     Args:
         rgb: uint8 or float RGB, HxWx3.
-        light: the illumination (as from `illumination`); None measures it.
+        light: the illumination (as from `illumination`), at full size or as a smaller
+            surface to be stretched over the field; None measures it.
     """
-    img = rgb.astype(np.float32)
+    h, w = rgb.shape[:2]
     if light is None:
-        light = illumination(img)
-    od = np.log((light + 1.0) / (img + 1.0))
-    return np.maximum(od, 0.0).astype(np.float32)
+        light = illumination(rgb, full_size=False)
+    log_light = np.log(np.asarray(light, np.float32) + 1.0)
+    if log_light.shape[:2] != (h, w):
+        log_light = cv2.resize(log_light, (w, h), interpolation=cv2.INTER_LINEAR)
+    if rgb.dtype == np.uint8:
+        od = log_light - cv2.LUT(rgb, _LOG_U8)
+    else:
+        od = log_light - np.log(rgb.astype(np.float32) + 1.0)
+    return np.maximum(od, 0.0, out=od)
 
 
 def _two_gaussians(x: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -150,6 +167,7 @@ def _two_gaussians(x: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.
     sd = np.full(2, max(float(x.std()) / 2, 1e-3))
     w = np.array([0.5, 0.5])
     for _ in range(iterations):
+        before = mu
         dens = w / sd * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)
         r = dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
         nk = r.sum(axis=0) + 1e-9
@@ -157,7 +175,18 @@ def _two_gaussians(x: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.
         mu = (r * x[:, None]).sum(axis=0) / nk
         sd = np.sqrt((r * (x[:, None] - mu) ** 2).sum(axis=0) / nk)
         sd = np.maximum(sd, 1e-3)
+        if np.abs(mu - before).max() < 1e-3:
+            break  # converged (angles in radians)
     return w, mu, sd, r[:, 1]
+
+
+def _angle_populations(flat: np.ndarray, plane: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray]:
+    """(angle of each OD vector in `plane`, whether there are two populations apart by more than
+    their spread, responsibility of the second)."""
+    proj = flat @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    w, mu, sd, resp = _two_gaussians(phi)
+    return phi, bool(min(w) >= 0.003 and abs(mu[1] - mu[0]) >= 1.5 * max(sd)), resp
 
 
 def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200) -> StainVectors:
@@ -186,8 +215,8 @@ def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200)
         StainVectors; `estimated` is True only when both directions were measured.
     """
     flat = od.reshape(-1, 3)
-    # A regular subsample keeps the estimate cheap on big fields (about 12,000 pixels, then the stained ones).
-    flat = flat[:: max(1, flat.shape[0] // 12_000)].astype(np.float64)
+    # A regular subsample keeps the estimate cheap on big fields (about 8,000 pixels, then the stained ones).
+    flat = flat[:: max(1, flat.shape[0] // 8_000)].astype(np.float64)
     flat = flat[np.linalg.norm(flat, axis=1) > min_od]
     if flat.shape[0] < min(min_pixels, od.size // 3 // 50):
         return DEFAULT_STAINS
@@ -195,15 +224,30 @@ def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200)
     plane = vecs[:, [2, 1]]  # the two main directions
     if plane[:, 0].sum() < 0:
         plane[:, 0] *= -1
-    proj = flat @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    w, mu, sd, resp = _two_gaussians(phi)
+    norm = np.linalg.norm(flat, axis=1)
     blue_share = lambda v: v[2] / max(v.sum(), 1e-9)  # noqa: E731
+    phi, two, resp = _angle_populations(flat, plane)
+    if not two:
+        # A few percent of nuclei whose hue is close to the red cells' add little variance, so the
+        # second main direction can be the red cells' own hue spread. The densest pixels (nuclei,
+        # whatever their share) show where the second stain lies: look again (two populations, then the tail)
+        # in the plane through them.
+        dense = unit(flat[norm >= np.percentile(norm, 97)].mean(axis=0))
+        off = dense - (dense @ plane[:, 0]) * plane[:, 0]
+        if np.linalg.norm(off) > np.sin(np.radians(DENSE_PLANE_DEG)):
+            plane = np.column_stack([plane[:, 0], unit(off)])
+            phi, two, resp = _angle_populations(flat, plane)
     # Two populations, apart by more than their spread: red cells and white cells.
-    if min(w) >= 0.003 and abs(mu[1] - mu[0]) >= 1.5 * max(sd):
+    if two:
         a = unit((flat * (1 - resp)[:, None]).sum(axis=0))
         b = unit((flat * resp[:, None]).sum(axis=0))
-        nuclear, red_cell = (a, b) if blue_share(a) < blue_share(b) else (b, a)
+        if abs(blue_share(a) - blue_share(b)) >= HUE_TIE_SHARE:
+            nuclear, red_cell = (a, b) if blue_share(a) < blue_share(b) else (b, a)
+        else:
+            # The hue cannot tell (both pass blue alike): the nuclear population is the denser one.
+            dense_a = float((norm * (1 - resp)).sum() / max((1 - resp).sum(), 1e-9))
+            dense_b = float((norm * resp).sum() / max(resp.sum(), 1e-9))
+            nuclear, red_cell = (a, b) if dense_a > dense_b else (b, a)
         if nuclear[0] > BLUE_CYTOPLASM_RG * nuclear[1] and blue_share(red_cell) < blue_share(unit(RED_CELL_OD_DEFAULT)) * 0.75:
             # No red cells in view (a blast-dense patch, a buffy coat): the two populations are the
             # blue cytoplasm (absorbs red far more than green) and the violet nuclei.

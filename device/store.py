@@ -112,7 +112,7 @@ class CellRecord:
     positive: bool
     needs_review: bool
     crop_png: bytes
-    heatmap_png: bytes
+    heatmap_jpeg: bytes
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class CaptureRecord:
     um_per_px: float | None
     model_sha256: str
     model_synthetic: bool
-    field_jpeg: bytes
+    field_jpeg: bytes | None
+    """The archival field JPEG; None when it is written after the result (`Store.attach_field_image`)."""
     qc: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     camera: dict = field(default_factory=dict)
@@ -229,7 +230,9 @@ class Store:
 
     def save_capture(self, rec: CaptureRecord) -> int:
         """Write a capture's files, then commit its rows. Returns the capture id."""
-        payload = len(rec.field_jpeg) + sum(len(c.crop_png) + len(c.heatmap_png) for c in rec.cells)
+        # A field JPEG still to come is reserved at a generous bits-per-pixel of a smear at quality 90.
+        field_bytes = len(rec.field_jpeg) if rec.field_jpeg is not None else rec.width * rec.height // 3
+        payload = field_bytes + sum(len(c.crop_png) + len(c.heatmap_jpeg) for c in rec.cells)
         self.check_space(payload)
         uid = uuid.uuid4().hex
         now = datetime.now(UTC)
@@ -237,12 +240,13 @@ class Store:
         folder = self.images_dir / rel_dir
         try:
             field_file = rel_dir / "field.jpg"
-            atomic_write_bytes(self.images_dir / field_file, rec.field_jpeg)
+            if rec.field_jpeg is not None:
+                atomic_write_bytes(self.images_dir / field_file, rec.field_jpeg)
             cell_files = []
             for i, cell in enumerate(rec.cells):
-                crop_file, heat_file = rel_dir / f"cell_{i:03d}.png", rel_dir / f"cell_{i:03d}_cam.png"
+                crop_file, heat_file = rel_dir / f"cell_{i:03d}.png", rel_dir / f"cell_{i:03d}_cam.jpg"
                 atomic_write_bytes(self.images_dir / crop_file, cell.crop_png)
-                atomic_write_bytes(self.images_dir / heat_file, cell.heatmap_png)
+                atomic_write_bytes(self.images_dir / heat_file, cell.heatmap_jpeg)
                 cell_files.append((crop_file, heat_file))
             fsync_dir(folder.parent)
         except OSError as exc:
@@ -326,6 +330,34 @@ class Store:
             c["box"] = [c.pop("x0"), c.pop("y0"), c.pop("x1"), c.pop("y1")]
         cap["n_cells"] = len(cells)
         return cap
+
+    def add_note(self, capture_id: int, note: str) -> None:
+        """Append a note found after the result (the scale check's warning) to a capture's message."""
+        with self.connect() as conn:
+            conn.execute("UPDATE captures SET message = message || ' (' || ? || ')' WHERE id = ?", (note, capture_id))
+
+    def attach_field_image(self, capture_id: int, jpeg: bytes) -> None:
+        """Write the archival field JPEG of a capture saved without it (the result comes first).
+
+        Raises:
+            StoreFullError: the disk filled up; the capture keeps its cells, without a field image.
+            StoreError: no such capture.
+        """
+        with self.connect() as conn:
+            row = conn.execute("SELECT field_file FROM captures WHERE id = ?", (capture_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no capture {capture_id} to attach a field image to")
+        path = self.images_dir / row["field_file"]
+        try:
+            atomic_write_bytes(path, jpeg)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFullError(
+                    f"disk full while writing the field image of capture {capture_id}: its cells are stored, the "
+                    "field image is not. Free some space (export and delete old results)"
+                ) from None
+            raise
 
     def image_file(self, kind: str, item_id: int) -> Path | None:
         """Resolve a stored image by id: kind is 'field' (capture id), 'crop' or 'heatmap' (cell id)."""

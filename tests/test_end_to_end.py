@@ -112,7 +112,7 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
                 cap = json.load(r)
             assert cap["n_cells"] >= 1 and cap["model_sha256"] == bundle.sha256
             with urllib.request.urlopen(base + cap["cells"][0]["heatmap_url"], timeout=10) as r:
-                assert r.headers["Content-Type"] == "image/png" and len(r.read()) > 100
+                assert r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 100
             with urllib.request.urlopen(base + "/", timeout=10) as r:
                 assert f"Capture {outcome.capture_id}" in r.read().decode()
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from device.camera import Frame
 from device.camera.replay import ReplayCamera
 from device.errors import BusyError, CameraError, ImageError
-from device.imaging import encode_image
+from device.imaging import decode_image, encode_image
 from device.service import Appliance
 
 
@@ -110,6 +111,7 @@ def test_camera_error_is_retried_then_reported_without_crashing(config, demo_fie
 def test_full_disk_refuses_capture_and_keeps_old_results(config, monkeypatch):
     with Appliance(config) as app:
         first = app.capture_now("test")
+        app.wait_archived(60)
         before = app.store.get_capture(first.capture_id)
         monkeypatch.setattr(app.store, "min_free_mb", 10**12)
         outcome = app.capture_now("test")
@@ -192,3 +194,58 @@ def test_big_buffers_go_back_to_the_os():
     from device.service import return_big_buffers_to_the_os
 
     assert return_big_buffers_to_the_os() is True
+
+
+@pytest.mark.parametrize("calibrated, warns", [(0.1, False), (0.16, True)])
+def test_field_image_and_scale_check_follow_the_stored_result(config, demo_fields_dir, calibrated, warns):
+    # The demo fields are 0.1 µm/px: a calibration of 0.16 is another objective's.
+    cfg = dataclasses.replace(config, finder=dataclasses.replace(config.finder, um_per_px=calibrated))
+    with Appliance(cfg) as app:
+        outcome = app.capture_now("test")
+        assert outcome.status == "ok", outcome.message
+        app.wait_archived(60)
+        cap = app.store.get_capture(outcome.capture_id)
+        field = app.store.image_file("field", outcome.capture_id)
+        assert field.is_file() and decode_image(field).shape == (cap["height"], cap["width"], 3)
+        assert {"archive", "scale_check"} <= set(cap["timings"])
+        assert ("red cells suggest" in cap["message"]) is warns
+        assert (app.health()["scale_warning"] is not None) is warns
+        assert cap["n_cells"] > 0  # the warning does not touch the result
+
+
+def test_full_disk_while_archiving_keeps_the_result_and_says_so(config, monkeypatch):
+    import errno
+
+    from device import store as store_module
+
+    with Appliance(config) as app:
+        real_write = store_module.atomic_write_bytes
+
+        def full_for_fields(path, data):
+            if str(path).endswith("field.jpg"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(path, data)
+
+        monkeypatch.setattr(store_module, "atomic_write_bytes", full_for_fields)
+        outcome = app.capture_now("test")
+        app.wait_archived(60)
+        cap = app.store.get_capture(outcome.capture_id)
+        assert outcome.status == "ok" and cap["n_cells"] > 0
+        assert all(app.store.image_file("crop", c["id"]).is_file() for c in cap["cells"])
+        assert not app.store.image_file("field", outcome.capture_id).is_file()
+        assert "field image not saved" in app.health()["last_error"] and "disk full" in app.health()["last_error"]
+
+
+def test_capture_page_says_when_the_field_image_is_missing(config):
+    from device.web import create_app
+
+    with Appliance(config) as app:
+        outcome = app.capture_now("test")
+        app.wait_archived(60)
+        client = create_app(app).test_client()
+        page = lambda: client.get(f"/captures/{outcome.capture_id}").get_data(as_text=True)  # noqa: E731
+        assert "not on disk" not in page()
+        app.store.image_file("field", outcome.capture_id).unlink()  # as after a power cut before the JPEG
+        assert "The field image is not on disk" in page()
+        reply = client.get(f"/images/field/{outcome.capture_id}")
+        assert reply.status_code == 404 and "power cut" in reply.get_data(as_text=True)

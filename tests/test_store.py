@@ -54,7 +54,7 @@ def _cell(seed: int, positive: bool, needs_review: bool) -> CellRecord:
         positive=positive,
         needs_review=needs_review,
         crop_png=encode_image(_rgb(16, 16, seed), "PNG"),
-        heatmap_png=encode_image(_rgb(16, 16, seed + 100), "PNG"),
+        heatmap_jpeg=encode_image(_rgb(16, 16, seed + 100), "JPEG"),
     )
 
 
@@ -133,11 +133,11 @@ def test_save_and_read_back_a_capture(store):
     # the files are on disk with exactly the bytes given, in one folder per capture
     folder = store.images_dir / Path(cap["field_file"]).parent
     assert sorted(p.name for p in folder.iterdir()) == [
-        "cell_000.png", "cell_000_cam.png", "cell_001.png", "cell_001_cam.png", "field.jpg"]
+        "cell_000.png", "cell_000_cam.jpg", "cell_001.png", "cell_001_cam.jpg", "field.jpg"]
     assert (store.images_dir / cap["field_file"]).read_bytes() == rec.field_jpeg
     for c, cell in zip(cap["cells"], rec.cells, strict=True):
         assert (store.images_dir / c["crop_file"]).read_bytes() == cell.crop_png
-        assert (store.images_dir / c["heatmap_file"]).read_bytes() == cell.heatmap_png
+        assert (store.images_dir / c["heatmap_file"]).read_bytes() == cell.heatmap_jpeg
     assert store.reconcile().clean
 
 
@@ -173,7 +173,7 @@ def test_image_file_resolves_by_id(store):
     np.testing.assert_array_equal(decode_image(field_path).shape, (30, 40, 3))
     for c, cell in zip(cells, rec.cells, strict=True):
         assert store.image_file("crop", c["id"]).read_bytes() == cell.crop_png
-        assert store.image_file("heatmap", c["id"]).read_bytes() == cell.heatmap_png
+        assert store.image_file("heatmap", c["id"]).read_bytes() == cell.heatmap_jpeg
 
     assert store.image_file("thumbnail", cid) is None
     assert store.image_file("field", cid + 1) is None
@@ -346,7 +346,7 @@ WRITER = textwrap.dedent(
     while True:
         cells = tuple(
             CellRecord(box=(i, i, i + 8, i + 8), probability=0.5, logit=0.0, label="normal",
-                       positive=bool(i % 2), needs_review=False, crop_png=png(24, 24), heatmap_png=png(24, 24))
+                       positive=bool(i % 2), needs_review=False, crop_png=png(24, 24), heatmap_jpeg=png(24, 24))
             for i in range(3)
         )
         store.save_capture(CaptureRecord(
@@ -457,7 +457,7 @@ def test_crash_between_files_and_commit_is_reported_not_deleted(store, monkeypat
     assert "2026/01/01/" + "ab" * 16 in report.orphan_dirs
     crashed = next(d for d in report.orphan_dirs if d != "2026/01/01/" + "ab" * 16)
     assert sorted(p.name for p in (store.images_dir / crashed).iterdir()) == [
-        "cell_000.png", "cell_000_cam.png", "cell_001.png", "cell_001_cam.png", "field.jpg"]
+        "cell_000.png", "cell_000_cam.jpg", "cell_001.png", "cell_001_cam.jpg", "field.jpg"]
     assert report.temp_files == (str(temp.relative_to(store.images_dir)),)
     assert report.missing_files == ()
     assert not report.clean

@@ -28,7 +28,7 @@ def test_index_lists_captures_with_cells_and_heatmaps(app_and_client):
     heatmaps = re.findall(r'src="(/images/heatmap/\d+)"', html)
     assert heatmaps
     resp = client.get(heatmaps[0])
-    assert resp.status_code == 200 and resp.mimetype == "image/png"
+    assert resp.status_code == 200 and resp.mimetype == "image/jpeg"  # heatmap overlays are JPEG; crops stay PNG
     assert decode_image(resp.data).shape[2] == 3
 
 

@@ -72,7 +72,9 @@ def capture_page(capture_id: int):
     cap = store().get_capture(capture_id)
     if cap is None:
         abort(404, description=f"no capture with id {capture_id}")
-    return render_template("capture.html", cap=enrich_capture(cap), health=appliance().health())
+    field = store().image_file("field", capture_id)
+    return render_template("capture.html", cap=enrich_capture(cap), health=appliance().health(),
+                           field_on_disk=field is not None and field.is_file())
 
 
 @bp.post("/capture")
@@ -169,5 +171,8 @@ def upload():
 def image(kind: str, item_id: int):
     path = store().image_file(kind, item_id)
     if path is None or not path.is_file():
+        if path is not None and kind == "field":
+            abort(404, description=(f"the field image of capture {item_id} is not on disk: it is written just after "
+                                    "the result (reload in a moment), or it was lost in a power cut or a full disk"))
         abort(404, description=f"no {kind} image with id {item_id}")
     return send_file(path, max_age=3600)

@@ -228,7 +228,7 @@ def check_disk(cfg: Config) -> Check:
     need = cfg.store.min_free_mb
     where = str(data_dir) if probe == data_dir else f"{data_dir} (not created yet; measured at {probe})"
     detail = f"{where}: {free_mb:,.0f} MB free, store.min_free_mb = {need}"
-    fix = ("back up and delete old results (docs/pi.md, "Backup and restore"), set "
+    fix = ("back up and delete old results (docs/pi.md, 'Backup and restore'), set "
            "[store] max_images_mb for retention, or use a larger SD card")
     if free_mb < need:
         return Check("disk", False, detail + "; captures are refused", fix)

@@ -33,6 +33,14 @@ class StoreFullError(LeukoCamError):
     """Not enough disk space to store a capture; nothing was written."""
 
 
+class NotFoundError(LeukoCamError):
+    """The capture, cell or slide asked for does not exist."""
+
+
+class InputError(LeukoCamError):
+    """A request's input is not acceptable (a label, a name, a slide ID); the message says what is."""
+
+
 class BusyError(LeukoCamError):
     """A capture is already in progress."""
 

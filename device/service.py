@@ -24,7 +24,7 @@ from device.camera import Camera, build_camera
 from device.cells import check_scale
 from device.classifier import SelfTestResult
 from device.config import Config
-from device.errors import BusyError, CameraError, ImageError, LeukoCamError
+from device.errors import BusyError, CameraError, ImageError, InputError, LeukoCamError
 from device.imaging import decode_image
 from device.pipeline import Analyzer, encode_field, to_record
 from device.store import ReconcileReport, Store
@@ -130,7 +130,7 @@ class Appliance:
         """Start a new slide (dashboard ID or a long press); later captures belong to it."""
         slide_id = (slide_id or f"slide-{datetime.now():%Y%m%d-%H%M%S}").strip()
         if not SLIDE_ID.fullmatch(slide_id):
-            raise ValueError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+            raise InputError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
         self.store.ensure_slide(slide_id)
         self.slide_id = slide_id
         log.info("slide %s", slide_id)
@@ -160,7 +160,10 @@ class Appliance:
 
     def analyse_upload(self, data: bytes, name: str, single_cell: bool = False) -> CaptureOutcome:
         """Decode an uploaded image and analyse it like a capture. Raises ImageError for bad files."""
-        image = decode_image(data, max_pixels=self.config.store.max_image_pixels)
+        try:
+            image = decode_image(data, max_pixels=self.config.store.max_image_pixels)
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}") from None  # the operator sees which file
         return self._analyse_and_store(image, source=name, trigger="upload", camera={"backend": "upload"},
                                        single_cell=single_cell, decode_ms=None)
 
@@ -238,9 +241,7 @@ class Appliance:
                     model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
                     extra_timings=extra, archive_later=True,
                 )
-                t = time.perf_counter()
-                capture_id = self.store.save_capture(record)
-                self.store.add_timing(capture_id, "store", (time.perf_counter() - t) * 1000)
+                capture_id = self.store.save_capture(record)  # records its own "store" time
                 # The result is stored; the 12 MP archival JPEG and the scale check follow in the background.
                 check = (self.config.finder.um_per_px or None) if (
                     self.config.finder.scale_check and not single_cell and analysis.status == "ok") else None

@@ -332,3 +332,46 @@ def test_build_camera_opencv_video_file(tmp_path):
 def test_build_camera_opencv_missing_device(tmp_path):
     with pytest.raises(CameraError, match="cannot open"):
         build_camera(config_with(backend="opencv", opencv_device=str(tmp_path / "none.avi")))
+
+
+def _video(path, frames: int = 12, size=(320, 240)):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    assert writer.isOpened()
+    for _ in range(frames):
+        bgr = np.zeros((size[1], size[0], 3), np.uint8)
+        bgr[..., 2] = 220  # red in OpenCV's BGR order
+        writer.write(bgr)
+    writer.release()
+    return path
+
+
+def test_opencv_camera_reads_a_real_video_as_rgb_with_a_small_preview(tmp_path):
+    from device.camera.uvc import OpenCVCamera
+
+    with OpenCVCamera(str(_video(tmp_path / "stage.avi"))) as cam:
+        still = cam.capture()
+        assert still.image.shape == (240, 320, 3) and still.image[..., 0].mean() > 150 > still.image[..., 2].mean()
+        preview = cam.preview(width=160)
+        assert preview.image.shape == (120, 160, 3) and preview.metadata["preview"] is True
+        for _ in range(20):  # run off the end of the video: the camera is gone
+            try:
+                cam.capture()
+            except CameraError as exc:
+                assert "no frame" in str(exc)
+                break
+        else:
+            raise AssertionError("the end of the video never became a CameraError")
+
+
+def test_every_backend_has_the_whole_camera_protocol():
+    from device.camera import Camera
+    from device.camera.picam import PiCamera
+    from device.camera.replay import ReplayCamera
+    from device.camera.uvc import OpenCVCamera
+
+    wanted = [name for name in ("capture", "preview", "close", "__enter__", "__exit__") if hasattr(Camera, name)]
+    assert "preview" in wanted
+    for backend in (PiCamera, ReplayCamera, OpenCVCamera):
+        assert all(callable(getattr(backend, name, None)) for name in wanted), backend

@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from device.errors import InputError, NotFoundError
 from device.service import Appliance
 from device.store import SCHEMA_VERSION, Store
 from device.web import create_app
@@ -31,17 +32,17 @@ def test_reviews_are_appended_and_latest_wins(tmp_path):
     rows = {c["cell_id"]: c for c in store.slide_cells("S1")}
     assert rows[cells[0]["id"]]["verdict"] == "blast" and rows[cells[1]["id"]]["reviewed_label"] is None
     assert len(store.slide_cells("S1", reviewed_only=True)) == 1
-    with pytest.raises(ValueError, match="label"):
+    with pytest.raises(InputError, match="label"):
         store.add_review(cells[1]["id"], "maybe", "alice")
-    with pytest.raises(ValueError, match="reviewer"):
+    with pytest.raises(InputError, match="reviewer"):
         store.add_review(cells[1]["id"], "blast", "  ")
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFoundError):
         store.add_review(99999, "blast", "alice")
     # No store method changes or deletes a review; the raw table only ever grows.
     assert not [m for m in dir(Store) if "review" in m and any(w in m for w in ("update", "delete", "edit", "remove"))]
     with sqlite3.connect(store.db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0] == 2
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_migration_from_version_2_keeps_data(tmp_path):

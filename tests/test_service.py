@@ -30,6 +30,9 @@ class FlakyCamera:
             raise CameraError("camera not responding (simulated unplug)")
         return self.inner.capture()
 
+    def preview(self) -> Frame:
+        return self.inner.preview()
+
     def close(self):
         self.inner.close()
 
@@ -216,7 +219,7 @@ def test_field_image_and_scale_check_follow_the_stored_result(config, demo_field
 def test_full_disk_while_archiving_keeps_the_result_and_says_so(config, monkeypatch):
     import errno
 
-    from device import store as store_module
+    from device.store import captures as store_module
 
     with Appliance(config) as app:
         real_write = store_module.atomic_write_bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from device.errors import InputError, NotFoundError
 from device.imaging import encode_image
 from device.service import Appliance
 from device.stats import wilson_ci
@@ -56,7 +57,7 @@ def test_retention_deletes_only_reviewed_slides_oldest_first(tmp_path):
         cap = store.get_capture(cid)
         assert cap is not None and store.image_file("field", cid).is_file()
     assert store.reconcile().clean
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFoundError):
         store.mark_slide_reviewed("missing", by="x")
 
 
@@ -66,7 +67,7 @@ def test_new_slide_from_service_and_dashboard(config):
         app.new_slide("SMEAR-042")
         out = app.capture_now("test")
         assert app.store.get_capture(out.capture_id)["slide_id"] == "SMEAR-042"
-        with pytest.raises(ValueError, match="slide ID"):
+        with pytest.raises(InputError, match="slide ID"):
             app.new_slide("../etc")
         client = create_app(app).test_client()
         assert client.post("/api/slides", json={"id": "bad id!"}).status_code == 400

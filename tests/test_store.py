@@ -10,6 +10,7 @@ fill up in the middle of a capture and to stop a capture just before its commit.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 import device.store
+import device.store.files
 from device.errors import LeukoCamError, StoreFullError
 from device.imaging import decode_image, encode_image
 from device.store import (
@@ -120,7 +122,7 @@ def test_save_and_read_back_a_capture(store):
     assert (cap["width"], cap["height"], cap["um_per_px"]) == (40, 30, 0.1)
     assert cap["model_synthetic"] is True
     assert cap["qc"] == {"focus": 12.5, "clipped": 0.01}
-    assert cap["timings"] == {"total_ms": 42.0} and cap["camera"] == {"backend": "replay"}
+    assert cap["timings"]["total_ms"] == 42.0 and cap["timings"]["store"] > 0 and cap["camera"] == {"backend": "replay"}
     assert len(cap["uid"]) == 32
     assert cap["n_cells"] == 2
     first, second = cap["cells"]
@@ -263,7 +265,7 @@ class _FillsUp:
 
     def __init__(self, fail_on: int, err: int = errno.ENOSPC):
         self.fail_on, self.err, self.paths = fail_on, err, []
-        self.real = device.store.atomic_write_bytes
+        self.real = device.store.files.atomic_write_bytes
 
     def __call__(self, path, data):
         self.paths.append(Path(path))
@@ -280,7 +282,7 @@ def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
     before = _files(store)
 
     fills = _FillsUp(fail_on, err)
-    monkeypatch.setattr(device.store, "atomic_write_bytes", fills)
+    monkeypatch.setattr(device.store.files, "atomic_write_bytes", fills)
     with pytest.raises(StoreFullError, match="partial files removed"):
         store.save_capture(_record(seed=10))
     monkeypatch.undo()
@@ -297,7 +299,7 @@ def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
 
 def test_other_write_errors_are_not_reported_as_full(store, monkeypatch):
     fills = _FillsUp(2, errno.EIO)
-    monkeypatch.setattr(device.store, "atomic_write_bytes", fills)
+    monkeypatch.setattr(device.store.files, "atomic_write_bytes", fills)
     with pytest.raises(OSError) as info:
         store.save_capture(_record())
     assert not isinstance(info.value, StoreFullError) and info.value.errno == errno.EIO
@@ -497,3 +499,36 @@ def test_processes_opening_a_new_store_together_migrate_once(tmp_path):
         results = [p.communicate(timeout=60) for p in procs]
         assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
         assert Store(folder).count_captures() == 0
+
+
+def _bytes_on_disk(store) -> int:
+    return sum(p.stat().st_size for p in store.images_dir.rglob("*") if p.is_file())
+
+
+def test_stored_bytes_are_counted_as_written_not_by_walking_the_disk(store):
+    ids = [store.save_capture(_record(seed=s)) for s in range(3)]
+    later = dataclasses.replace(_record(seed=7), field_jpeg=None)  # the field image follows the result
+    late_id = store.save_capture(later)
+    assert store.images_bytes() == _bytes_on_disk(store)
+    store.attach_field_image(late_id, encode_image(_rgb(30, 40, 7), "JPEG"))
+    assert store.images_bytes() == _bytes_on_disk(store)
+    store.mark_slide_reviewed("slide-A", by="alice")
+    result = store.apply_retention(max_images_mb=_bytes_on_disk(store) / 2 / 1e6)
+    assert result["deleted"] and set(result["deleted"]) <= set(ids + [late_id])
+    assert store.images_bytes() == _bytes_on_disk(store)
+
+
+def test_captures_stored_before_sizes_were_recorded_are_counted_once_at_start(tmp_path):
+    store = Store(tmp_path)
+    cid = store.save_capture(_record())
+    with store.connect() as conn:  # as a version-3 database left it
+        conn.execute("UPDATE captures SET bytes = NULL")
+    reopened = Store(tmp_path)
+    assert reopened.images_bytes() == _bytes_on_disk(reopened) > 0
+    assert reopened.get_capture(cid)["bytes"] == _bytes_on_disk(reopened)
+
+
+def test_store_stage_time_is_saved_with_the_capture(store):
+    cid = store.save_capture(_record())
+    timings = store.get_capture(cid)["timings"]
+    assert timings["total_ms"] == 42.0 and timings["store"] > 0

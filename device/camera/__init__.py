@@ -35,9 +35,11 @@ class Camera(Protocol):
     def close(self) -> None:
         """Release the device."""
 
-    # Optional: backends with a live view (picamera2) also offer
-    # `preview() -> Frame`, a low-resolution RGB frame for the dashboard;
-    # callers check with hasattr(camera, "preview").
+    def preview(self) -> Frame:
+        """A low-resolution RGB frame for the dashboard's live view (not exposure-checked).
+
+        Raises CameraError when the camera cannot give one right now.
+        """
 
     def __enter__(self) -> Camera: ...
 

@@ -30,6 +30,17 @@ class OpenCVCamera:
             metadata={"backend": "opencv", "width": int(bgr.shape[1]), "height": int(bgr.shape[0])},
         )
 
+    def preview(self, width: int = 640) -> Frame:
+        """The newest frame, shrunk to `width` pixels across (a UVC camera streams; no flush needed)."""
+        ok, bgr = self._cap.read()
+        if not ok or bgr is None:
+            raise CameraError(f"opencv camera: no preview frame from {self.device!r} (unplugged, or end of the video)")
+        h, w = bgr.shape[:2]
+        if w > width:
+            bgr = cv2.resize(bgr, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+        return Frame(image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), source=str(self.device),
+                     metadata={"backend": "opencv", "preview": True})
+
     def close(self) -> None:
         self._cap.release()
 

@@ -21,6 +21,16 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from device.auth import login_required_for
+from device.errors import (
+    BundleError,
+    BusyError,
+    CameraError,
+    ImageError,
+    InputError,
+    LeukoCamError,
+    NotFoundError,
+    StoreFullError,
+)
 from device.web import api, auth, pages
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -101,11 +111,31 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
     def http_error(err):
         return _error(err.code or 500, err.description or err.name)
 
+    @app.errorhandler(LeukoCamError)
+    def domain_error(err):
+        return _error(http_status(err), str(err))
+
     @app.context_processor
     def globals_for_templates():
         return {"current_user": g.get("user"), "login_required": app.config["LEUKOCAM_LOGIN_REQUIRED"]}
 
     return app
+
+
+HTTP_STATUS: tuple[tuple[type[LeukoCamError], int], ...] = (
+    (InputError, 400),
+    (ImageError, 400),
+    (NotFoundError, 404),
+    (BusyError, 409),
+    (StoreFullError, 507),
+    (CameraError, 503),
+    (BundleError, 503),
+)
+"""Domain error -> HTTP status, by type (first match); any other LeukoCamError is a 500."""
+
+
+def http_status(err: LeukoCamError) -> int:
+    return next((code for kind, code in HTTP_STATUS if isinstance(err, kind)), 500)
 
 
 def _csrf_applies(app: Flask) -> bool:

@@ -7,22 +7,18 @@ session cookie. GET /api/csrf gives a token for the current session too.
 
 from __future__ import annotations
 
-import shutil
-
 from flask import Blueprint, jsonify, request, send_file, url_for
 from flask_wtf.csrf import generate_csrf
 
 from device import export
-from device.errors import BusyError, ImageError, LeukoCamError
+from device.errors import InputError, NotFoundError
 from device.imaging import encode_image
+from device.web import actions
 from device.web.common import (
     appliance,
     enrich_capture,
     gallery_filters,
     int_arg,
-    latency_stats,
-    model_card,
-    reviewer,
     store,
 )
 
@@ -30,6 +26,7 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 
 
 def err(message: str, code: int):
+    """A JSON error for what is not a domain error (domain errors go to the app's handler by type)."""
     return jsonify({"error": message, "status": code}), code
 
 
@@ -55,19 +52,12 @@ def csrf():
 
 @bp.get("/status")
 def status():
-    app = appliance()
-    disk = shutil.disk_usage(app.store.data_dir)
-    return jsonify({"health": app.health(), "model": model_card(), "latency_ms": latency_stats(),
-                    "disk": {"free_mb": round(disk.free / 1e6), "total_mb": round(disk.total / 1e6),
-                             "min_free_mb": app.store.min_free_mb}})
+    return jsonify(actions.status())
 
 
 @bp.get("/captures")
 def captures():
-    try:
-        filters = gallery_filters(request.args)
-    except ValueError as exc:
-        return err(str(exc), 400)
+    filters = gallery_filters(request.args)
     limit, offset = int_arg("limit", 20, 1, 100), int_arg("offset", 0, 0, 10**9)
     total, rows = store().search_captures(**filters, limit=limit, offset=offset)
     return jsonify({"total": total, "limit": limit, "offset": offset, "captures": rows})
@@ -77,7 +67,7 @@ def captures():
 def capture(capture_id: int):
     cap = store().get_capture(capture_id)
     if cap is None:
-        return err(f"no capture with id {capture_id}", 404)
+        raise NotFoundError(f"no capture with id {capture_id}")
     return jsonify(_capture_json(cap))
 
 
@@ -95,22 +85,13 @@ def latest():
 def capture_post():
     # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
     trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
-    try:
-        appliance().request_capture(trigger)
-    except BusyError as exc:
-        return err(str(exc), 409)
+    actions.request_capture(trigger)
     return jsonify({"queued": True}), 202
 
 
 @bp.get("/preview.jpg")
 def preview():
-    camera = appliance().camera
-    if not hasattr(camera, "preview"):
-        return err(f"the {camera.name} camera has no preview", 404)
-    try:
-        frame = camera.preview()
-    except LeukoCamError as exc:
-        return err(str(exc), 503)
+    frame = appliance().camera.preview()  # CameraError (503) when it cannot
     resp = bp_response(encode_image(frame.image, "JPEG", quality=80), "image/jpeg")
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -129,9 +110,7 @@ def slides():
 
 @bp.get("/slides/<slide_id>")
 def slide(slide_id: str):
-    summary = store().slide_summary(slide_id)
-    if summary is None:
-        return err(f"no slide {slide_id!r}", 404)
+    summary = actions.slide_summary(slide_id)
     cells = store().slide_cells(slide_id)
     summary["reviewed_cells"] = sum(c["reviewed_label"] is not None for c in cells)
     summary["provenance"] = store().slide_provenance(slide_id)
@@ -142,28 +121,18 @@ def slide(slide_id: str):
 def new_slide():
     body = request.get_json(silent=True) or {}
     slide_id = body.get("id") or request.form.get("id") or None
-    try:
-        new_id = appliance().new_slide(slide_id)
-    except ValueError as exc:
-        return err(str(exc), 400)
-    return jsonify({"current": new_id}), 201
+    return jsonify({"current": actions.new_slide(slide_id)}), 201
 
 
 @bp.post("/slides/<slide_id>/reviewed")
 def slide_reviewed(slide_id: str):
     body = request.get_json(silent=True) or {}
-    by = reviewer(body.get("reviewer"))
-    try:
-        store().mark_slide_reviewed(slide_id, by=by)
-    except KeyError:
-        return err(f"no slide {slide_id!r}", 404)
-    return jsonify(store().slide_summary(slide_id))
+    return jsonify(actions.mark_slide_reviewed(slide_id, body.get("reviewer")))
 
 
 @bp.get("/slides/<slide_id>/results.csv")
 def slide_csv(slide_id: str):
-    if store().slide_summary(slide_id) is None:
-        return err(f"no slide {slide_id!r}", 404)
+    actions.slide_summary(slide_id)
     resp = bp_response(export.slide_results_csv(store(), slide_id).encode(), "text/csv")
     resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.csv"'
     return resp
@@ -171,8 +140,7 @@ def slide_csv(slide_id: str):
 
 @bp.get("/slides/<slide_id>/results.json")
 def slide_json(slide_id: str):
-    if store().slide_summary(slide_id) is None:
-        return err(f"no slide {slide_id!r}", 404)
+    actions.slide_summary(slide_id)
     resp = bp_response(export.results_json_bytes(store(), slide_id), "application/json")
     resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.json"'
     return resp
@@ -182,7 +150,7 @@ def slide_json(slide_id: str):
 def cell(cell_id: int):
     c = store().get_cell(cell_id)
     if c is None:
-        return err(f"no cell with id {cell_id}", 404)
+        raise NotFoundError(f"no cell with id {cell_id}")
     c["reviews"] = store().review_history(cell_id=cell_id)
     c["verdict"] = c["reviews"][-1]["label"] if c["reviews"] else c["label"]
     return jsonify(c)
@@ -192,17 +160,8 @@ def cell(cell_id: int):
 def review(cell_id: int):
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return err("send JSON: {\"label\": \"blast\" | \"normal\" | \"confirm\"}", 400)
-    label = body.get("label")
-    cell = store().get_cell(cell_id)
-    if cell is None:
-        return err(f"no cell with id {cell_id}", 404)
-    if label == "confirm":
-        label = cell["label"]
-    try:
-        row = store().add_review(cell_id, str(label), reviewer(body.get("reviewer")), str(body.get("note", "")))
-    except ValueError as exc:
-        return err(str(exc), 400)
+        raise InputError('send JSON: {"label": "blast" | "normal" | "confirm"}')
+    row = actions.review_cell(cell_id, str(body.get("label")), body.get("reviewer"), str(body.get("note", "")))
     return jsonify(row), 201
 
 
@@ -213,21 +172,20 @@ def reviews():
             try:
                 value = cast(request.args[key])
             except ValueError:
-                return err(f"{key}: not a valid id", 400)
+                raise InputError(f"{key}: not a valid id") from None
             return jsonify({"reviews": store().review_history(**{kw: value})})
-    return err("give one of ?cell=, ?capture= or ?slide=", 400)
+    raise InputError("give one of ?cell=, ?capture= or ?slide=")
 
 
 @bp.get("/export/dataset.zip")
 def export_dataset():
     slides = request.args.getlist("slide")
     for s in slides:
-        if store().slide_summary(s) is None:
-            return err(f"no slide {s!r}", 404)
+        actions.slide_summary(s)
     fh, n = export.export_dataset(store(), slides or None, version=_version())
     if n == 0:
         fh.close()
-        return err("no reviewed cells to export yet: review cells first", 404)
+        raise NotFoundError("no reviewed cells to export yet: review cells first")
     name = f"leukocam-reviewed-{'-'.join(slides) if len(slides) == 1 else 'cells'}.zip"
     return send_file(fh, mimetype="application/zip", as_attachment=True, download_name=name)
 
@@ -245,14 +203,9 @@ def _version() -> str:
 def upload():
     f = request.files.get("image")
     if f is None:
-        return err("send the image as multipart form field 'image'", 400)
+        raise InputError("send the image as multipart form field 'image'")
     single = request.form.get("single_cell", "0") in ("1", "true", "on")
-    try:
-        outcome = appliance().analyse_upload(f.read(), f.filename or "upload", single_cell=single)
-    except ImageError as exc:
-        return err(str(exc), 400)
-    except LeukoCamError as exc:
-        return err(str(exc), 507 if "disk" in str(exc) else 500)
+    outcome = actions.upload(f.read(), f.filename or "upload", single)
     return jsonify(outcome.__dict__), 201
 
 

@@ -8,6 +8,8 @@ from datetime import date
 
 from flask import current_app, g, request
 
+from device.errors import InputError
+
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 PER_PAGE = 12
 
@@ -28,24 +30,24 @@ def reviewer(given: str | None) -> str:
 
 
 def gallery_filters(args) -> dict:
-    """Parse and check the gallery filters. Raises ValueError with a reason."""
+    """Parse and check the gallery filters. Raises InputError with a reason."""
     out = {"slide_id": args.get("slide") or None, "label": args.get("label") or None, "needs_review": None,
            "date_from": args.get("from") or None, "date_to": args.get("to") or None}
     if out["label"] not in (None, "blast", "normal"):
-        raise ValueError("label: use blast or normal")
+        raise InputError("label: use blast or normal")
     review = args.get("review")
     if review:
         if review not in ("pending", "done"):
-            raise ValueError("review: use pending or done")
+            raise InputError("review: use pending or done")
         out["needs_review"] = review == "pending"
     for key in ("date_from", "date_to"):
         if out[key]:
             try:
                 date.fromisoformat(out[key])
             except ValueError:
-                raise ValueError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD") from None
+                raise InputError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD") from None
             if not DAY.fullmatch(out[key]):
-                raise ValueError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD")
+                raise InputError(f"{key.replace('date_', '')}: use a date as YYYY-MM-DD")
     return out
 
 

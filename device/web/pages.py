@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 from flask import (
     Blueprint,
     abort,
@@ -15,15 +13,13 @@ from flask import (
     url_for,
 )
 
-from device.errors import BusyError, ImageError, LeukoCamError
+from device.errors import InputError, NotFoundError
+from device.web import actions
 from device.web.common import (
     PER_PAGE,
     appliance,
     enrich_capture,
     gallery_filters,
-    latency_stats,
-    model_card,
-    reviewer,
     store,
 )
 
@@ -55,10 +51,7 @@ def latest_fragment():
 
 @bp.get("/captures")
 def gallery():
-    try:
-        filters = gallery_filters(request.args)
-    except ValueError as exc:
-        abort(400, description=str(exc))
+    filters = gallery_filters(request.args)
     page = max(1, request.args.get("page", 1, type=int) or 1)
     total, captures = store().search_captures(**filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
     args = {k: v for k, v in request.args.items() if k != "page" and v}
@@ -71,7 +64,7 @@ def gallery():
 def capture_page(capture_id: int):
     cap = store().get_capture(capture_id)
     if cap is None:
-        abort(404, description=f"no capture with id {capture_id}")
+        raise NotFoundError(f"no capture with id {capture_id}")
     field = store().image_file("field", capture_id)
     return render_template("capture.html", cap=enrich_capture(cap), health=appliance().health(),
                            field_on_disk=field is not None and field.is_file())
@@ -79,19 +72,13 @@ def capture_page(capture_id: int):
 
 @bp.post("/capture")
 def capture_form():
-    try:
-        appliance().request_capture("web")
-    except BusyError as exc:
-        abort(409, description=str(exc))
+    actions.request_capture("web")
     return redirect(url_for("pages.index"))
 
 
 @bp.post("/slides")
 def new_slide_form():
-    try:
-        appliance().new_slide(request.form.get("id") or None)
-    except ValueError as exc:
-        abort(400, description=str(exc))
+    actions.new_slide(request.form.get("id") or None)
     return redirect(url_for("pages.index"))
 
 
@@ -103,9 +90,7 @@ def slides():
 
 @bp.get("/slides/<slide_id>")
 def slide_report(slide_id: str):
-    summary = store().slide_summary(slide_id)
-    if summary is None:
-        abort(404, description=f"no slide {slide_id!r}")
+    summary = actions.slide_summary(slide_id)
     cells = store().slide_cells(slide_id)
     reviewed = [c for c in cells if c["reviewed_label"]]
     verdict_blasts = sum(c["verdict"] == "blast" for c in cells)
@@ -120,34 +105,21 @@ def slide_report(slide_id: str):
 
 @bp.post("/slides/<slide_id>/reviewed")
 def slide_reviewed_form(slide_id: str):
-    try:
-        store().mark_slide_reviewed(slide_id, by=reviewer(request.form.get("reviewer")))
-    except KeyError:
-        abort(404, description=f"no slide {slide_id!r}")
+    actions.mark_slide_reviewed(slide_id, request.form.get("reviewer"))
     return redirect(url_for("pages.slide_report", slide_id=slide_id))
 
 
 @bp.post("/cells/<int:cell_id>/review")
 def review_form(cell_id: int):
-    cell = store().get_cell(cell_id)
-    if cell is None:
-        abort(404, description=f"no cell with id {cell_id}")
-    label = request.form.get("label", "")
-    label = cell["label"] if label == "confirm" else label
-    try:
-        store().add_review(cell_id, label, reviewer(request.form.get("reviewer")))
-    except ValueError as exc:
-        abort(400, description=str(exc))
-    return redirect(url_for("pages.capture_page", capture_id=cell["capture_id"], _anchor=f"cell-{cell_id}"))
+    row = actions.review_cell(cell_id, request.form.get("label", ""), request.form.get("reviewer"))
+    return redirect(url_for("pages.capture_page", capture_id=row["capture_id"], _anchor=f"cell-{cell_id}"))
 
 
 @bp.get("/status")
 def status():
-    app = appliance()
-    disk = shutil.disk_usage(app.store.data_dir)
-    return render_template("status.html", health=app.health(), model=model_card(), latency=latency_stats(),
-                           disk={"free_mb": round(disk.free / 1e6), "total_mb": round(disk.total / 1e6),
-                                 "min_free_mb": app.store.min_free_mb})
+    s = actions.status()
+    return render_template("status.html", health=s["health"], model=s["model"], latency=s["latency_ms"],
+                           disk=s["disk"])
 
 
 @bp.route("/upload", methods=["GET", "POST"])
@@ -155,15 +127,10 @@ def upload():
     if request.method == "GET":
         return render_template("upload.html", health=appliance().health())
     f = request.files.get("image")
-    if f is None or not f.filename:
-        abort(400, description="choose an image file to upload")
+    if f is None:
+        raise InputError("choose an image file to upload")
     single = request.form.get("single_cell") in ("1", "on", "true")
-    try:
-        outcome = appliance().analyse_upload(f.read(), f.filename, single_cell=single)
-    except ImageError as exc:
-        abort(400, description=f"{f.filename}: {exc}")
-    except LeukoCamError as exc:
-        abort(507 if "disk" in str(exc) else 500, description=str(exc))
+    outcome = actions.upload(f.read(), f.filename or "", single)
     return redirect(url_for("pages.capture_page", capture_id=outcome.capture_id))
 
 

@@ -1,0 +1,39 @@
+"""Durable results: SQLite (WAL) for rows, plain files for images.
+
+Write order is what makes a power cut harmless: every image of a capture is
+written atomically (temp file, fsync, rename) first, and only then is the
+capture committed in one transaction. A crash in between leaves files without
+a row, which `reconcile` reports at start-up (never deleting them silently); it
+can never leave a row whose files are half written. Disk space is checked
+before anything is written, so a full disk refuses a capture and loses nothing.
+
+Callers use `Store`; the modules are by concern:
+
+| module | what |
+| --- | --- |
+| `schema.py` | tables, numbered migrations |
+| `base.py` | the data folder, connections, the disk-space rule |
+| `files.py` | a capture's image files, written atomically |
+| `records.py` | what is stored (`CaptureRecord`, `CellRecord`) and the start-up report |
+| `captures.py` | saving and reading captures and cells |
+| `slides.py` | slides: counts, blast fraction, provenance |
+| `reviews.py` | append-only reviews |
+| `upkeep.py` | retention under a size cap, reconcile at start-up |
+"""
+
+from device.store.base import DB_FILE, IMAGES_DIR, StoreBase
+from device.store.captures import CaptureQueries
+from device.store.records import CaptureRecord, CellRecord, ReconcileReport
+from device.store.reviews import REVIEW_LABELS, ReviewQueries
+from device.store.schema import MIGRATIONS, SCHEMA_VERSION
+from device.store.slides import SlideQueries
+from device.store.upkeep import Upkeep
+
+__all__ = [
+    "DB_FILE", "IMAGES_DIR", "MIGRATIONS", "REVIEW_LABELS", "SCHEMA_VERSION",
+    "CaptureRecord", "CellRecord", "ReconcileReport", "Store",
+]
+
+
+class Store(CaptureQueries, SlideQueries, ReviewQueries, Upkeep, StoreBase):
+    """The results store under one data folder (see the module table above for where each part lives)."""

@@ -1,0 +1,208 @@
+"""Captures: saving one (files first, then its rows in one transaction) and reading them back."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from device.errors import NotFoundError, StoreFullError
+from device.imaging import atomic_write_bytes, fsync_dir
+from device.store.files import is_disk_full, remove_folder, write_capture_files
+from device.store.records import CaptureRecord
+
+
+class CaptureQueries:
+    """Store methods for captures and their cells (mixed into device.store.Store)."""
+
+    def save_capture(self, rec: CaptureRecord) -> int:
+        """Write a capture's files, then commit its rows (with its "store" time) in one transaction.
+
+        Returns the capture id. Raises StoreFullError, before anything is written, when the
+        capture would leave less than min_free_mb free.
+        """
+        t0 = time.perf_counter()
+        # A field JPEG still to come is reserved at a generous bits-per-pixel of a smear at quality 90.
+        field_bytes = len(rec.field_jpeg) if rec.field_jpeg is not None else rec.width * rec.height // 3
+        self.check_space(field_bytes + sum(len(c.crop_png) + len(c.heatmap_jpeg) for c in rec.cells))
+        uid = uuid.uuid4().hex
+        now = datetime.now(UTC)
+        rel_dir = Path(now.strftime("%Y/%m/%d")) / uid
+        files = write_capture_files(self.images_dir, rel_dir, rec.field_jpeg, rec.cells)
+        try:
+            with self.connect() as conn:
+                conn.execute("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
+                             (rec.slide_id, now.isoformat(timespec="milliseconds")))
+                cur = conn.execute(
+                    """INSERT INTO captures (uid, created_at, slide_id, source, trigger, status, message, width, height,
+                       um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file, bytes)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        uid, now.isoformat(timespec="milliseconds"), rec.slide_id, rec.source, rec.trigger, rec.status,
+                        rec.message, rec.width, rec.height, rec.um_per_px, rec.model_sha256, int(rec.model_synthetic),
+                        json.dumps(rec.qc), "{}", json.dumps(rec.camera), str(files.field_file), files.bytes,
+                    ),
+                )
+                capture_id = int(cur.lastrowid)
+                conn.executemany(
+                    """INSERT INTO cells (capture_id, idx, x0, y0, x1, y1, probability, logit, label, positive,
+                       needs_review, crop_file, heatmap_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    [
+                        (capture_id, i, *map(int, c.box), float(c.probability), float(c.logit), c.label,
+                         int(c.positive), int(c.needs_review), str(crop), str(heat))
+                        for i, (c, (crop, heat)) in enumerate(zip(rec.cells, files.cell_files, strict=True))
+                    ],
+                )
+                # The store stage's own time goes in with the rows (all but the commit's fsync).
+                timings = dict(rec.timings, store=round((time.perf_counter() - t0) * 1000, 2))
+                conn.execute("UPDATE captures SET timings_json = ? WHERE id = ?", (json.dumps(timings), capture_id))
+        except sqlite3.Error as exc:
+            remove_folder(self.images_dir / rel_dir)
+            if "full" in str(exc).lower():
+                raise StoreFullError("disk full while committing the capture; it was refused, nothing else changed") from None
+            raise
+        return capture_id
+
+    def add_timing(self, capture_id: int, stage: str, ms: float) -> None:
+        """Add the time of a stage that runs after the result is stored (archive, scale check)."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT timings_json FROM captures WHERE id = ?", (capture_id,)).fetchone()
+            if row is not None:
+                timings = json.loads(row[0] or "{}")
+                timings[stage] = round(ms, 2)
+                conn.execute("UPDATE captures SET timings_json = ? WHERE id = ?", (json.dumps(timings), capture_id))
+
+    def attach_field_image(self, capture_id: int, jpeg: bytes) -> None:
+        """Write the archival field JPEG of a capture saved without it (the result comes first).
+
+        Raises:
+            StoreFullError: the disk filled up; the capture keeps its cells, without a field image.
+            NotFoundError: no such capture.
+        """
+        with self.connect() as conn:
+            row = conn.execute("SELECT field_file FROM captures WHERE id = ?", (capture_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no capture {capture_id} to attach a field image to")
+        path = self.images_dir / row["field_file"]
+        try:
+            atomic_write_bytes(path, jpeg)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StoreFullError(
+                    f"disk full while writing the field image of capture {capture_id}: its cells are stored, the "
+                    "field image is not. Free some space (export and delete old results)"
+                ) from None
+            raise
+        with self.connect() as conn:
+            conn.execute("UPDATE captures SET bytes = COALESCE(bytes, 0) + ? WHERE id = ?", (len(jpeg), capture_id))
+
+    def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
+        """Newest captures first, each with its cell count, blast count and review count."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """SELECT c.*, COUNT(k.id) AS n_cells,
+                          COALESCE(SUM(k.positive), 0) AS n_positive,
+                          COALESCE(SUM(k.needs_review), 0) AS n_review
+                   FROM captures c LEFT JOIN cells k ON k.capture_id = c.id
+                   GROUP BY c.id ORDER BY c.id DESC LIMIT ? OFFSET ?""",
+                (limit, offset),
+            ).fetchall()
+        return [capture_dict(r) for r in rows]
+
+    def count_captures(self) -> int:
+        with self.connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+
+    def get_capture(self, capture_id: int) -> dict | None:
+        """One capture with its cells, or None."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT * FROM captures WHERE id = ?", (capture_id,)).fetchone()
+            if row is None:
+                return None
+            cells = conn.execute("SELECT * FROM cells WHERE capture_id = ? ORDER BY idx", (capture_id,)).fetchall()
+        cap = capture_dict(row)
+        cap["cells"] = [dict(c) for c in cells]
+        for c in cap["cells"]:
+            c["needs_review"] = bool(c["needs_review"])
+            c["positive"] = bool(c["positive"])
+            c["box"] = [c.pop("x0"), c.pop("y0"), c.pop("x1"), c.pop("y1")]
+        cap["n_cells"] = len(cells)
+        return cap
+
+    def add_note(self, capture_id: int, note: str) -> None:
+        """Append a note found after the result (the scale check's warning) to a capture's message."""
+        with self.connect() as conn:
+            conn.execute("UPDATE captures SET message = message || ' (' || ? || ')' WHERE id = ?", (note, capture_id))
+
+    def image_file(self, kind: str, item_id: int) -> Path | None:
+        """Resolve a stored image by id: kind is 'field' (capture id), 'crop' or 'heatmap' (cell id)."""
+        column, table = {"field": ("field_file", "captures"), "crop": ("crop_file", "cells"),
+                         "heatmap": ("heatmap_file", "cells")}.get(kind, (None, None))
+        if column is None:
+            return None
+        with self.connect() as conn:
+            row = conn.execute(f"SELECT {column} FROM {table} WHERE id = ?", (item_id,)).fetchone()  # noqa: S608 (fixed names)
+        if row is None:
+            return None
+        path = (self.images_dir / row[0]).resolve()
+        return path if path.is_relative_to(self.images_dir.resolve()) else None
+
+    def search_captures(self, *, slide_id: str | None = None, label: str | None = None,
+                        needs_review: bool | None = None, date_from: str | None = None, date_to: str | None = None,
+                        limit: int = 20, offset: int = 0) -> tuple[int, list[dict]]:
+        """Filtered captures, newest first: (total matching, one page).
+
+        label: captures with at least one cell whose current verdict is that label.
+        needs_review: True = captures with a flagged cell nobody has reviewed yet.
+        date_from / date_to: ISO dates (YYYY-MM-DD, UTC), both inclusive.
+        """
+        clauses, args = [], []
+        if slide_id:
+            clauses.append("c.slide_id = ?")
+            args.append(slide_id)
+        if date_from:
+            clauses.append("c.created_at >= ?")
+            args.append(date_from)
+        if date_to:
+            clauses.append("c.created_at < ?")
+            args.append(date_to + "T99")  # every time of that day sorts below "T99"
+        latest = "(SELECT cell_id, MAX(id) AS mid FROM reviews GROUP BY cell_id)"
+        if label:
+            clauses.append(f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
+                               LEFT JOIN reviews r ON r.id = m.mid
+                               WHERE k.capture_id = c.id AND COALESCE(r.label, k.label) = ?)""")
+            args.append(label)
+        if needs_review is not None:
+            pending = f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
+                          WHERE k.capture_id = c.id AND k.needs_review = 1 AND m.mid IS NULL)"""
+            clauses.append(pending if needs_review else f"NOT {pending}")
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self.connect() as conn:
+            total = int(conn.execute(f"SELECT COUNT(*) FROM captures c{where}", args).fetchone()[0])  # noqa: S608
+            rows = conn.execute(
+                f"""SELECT c.*, (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id) AS n_cells,
+                          (SELECT COALESCE(SUM(k.positive), 0) FROM cells k WHERE k.capture_id = c.id) AS n_positive,
+                          (SELECT COALESCE(SUM(k.needs_review), 0) FROM cells k WHERE k.capture_id = c.id) AS n_review,
+                          (SELECT COUNT(DISTINCT r.cell_id) FROM reviews r WHERE r.capture_id = c.id) AS n_reviewed
+                   FROM captures c{where} ORDER BY c.id DESC LIMIT ? OFFSET ?""",  # noqa: S608
+                (*args, limit, offset)).fetchall()
+        return total, [capture_dict(r) for r in rows]
+
+    def recent_timings(self, limit: int = 200) -> list[dict]:
+        """Stage timings (ms) of the newest captures, newest first."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT timings_json FROM captures ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [json.loads(r[0] or "{}") for r in rows]
+
+
+
+def capture_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    for key in ("qc", "timings", "camera"):
+        d[key] = json.loads(d.pop(f"{key}_json") or "{}")
+    d["model_synthetic"] = bool(d["model_synthetic"])
+    return d

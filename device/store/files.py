@@ -1,0 +1,72 @@
+"""The image files of captures: written atomically before any row points at them.
+
+Each capture owns one folder, images/YYYY/MM/DD/<uid>/, holding field.jpg and,
+per cell, cell_NNN.png (the model's input) and cell_NNN_cam.jpg (its heatmap).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from device.errors import StoreFullError
+from device.imaging import atomic_write_bytes, fsync_dir
+
+FIELD_NAME = "field.jpg"
+
+
+@dataclass(frozen=True)
+class WrittenFiles:
+    """Where a capture's files went, relative to the images folder, and their size."""
+
+    field_file: Path
+    cell_files: tuple[tuple[Path, Path], ...]
+    """(crop, heatmap) per cell."""
+    bytes: int
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_capture_files(images_dir: Path, rel_dir: Path, field_jpeg: bytes | None, cells) -> WrittenFiles:
+    """Write a capture's images under images_dir/rel_dir (each atomically), then fsync the folder.
+
+    On any error the folder is removed again and the error raised (StoreFullError for a full disk).
+    """
+    folder = images_dir / rel_dir
+    try:
+        total = 0
+        field_file = rel_dir / FIELD_NAME
+        if field_jpeg is not None:
+            atomic_write_bytes(images_dir / field_file, field_jpeg)
+            total += len(field_jpeg)
+        cell_files = []
+        for i, cell in enumerate(cells):
+            crop_file, heat_file = rel_dir / f"cell_{i:03d}.png", rel_dir / f"cell_{i:03d}_cam.jpg"
+            atomic_write_bytes(images_dir / crop_file, cell.crop_png)
+            atomic_write_bytes(images_dir / heat_file, cell.heatmap_jpeg)
+            total += len(cell.crop_png) + len(cell.heatmap_jpeg)
+            cell_files.append((crop_file, heat_file))
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(folder.parent)
+    except OSError as exc:
+        remove_folder(folder)
+        if is_disk_full(exc):
+            raise StoreFullError(
+                "disk full while writing the capture; it was refused and its partial files removed. "
+                "Free some space (export and delete old results)"
+            ) from None
+        raise
+    return WrittenFiles(field_file, tuple(cell_files), total)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in one capture folder (0 when it is gone)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def remove_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

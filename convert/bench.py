@@ -242,13 +242,13 @@ def bench_finder(model_ms_5: float | None, width: int = 4056, height: int = 3040
         bundle_dir: a 300 px int8 bundle: the finder and the model on the found cells' crops are then
             timed turn about (find, classify, find, ...), so that a noisy machine slows both alike.
     """
-    from device.cells import FinderOptions, check_scale, estimate_um_per_px, find_white_cells
+    from device.cells import FinderParams, check_scale, estimate_um_per_px, find_white_cells
     from training.finder_eval import DEFAULT_BCCD, corpus_markdown, evaluate_corpus
     from training.stress import build_corpus
     from training.synth import render_field
 
     field, truth = render_field(np.random.default_rng(seed), width, height, cells, um_per_px=um_per_px)
-    options = FinderOptions(um_per_px=um_per_px)
+    options = FinderParams(um_per_px=um_per_px)
     found_cells = find_white_cells(field, options)
     found = len(found_cells)
     if bundle_dir is not None and found:

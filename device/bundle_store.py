@@ -311,7 +311,7 @@ def resolve_active_bundle(path: str | Path, threads: int = 1, self_test: bool = 
         return ActiveBundle(bundle, clf, result, rolled_back=True, note=_roll_back(path, target, failures[0]))
     if not (path / CURRENT).is_symlink():
         raise BundleError(f"{path}: bundle store has no current bundle; install one with "
-                          "`leukocam install-bundle BUNDLE --store {path}` (or `make deploy PI=...`)")
+                          f"`leukocam install-bundle BUNDLE --store {path}` (or `make deploy PI=...`)")
     raise BundleError(f"{path}: no usable model bundle; " + "; ".join(failures))
 
 

@@ -59,8 +59,13 @@ below the stain threshold."""
 
 
 @dataclass(frozen=True)
-class FinderOptions:
-    """How the white-cell finder runs. Sizes are in microns, so one set fits every camera."""
+class FinderParams:
+    """The finder algorithm's parameters (sizes in microns, so one set fits every camera).
+
+    Not to be confused with `device.config.FinderConfig`, the operator's [finder] section of
+    leukocam.toml (calibrated pixel size, cell limit, scale check), from which the pipeline
+    takes the pixel size it passes here.
+    """
 
     um_per_px: float | None = None
     """Pixel size of the input field; None = estimate it from the red cells."""
@@ -92,7 +97,7 @@ class FinderOptions:
 
     def __post_init__(self) -> None:
         if self.um_per_px is not None and not self.um_per_px > 0:
-            raise ValueError(f"FinderOptions.um_per_px must be > 0 or None, got {self.um_per_px}")
+            raise ValueError(f"FinderParams.um_per_px must be > 0 or None, got {self.um_per_px}")
         for name in (
             "default_um_per_px",
             "work_um_per_px",
@@ -105,14 +110,14 @@ class FinderOptions:
             "min_thickness_um",
         ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"FinderOptions.{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"FinderParams.{name} must be > 0, got {getattr(self, name)}")
         if self.max_cell_um <= self.min_cell_um:
             raise ValueError(
-                f"FinderOptions.max_cell_um ({self.max_cell_um}) must exceed "
+                f"FinderParams.max_cell_um ({self.max_cell_um}) must exceed "
                 f"min_cell_um ({self.min_cell_um})"
             )
         if self.smooth_um < 0 or self.cytoplasm_um < 0 or self.min_nuclear_od < 0:
-            raise ValueError("FinderOptions.smooth_um, cytoplasm_um and min_nuclear_od must be >= 0")
+            raise ValueError("FinderParams.smooth_um, cytoplasm_um and min_nuclear_od must be >= 0")
 
 
 # eq=False: the mask is an array, and dataclass equality on arrays is ambiguous.
@@ -331,7 +336,7 @@ def check_scale(rgb: np.ndarray, calibrated: float, tolerance: float = 0.25, fac
 # ----------------------------------------------------------------------------- finder
 
 
-def _nuclear_map(small: np.ndarray, work_um: float, options: FinderOptions):
+def _nuclear_map(small: np.ndarray, work_um: float, options: FinderParams):
     """Nuclear-stain and red-cell-stain amounts of a working-resolution field, and its stains."""
     od = stain_model.optical_density(small)
     vectors = stain_model.estimate_stains(od)
@@ -665,7 +670,7 @@ def _cell_bodies(
     return bodies
 
 
-def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderOptions = FinderOptions()) -> np.ndarray:
+def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderParams = FinderParams()) -> np.ndarray:
     """The field shrunk to the finder's working scale (itself when it is already that coarse).
 
     One shrink of a 12 MP frame is a good part of the finder's time: the pipeline
@@ -675,13 +680,13 @@ def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderOptions = Fin
 
 
 def find_white_cells(
-    rgb: np.ndarray, options: FinderOptions = FinderOptions(), small: np.ndarray | None = None
+    rgb: np.ndarray, options: FinderParams = FinderParams(), small: np.ndarray | None = None
 ) -> list[FoundCell]:
     """Find the white cells in a stained smear field.
 
     Args:
         rgb: uint8 RGB field, HxWx3 (any size, from 224x224 to 12 MP).
-        options: FinderOptions; sizes are in microns.
+        options: FinderParams; sizes are in microns.
         small: `working_copy(rgb, options.um_per_px, options)`, when the caller already has it.
 
     Returns:
@@ -781,7 +786,7 @@ def single_cell(rgb: np.ndarray, um_per_px: float | None = None) -> FoundCell:
 
     Args:
         rgb: uint8 RGB crop, HxWx3.
-        um_per_px: pixel size, for nucleus_area_um2; None = FinderOptions().default_um_per_px.
+        um_per_px: pixel size, for nucleus_area_um2; None = FinderParams().default_um_per_px.
 
     Returns:
         A FoundCell whose box is the whole image. Its mask is the non-background
@@ -790,7 +795,7 @@ def single_cell(rgb: np.ndarray, um_per_px: float | None = None) -> FoundCell:
     """
     check_rgb(rgb, "single_cell")
     h, w = rgb.shape[:2]
-    scale = um_per_px or FinderOptions().default_um_per_px
+    scale = um_per_px or FinderParams().default_um_per_px
     # Near-black, not exactly zero: JPEG and resizing smear the pure-black surround.
     dark = (rgb.max(axis=2) <= 16).astype(np.uint8)
     n, labels = cv2.connectedComponents(dark, connectivity=8)

@@ -100,6 +100,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FinderConfig:
+    """The [finder] section of leukocam.toml: what the operator sets (the algorithm's own
+    parameters are `device.cells.FinderParams`)."""
+
     um_per_px: float = 0.0
     """Pixel size of the field image in micrometres, from `leukocam calibrate` (one value per objective and
     camera); 0 measures it on every field from the red cells (slow on 12 MP, and unknown on packed fields)."""

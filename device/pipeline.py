@@ -36,7 +36,12 @@ about 20 MB more at the peak) for a few percent of int8 speed per crop."""
 
 
 @dataclass(frozen=True)
-class CellResult:
+class ClassifiedCell:
+    """One found and classified cell in memory: pixel arrays and the prediction.
+
+    `to_record` encodes it into a `device.store.CellRecord` (PNG/JPEG bytes), which is what is stored.
+    """
+
     box: tuple[int, int, int, int]
     """x0, y0, x1, y1 in field pixels (x1, y1 exclusive)."""
     probability: float
@@ -58,7 +63,7 @@ class FieldAnalysis:
     """"ok", or "retake" when the quality gate failed or no white cell was found."""
     message: str
     quality: QualityReport
-    cells: tuple[CellResult, ...]
+    cells: tuple[ClassifiedCell, ...]
     skipped: int
     """White cells found beyond finder.max_cells and not classified."""
     um_per_px: float | None
@@ -106,7 +111,7 @@ class Analyzer:
         elif single_cell:
             found = [finder.single_cell(field)]
         else:
-            options = finder.FinderOptions(um_per_px=um or self.default_um)
+            options = finder.FinderParams(um_per_px=um or self.default_um)
             found = finder.find_white_cells(field, options, small=small)
         timings["find"] = _ms(t)
         qc, timings["qc"] = qc_future.result()
@@ -133,7 +138,7 @@ class Analyzer:
 
         t = time.perf_counter()
         results = tuple(
-            CellResult(
+            ClassifiedCell(
                 box=tuple(int(v) for v in c.box), probability=p.probability, logit=p.logit, label=p.label,
                 positive=p.positive, needs_review=p.needs_review or review_scale, crop=crop,
                 heatmap=overlay(crop, p.heatmap()),
@@ -164,7 +169,7 @@ class Analyzer:
 
     @property
     def default_um(self) -> float:
-        return finder.FinderOptions().default_um_per_px
+        return finder.FinderParams().default_um_per_px
 
     def _pixel_size(self, field: np.ndarray, single_cell: bool, notes: list) -> tuple[float | None, bool]:
         """(µm per pixel or None, whether the cells must go to review because the scale is unknown).

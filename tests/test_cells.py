@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device.cells import (
-    FinderOptions,
+    FinderParams,
     FoundCell,
     estimate_um_per_px,
     find_white_cells,
@@ -83,7 +83,7 @@ def test_red_cells_and_platelets_are_not_reported():
     # The lower part of 00228: red cells (some overlapping) and a platelet, no white cell.
     crop = np.ascontiguousarray(load("00228")[180:])
     assert find_white_cells(crop) == []
-    assert find_white_cells(crop, FinderOptions(um_per_px=BCCD_UM_PER_PX)) == []
+    assert find_white_cells(crop, FinderParams(um_per_px=BCCD_UM_PER_PX)) == []
 
 
 def test_empty_glass_gives_no_cells():
@@ -95,9 +95,9 @@ def test_empty_glass_gives_no_cells():
 
 def test_scale_awareness():
     rgb = load("00193")
-    small = find_white_cells(rgb, FinderOptions(um_per_px=BCCD_UM_PER_PX))
+    small = find_white_cells(rgb, FinderParams(um_per_px=BCCD_UM_PER_PX))
     big_rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
-    big = find_white_cells(big_rgb, FinderOptions(um_per_px=BCCD_UM_PER_PX / 2))
+    big = find_white_cells(big_rgb, FinderParams(um_per_px=BCCD_UM_PER_PX / 2))
     assert len(big) == len(small) == 2
     for a, b in zip(
         sorted(small, key=lambda c: c.box), sorted(big, key=lambda c: c.box), strict=True
@@ -180,9 +180,9 @@ def test_bad_input_is_refused(bad, message):
 
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="um_per_px"):
-        FinderOptions(um_per_px=-1.0)
+        FinderParams(um_per_px=-1.0)
     with pytest.raises(ValueError, match="max_cell_um"):
-        FinderOptions(min_cell_um=10, max_cell_um=5)
+        FinderParams(min_cell_um=10, max_cell_um=5)
 
 
 def test_matching_rule():

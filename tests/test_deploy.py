@@ -190,8 +190,9 @@ def test_plain_bundle_folder_and_empty_store(tmp_path, make_bundle, demo_bundle_
     with pytest.raises(BundleError, match="self-test FAILED"):
         resolve_active_bundle(make_bundle("wrong", wrong_golden=True))
     (tmp_path / "empty" / "bundles").mkdir(parents=True)
-    with pytest.raises(BundleError, match="no current bundle"):
+    with pytest.raises(BundleError, match="no current bundle") as info:
         resolve_active_bundle(tmp_path / "empty")
+    assert f"--store {tmp_path / 'empty'}" in str(info.value) and "{path}" not in str(info.value)
 
 
 def test_operator_rollback_swaps_current_and_previous(tmp_path, make_bundle):

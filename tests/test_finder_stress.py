@@ -16,7 +16,7 @@ import pytest
 
 from device import stain as stain_model
 from device.cells import (
-    FinderOptions,
+    FinderParams,
     check_scale,
     estimate_um_per_px,
     field_problem,
@@ -75,7 +75,7 @@ def test_restain_changes_colour_not_structure(look):
     assert np.abs(out.astype(int) - rgb).mean() > 4
     # ... the white cell stayed where it was, and is still found there.
     truth = read_voc_boxes(BCCD / "Annotations" / "BloodImage_00000.xml")
-    found = find_white_cells(out, FinderOptions(um_per_px=BCCD_UM_PER_PX))
+    found = find_white_cells(out, FinderParams(um_per_px=BCCD_UM_PER_PX))
     m = match_boxes([c.box for c in found], truth)
     assert m.true_positives == len(truth) and m.false_positives == 0
 
@@ -132,7 +132,7 @@ BAD_FIELDS = {
 def test_bad_fields_give_no_cells_and_no_exception(name):
     rgb = BAD_FIELDS[name]
     assert find_white_cells(rgb) == []
-    assert find_white_cells(rgb, FinderOptions(um_per_px=0.1)) == []
+    assert find_white_cells(rgb, FinderParams(um_per_px=0.1)) == []
     if name != "noise on glass":
         assert field_problem(rgb) is not None
 
@@ -141,7 +141,7 @@ def test_huge_field_is_searched_at_working_scale():
     # 48 MP of glass (beyond a 12 MP HQ camera): no cells, no exception, no full-size float copy.
     huge = np.full((6000, 8000, 3), 220, np.uint8)
     huge[::97, ::89] = 140  # some dirt so the field is not flat
-    assert find_white_cells(huge, FinderOptions(um_per_px=0.05)) == []
+    assert find_white_cells(huge, FinderParams(um_per_px=0.05)) == []
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_physical_crop_keeps_a_cells_real_size():
     contract = PreprocessContract(input_size=96, crop_um=20.0)
     shares = []
     for img, um in ((big, 0.04), (rgb, 0.08)):
-        (cell,) = find_white_cells(img, FinderOptions(um_per_px=um))
+        (cell,) = find_white_cells(img, FinderParams(um_per_px=um))
         crop = crop_cell(img, cell.box, cell.mask, contract, um_per_px=um)
         shares.append(float((crop.max(axis=2) > 0).mean()))
     assert shares[0] == pytest.approx(shares[1], rel=0.1)
@@ -227,7 +227,7 @@ def test_physical_crop_keeps_a_cells_real_size():
 
 def test_device_crop_is_the_cell_on_black_like_a_training_cell():
     rgb = decode_image(BCCD / "JPEGImages" / "BloodImage_00017.jpg")
-    (cell,) = [c for c in find_white_cells(rgb, FinderOptions(um_per_px=0.08)) if not c.touches_border]
+    (cell,) = [c for c in find_white_cells(rgb, FinderParams(um_per_px=0.08)) if not c.touches_border]
     crop = crop_cell(rgb, cell.box, cell.mask, PreprocessContract(input_size=128, crop_um=20.0), um_per_px=0.08)
     # Black around the cell, a single connected cell in the middle, no glass or red-cell rim.
     on = crop.max(axis=2) > 0
@@ -250,7 +250,7 @@ def test_touching_blasts_are_cut_apart():
     synth = pytest.importorskip("training.synth")
     rng = np.random.default_rng(3)
     rgb, cells = synth.render_field(rng, 320, 240, n_white=4, um_per_px=0.2, labels=["all"] * 4, gap_um=-1.5)
-    found = find_white_cells(rgb, FinderOptions(um_per_px=0.2))
+    found = find_white_cells(rgb, FinderParams(um_per_px=0.2))
     m = match_boxes([c.box for c in found], [tuple(c["box"]) for c in cells])
     assert m.false_negatives == 0 and m.false_positives == 0
 

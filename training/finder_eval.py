@@ -31,7 +31,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from device.cells import FinderOptions, estimate_um_per_px, find_white_cells
+from device.cells import FinderParams, estimate_um_per_px, find_white_cells
 from device.imaging import decode_image
 
 Box = tuple[float, float, float, float]
@@ -127,7 +127,7 @@ def _scores(tp: int, fp: int, fn: int) -> dict:
 def evaluate_folder(
     images_dir: str | Path,
     annotations_dir: str | Path,
-    options: FinderOptions | None = None,
+    options: FinderParams | None = None,
     verbose: bool = True,
 ) -> dict:
     """Run the finder on every annotated image and score it.
@@ -143,7 +143,7 @@ def evaluate_folder(
         precision, recall_iou30, precision_iou30 (IoU >= 0.3 on the matched pairs),
         mean_iou, seconds_per_image and per_image (name, n_true, n_found, tp, fp, fn).
     """
-    options = options or FinderOptions()
+    options = options or FinderParams()
     images_dir, annotations_dir = Path(images_dir), Path(annotations_dir)
     xmls = sorted(annotations_dir.glob("*.xml"))
     if not xmls:
@@ -212,7 +212,7 @@ def evaluate_folder(
 
 def evaluate_fields(
     fields: Sequence[tuple[Path, Sequence[Box], float]],
-    options: FinderOptions | None = None,
+    options: FinderParams | None = None,
 ) -> dict:
     """Score the finder on (image, truth boxes, µm per pixel) triples, with the pixel size known.
 
@@ -225,7 +225,7 @@ def evaluate_fields(
         None where no field could be estimated), scale_unknown (fields the estimate gave up on)
         and misses (names of fields with a false positive or negative).
     """
-    base = options or FinderOptions()
+    base = options or FinderParams()
     tp = fp = fn = 0
     ious: list[float] = []
     errors: list[float] = []
@@ -266,7 +266,7 @@ CNMC_UM_PER_PX = 0.045
 lymphoblasts span about 175-250 px, and such cells are 8-12 µm across on a smear."""
 
 
-def evaluate_corpus(root: str | Path, options: FinderOptions | None = None) -> list[dict]:
+def evaluate_corpus(root: str | Path, options: FinderParams | None = None) -> list[dict]:
     """One result row per condition folder under `root` (see training.stress), in corpus order."""
     from training.stress import CONDITIONS, read_condition
 
@@ -341,7 +341,7 @@ def crop_gallery(
         crops = []
         for path, _, um in read_condition(folder):
             rgb = decode_image(path)
-            for c in find_white_cells(rgb, FinderOptions(um_per_px=um)):
+            for c in find_white_cells(rgb, FinderParams(um_per_px=um)):
                 if not c.touches_border:
                     crops.append(crop_cell(rgb, c.box, c.mask, contract, um_per_px=um))
             if len(crops) >= per_row:
@@ -429,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     return evaluate_folder(
-        args.images_dir, args.annotations_dir, FinderOptions(um_per_px=args.um_per_px)
+        args.images_dir, args.annotations_dir, FinderParams(um_per_px=args.um_per_px)
     )
 
 

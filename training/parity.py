@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.cells import FinderOptions, find_white_cells
+from device.cells import FinderParams, find_white_cells
 from device.classifier import Classifier
 from device.preprocess import crop_cell, prepare_cell
 from training.metrics import binary_metrics
@@ -90,7 +90,7 @@ def field_parity(
             cell = field[y0:y1, x0:x1].copy()
             cell[~m[y0:y1, x0:x1]] = 0
             train_crops.append(prepare_cell(cell, contract, um_per_px))
-        found = find_white_cells(field, FinderOptions(um_per_px=um_per_px))
+        found = find_white_cells(field, FinderParams(um_per_px=um_per_px))
         pairs = _pair(found, cells)
         extra += len(found) - len(pairs)
         field_crops = {j: crop_cell(field, found[i].box, found[i].mask, contract, um_per_px=um_per_px)

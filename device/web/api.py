@@ -7,7 +7,10 @@ session cookie. GET /api/csrf gives a token for the current session too.
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, send_file, url_for
+import inspect
+import re
+
+from flask import Blueprint, current_app, jsonify, request, send_file, url_for
 from flask_wtf.csrf import generate_csrf
 
 from device import export
@@ -41,22 +44,28 @@ def _capture_json(cap: dict) -> dict:
 
 @bp.get("/health")
 def health():
+    """Liveness and state (public; 503 when unhealthy)."""
     h = appliance().health()
     return jsonify(h), (200 if h["ok"] else 503)
 
 
 @bp.get("/csrf")
 def csrf():
+    """A CSRF token for this session (public)."""
     return jsonify({"csrf_token": generate_csrf(), "header": "X-CSRFToken"})
 
 
 @bp.get("/status")
 def status():
+    """Health, model card, latency median/p95 per stage, disk."""
     return jsonify(actions.status())
 
 
 @bp.get("/captures")
 def captures():
+    """Captures, newest first.
+
+    Query: ?slide= &label=blast|normal &review=pending|done &from= &to= (YYYY-MM-DD) &limit= &offset=."""
     filters = gallery_filters(request.args)
     limit, offset = int_arg("limit", 20, 1, 100), int_arg("offset", 0, 0, 10**9)
     total, rows = store().search_captures(**filters, limit=limit, offset=offset)
@@ -65,6 +74,7 @@ def captures():
 
 @bp.get("/captures/<int:capture_id>")
 def capture(capture_id: int):
+    """One capture: cells with box, probability, label, current verdict, image URLs; review history."""
     cap = store().get_capture(capture_id)
     if cap is None:
         raise NotFoundError(f"no capture with id {capture_id}")
@@ -83,6 +93,7 @@ def latest():
 
 @bp.post("/capture")
 def capture_post():
+    """Queue a capture (202; 409 while one runs)."""
     # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
     trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
     actions.request_capture(trigger)
@@ -91,6 +102,7 @@ def capture_post():
 
 @bp.get("/preview.jpg")
 def preview():
+    """Live preview frame (JPEG; 503 when the camera cannot give one)."""
     frame = appliance().camera.preview()  # CameraError (503) when it cannot
     resp = bp_response(encode_image(frame.image, "JPEG", quality=80), "image/jpeg")
     resp.headers["Cache-Control"] = "no-store"
@@ -105,11 +117,13 @@ def bp_response(data: bytes, mimetype: str):
 
 @bp.get("/slides")
 def slides():
+    """Slides with summaries and the current slide."""
     return jsonify({"current": appliance().slide_id, "slides": store().list_slides()})
 
 
 @bp.get("/slides/<slide_id>")
 def slide(slide_id: str):
+    """Slide summary: counts, blast fraction + 95% CI, review state, provenance."""
     summary = actions.slide_summary(slide_id)
     cells = store().slide_cells(slide_id)
     summary["reviewed_cells"] = sum(c["reviewed_label"] is not None for c in cells)
@@ -119,6 +133,7 @@ def slide(slide_id: str):
 
 @bp.post("/slides")
 def new_slide():
+    """Start a new slide: JSON {id} (optional; a dated ID otherwise)."""
     body = request.get_json(silent=True) or {}
     slide_id = body.get("id") or request.form.get("id") or None
     return jsonify({"current": actions.new_slide(slide_id)}), 201
@@ -126,12 +141,14 @@ def new_slide():
 
 @bp.post("/slides/<slide_id>/reviewed")
 def slide_reviewed(slide_id: str):
+    """Mark the slide reviewed (by the logged-in user)."""
     body = request.get_json(silent=True) or {}
     return jsonify(actions.mark_slide_reviewed(slide_id, body.get("reviewer")))
 
 
 @bp.get("/slides/<slide_id>/results.csv")
 def slide_csv(slide_id: str):
+    """One CSV row per cell: model result and current review."""
     actions.slide_summary(slide_id)
     resp = bp_response(export.slide_results_csv(store(), slide_id).encode(), "text/csv")
     resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.csv"'
@@ -140,6 +157,7 @@ def slide_csv(slide_id: str):
 
 @bp.get("/slides/<slide_id>/results.json")
 def slide_json(slide_id: str):
+    """Summary, provenance, cells and review history as JSON."""
     actions.slide_summary(slide_id)
     resp = bp_response(export.results_json_bytes(store(), slide_id), "application/json")
     resp.headers["Content-Disposition"] = f'attachment; filename="leukocam-{slide_id}.json"'
@@ -148,6 +166,7 @@ def slide_json(slide_id: str):
 
 @bp.get("/cells/<int:cell_id>")
 def cell(cell_id: int):
+    """One cell with its review history."""
     c = store().get_cell(cell_id)
     if c is None:
         raise NotFoundError(f"no cell with id {cell_id}")
@@ -158,6 +177,7 @@ def cell(cell_id: int):
 
 @bp.post("/cells/<int:cell_id>/review")
 def review(cell_id: int):
+    """Append a review: JSON {label: blast|normal|confirm, note?}."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise InputError('send JSON: {"label": "blast" | "normal" | "confirm"}')
@@ -167,6 +187,7 @@ def review(cell_id: int):
 
 @bp.get("/reviews")
 def reviews():
+    """Review history: ?cell= | ?capture= | ?slide=."""
     for key, kw, cast in (("cell", "cell_id", int), ("capture", "capture_id", int), ("slide", "slide_id", str)):
         if request.args.get(key):
             try:
@@ -179,6 +200,7 @@ def reviews():
 
 @bp.get("/export/dataset.zip")
 def export_dataset():
+    """Reviewed cells as a training dataset (C-NMC names, reviewer's labels); ?slide= repeatable."""
     slides = request.args.getlist("slide")
     for s in slides:
         actions.slide_summary(s)
@@ -201,6 +223,7 @@ def _version() -> str:
 
 @bp.post("/upload")
 def upload():
+    """Analyse an uploaded image: multipart 'image'; 'single_cell'=1 for one cell."""
     f = request.files.get("image")
     if f is None:
         raise InputError("send the image as multipart form field 'image'")
@@ -209,48 +232,54 @@ def upload():
     return jsonify(outcome.__dict__), 201
 
 
-ENDPOINTS = [
-    # (method, path, summary)
-    ("GET", "/api/health", "Liveness and state (public; 503 when unhealthy)"),
-    ("GET", "/api/csrf", "A CSRF token for this session (public)"),
-    ("GET", "/api/openapi.json", "This description (public)"),
-    ("POST", "/login", "Log in: form or JSON {username, password}; JSON answer has csrf_token. 5/minute per IP"),
-    ("POST", "/logout", "Log out"),
-    ("GET", "/api/status", "Health, model card, latency median/p95 per stage, disk"),
-    ("GET", "/api/captures", "Captures, newest first. ?slide= &label=blast|normal &review=pending|done &from= &to= (YYYY-MM-DD) &limit= &offset="),
-    ("GET", "/api/captures/{id}", "One capture: cells with box, probability, label, current verdict, image URLs; review history"),
-    ("GET", "/api/latest", "Newest capture id, busy flag, last outcome (what the Live page polls)"),
-    ("POST", "/api/capture", "Queue a capture (202; 409 while one runs)"),
-    ("GET", "/api/preview.jpg", "Live preview frame (JPEG)"),
-    ("GET", "/api/slides", "Slides with summaries and the current slide"),
-    ("POST", "/api/slides", "Start a new slide: {id} (optional)"),
-    ("GET", "/api/slides/{id}", "Slide summary: counts, blast fraction + 95% CI, review state, provenance"),
-    ("POST", "/api/slides/{id}/reviewed", "Mark the slide reviewed (by the logged-in user)"),
-    ("GET", "/api/slides/{id}/results.csv", "One row per cell: model result and current review"),
-    ("GET", "/api/slides/{id}/results.json", "Summary, provenance, cells and review history"),
-    ("GET", "/api/cells/{id}", "One cell with its review history"),
-    ("POST", "/api/cells/{id}/review", "Append a review: {label: blast|normal|confirm, note?}"),
-    ("GET", "/api/reviews", "Review history: ?cell= | ?capture= | ?slide="),
-    ("GET", "/api/export/dataset.zip", "Reviewed cells as a training dataset (C-NMC names, reviewer's labels); ?slide= repeatable"),
-    ("POST", "/api/upload", "Analyse an uploaded image: multipart 'image', 'single_cell'=1 for one cell"),
-    ("GET", "/images/{field|crop|heatmap}/{id}", "Stored images by id"),
-]
-
-
 @bp.get("/openapi.json")
 def openapi():
+    """This description, generated from the routes and their docstrings (public)."""
+    return jsonify(openapi_spec())
+
+
+DOCUMENTED_BLUEPRINTS = ("api.", "auth.")
+"""The JSON API and the login, plus the stored images (pages.image): what scripts use."""
+_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
+
+
+def openapi_spec() -> dict:
+    """OpenAPI 3 for every documented route, generated from the URL map and the views' docstrings."""
+    from device.web import PUBLIC_ENDPOINTS
+
     paths: dict = {}
-    for method, path, summary in ENDPOINTS:
-        op = {"summary": summary, "responses": {"200": {"description": "OK"}, "4XX": {"description": "{error: reason}"}}}
-        if method == "POST":
-            op["parameters"] = [{"name": "X-CSRFToken", "in": "header", "required": True, "schema": {"type": "string"}}]
-        paths.setdefault(path, {})[method.lower()] = op
-    return jsonify({
+    for rule in sorted(current_app.url_map.iter_rules(), key=lambda r: r.rule):
+        if not (rule.endpoint.startswith(DOCUMENTED_BLUEPRINTS) or rule.endpoint == "pages.image"):
+            continue
+        doc = inspect.getdoc(current_app.view_functions[rule.endpoint]) or ""
+        summary, _, description = doc.partition("\n")
+        path = _PARAM.sub(r"{\2}", rule.rule)
+        params = [{"name": name, "in": "path", "required": True,
+                   "schema": {"type": "integer" if conv == "int" else "string"}}
+                  for conv, name in _PARAM.findall(rule.rule)]
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            op = {"operationId": f"{rule.endpoint}.{method.lower()}", "summary": summary.strip(),
+                  "responses": {"200": {"description": "OK"},
+                                "default": {"description": "an error: JSON {error: reason, status}"}}}
+            if description.strip():
+                op["description"] = description.strip()
+            op_params = list(params)
+            if method == "POST":
+                op_params.append({"name": "X-CSRFToken", "in": "header", "required": False,
+                                  "description": "required with the login gate on, and from browsers",
+                                  "schema": {"type": "string"}})
+            if op_params:
+                op["parameters"] = op_params
+            if rule.endpoint in PUBLIC_ENDPOINTS:
+                op["security"] = []
+            paths.setdefault(path, {})[method.lower()] = op
+    return {
         "openapi": "3.0.3",
         "info": {"title": "LeukoCam dashboard API", "version": _version() or "0",
                  "description": "Research screening aid, not a diagnosis. With the login gate on, every endpoint "
                                 "except the public ones needs the session cookie from POST /login, and every POST "
                                 "needs the X-CSRFToken header."},
         "components": {"securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "leukocam_session"}}},
+        "security": [{"session": []}],
         "paths": paths,
-    })
+    }

@@ -32,6 +32,7 @@ def make_blueprint(limiter) -> Blueprint:
     @bp.route("/login", methods=["GET", "POST"])
     @limiter.limit(LOGIN_RATE, methods=["POST"], error_message="too many login attempts; wait a minute")
     def login():
+        """Log in: form or JSON {username, password}; the JSON answer has a csrf_token. 5/minute per IP."""
         appliance = current_app.extensions["leukocam"]
         data_dir = appliance.store.data_dir
         no_accounts = not accounts.load_users(data_dir)
@@ -58,6 +59,7 @@ def make_blueprint(limiter) -> Blueprint:
 
     @bp.post("/logout")
     def logout():
+        """Log out (ends the session)."""
         session.clear()
         return redirect(url_for("auth.login"))
 

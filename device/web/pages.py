@@ -136,6 +136,7 @@ def upload():
 
 @bp.get("/images/<kind>/<int:item_id>")
 def image(kind: str, item_id: int):
+    """A stored image by id: kind is field (capture id), crop or heatmap (cell id)."""
     path = store().image_file(kind, item_id)
     if path is None or not path.is_file():
         if path is not None and kind == "field":

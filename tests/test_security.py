@@ -216,3 +216,41 @@ def test_unknown_ids_and_methods(secured):
     assert client.get("/captures?label=purple").status_code == 400
     assert client.get("/api/captures?from=2024-13-45").get_json()["error"].startswith("from")
     assert client.get("/").status_code == 200
+
+
+def test_a_full_disk_on_upload_is_507_on_both_the_page_and_the_api(config, monkeypatch):
+    with Appliance(config) as appliance:
+        client = create_app(appliance).test_client()
+        tok = token_of(client.get("/upload").get_data(as_text=True))
+        monkeypatch.setattr(appliance.store, "min_free_mb", 10**12)
+        good = encode_image(appliance.bundle.golden.crops[0], "PNG")
+        form = lambda: {"image": (io.BytesIO(good), "c.png"), "single_cell": "1", "csrf_token": tok}  # noqa: E731
+        page = client.post("/upload", data=form(), content_type="multipart/form-data")
+        assert page.status_code == 507 and "disk almost full" in page.get_data(as_text=True)
+        api = client.post("/api/upload", data=form(), content_type="multipart/form-data", headers={"X-CSRFToken": tok})
+        assert api.status_code == 507 and "disk" in api.get_json()["error"]
+        assert appliance.store.count_captures() == 0
+
+
+def test_domain_errors_map_to_http_codes_by_type_not_by_message():
+    from device.errors import (
+        BundleError,
+        BusyError,
+        CameraError,
+        ImageError,
+        InputError,
+        LeukoCamError,
+        NotFoundError,
+        StoreError,
+        StoreFullError,
+    )
+    from device.web import http_status
+
+    # The messages mention "disk" on purpose: only the type decides.
+    assert http_status(StoreFullError("no room")) == 507
+    assert http_status(StoreError("disk database is newer")) == 500
+    assert http_status(NotFoundError("disk 3")) == 404
+    assert http_status(InputError("x")) == http_status(ImageError("x")) == 400
+    assert http_status(BusyError("x")) == 409
+    assert http_status(CameraError("x")) == http_status(BundleError("x")) == 503
+    assert http_status(LeukoCamError("disk")) == 500

@@ -1,9 +1,10 @@
 """The model bundle: the contract between `convert` and the device.
 
 A bundle is a folder holding `model.tflite`, `model.json` and `golden.npz`.
-`load_bundle` checks the schema, the sha256 of the tflite file and the golden
-file before anything runs; the classifier then checks tensor shapes against
-model.json. Any mismatch is a BundleError that says what is wrong.
+`load_bundle` checks model.json field by field (`device.bundle_meta.BundleMeta`),
+the sha256 of the tflite file and the golden file before anything runs; the
+classifier then checks tensor shapes against model.json. Any mismatch is a
+BundleError that says what is wrong.
 """
 
 from __future__ import annotations
@@ -15,28 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from device.bundle_meta import REQUIRED_KEYS, SCHEMA_VERSION, BundleMeta
 from device.errors import BundleError
 from device.preprocess import PreprocessContract
 
-SCHEMA_VERSION = 1
 MODEL_FILE = "model.tflite"
 META_FILE = "model.json"
 GOLDEN_FILE = "golden.npz"
-REQUIRED_KEYS = (
-    "schema_version",
-    "labels",
-    "input_size",
-    "preprocess",
-    "signature",
-    "outputs",
-    "threshold",
-    "review_band",
-    "cam",
-    "quantization",
-    "tflite_sha256",
-    "created",
-    "golden",
-)
+__all__ = ["GOLDEN_FILE", "META_FILE", "MODEL_FILE", "REQUIRED_KEYS", "SCHEMA_VERSION", "Bundle", "BundleMeta", "Golden",
+           "load_bundle", "sha256_file"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -62,8 +50,11 @@ class Golden:
 class Bundle:
     path: Path
     meta: dict
+    """model.json as read. New code reads `info`, the same fields typed and checked."""
     contract: PreprocessContract
     golden: Golden
+    info: BundleMeta
+    """model.json, typed (device.bundle_meta)."""
 
     @property
     def model_path(self) -> Path:
@@ -71,25 +62,25 @@ class Bundle:
 
     @property
     def sha256(self) -> str:
-        return self.meta["tflite_sha256"]
+        return self.info.tflite_sha256
 
     @property
     def labels(self) -> tuple[str, str]:
         """(negative label, positive label)."""
-        return tuple(self.meta["labels"])
+        return self.info.labels
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        return float(self.info.threshold)
 
     @property
     def review_band(self) -> tuple[float, float]:
-        low, high = self.meta["review_band"]
+        low, high = self.info.review_band
         return float(low), float(high)
 
     @property
     def synthetic(self) -> bool:
-        return bool(self.meta.get("synthetic", False))
+        return self.info.synthetic
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -109,42 +100,21 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path}: no {META_FILE}; this is not a LeukoCam bundle (re-run `leukocam convert`)") from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{meta_path}: unreadable or not JSON ({exc}); re-run `leukocam convert`") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{meta_path}: expected a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise BundleError(f"{meta_path}: missing fields {', '.join(missing)}; re-run `leukocam convert`")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(
-            f"{meta_path}: schema_version {meta['schema_version']!r}, but this device reads version {SCHEMA_VERSION}; "
-            "convert the model with the matching LeukoCam version"
-        )
+    info = BundleMeta.from_dict(meta, meta_path)
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         raise BundleError(f"{path}: no {MODEL_FILE}; the bundle is incomplete, copy it again")
     actual = sha256_file(model_path)
-    if actual != meta["tflite_sha256"]:
+    if actual != info.tflite_sha256:
         raise BundleError(
-            f"{model_path}: sha256 {actual[:12]}… does not match model.json ({str(meta['tflite_sha256'])[:12]}…); "
+            f"{model_path}: sha256 {actual[:12]}… does not match model.json ({info.tflite_sha256[:12]}…); "
             "the model file was changed or damaged after conversion. Copy the bundle again; do not edit it"
         )
-    labels = meta["labels"]
-    if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, str) for x in labels)):
-        raise BundleError(f"{meta_path}: labels must be [negative, positive], got {labels!r}")
-    try:
-        contract = PreprocessContract.from_dict(meta["preprocess"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{meta_path}: bad preprocess contract ({exc})") from None
-    if contract.input_size != meta["input_size"]:
-        raise BundleError(f"{meta_path}: input_size {meta['input_size']} differs from preprocess.input_size {contract.input_size}")
-    low, high = meta["review_band"]
-    if not 0.0 <= low <= meta["threshold"] <= high <= 1.0:
-        raise BundleError(f"{meta_path}: need 0 <= review_band[0] <= threshold <= review_band[1] <= 1")
-    golden = _load_golden(path, meta)
-    return Bundle(path=path, meta=meta, contract=contract, golden=golden)
+    golden = _load_golden(path, info)
+    return Bundle(path=path, meta=meta, contract=info.contract, golden=golden, info=info)
 
 
-def _load_golden(path: Path, meta: dict) -> Golden:
+def _load_golden(path: Path, info: BundleMeta) -> Golden:
     gpath = path / GOLDEN_FILE
     try:
         with np.load(gpath, allow_pickle=False) as npz:
@@ -153,10 +123,10 @@ def _load_golden(path: Path, meta: dict) -> Golden:
         raise BundleError(f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`") from None
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{gpath}: unreadable golden file ({exc}); re-run `leukocam convert`") from None
-    expected = meta["golden"].get("sha256")
+    expected = info.golden.sha256
     if expected and sha256_file(gpath) != expected:
         raise BundleError(f"{gpath}: sha256 does not match model.json; the bundle was altered. Copy it again")
-    size = meta["input_size"]
+    size = info.input_size
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
         raise BundleError(f"{gpath}: golden crops have shape {crops.shape} {crops.dtype}, expected N x {size} x {size} x 3 uint8")
-    return Golden(crops=crops, probabilities=probs, cams=cams, tolerance=float(meta["golden"]["tolerance"]))
+    return Golden(crops=crops, probabilities=probs, cams=cams, tolerance=float(info.golden.tolerance))

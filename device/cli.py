@@ -29,7 +29,7 @@ LAZY_COMMANDS = {
     "convert": ("convert.cli:convert", "Convert a trained Keras model into a verified model bundle."),
     "verify": ("convert.cli:verify", "Check a bundle against its float model with the device's classifier."),
     "bench": ("convert.cli:bench", "Benchmark model sizes and latencies in one run (markdown + JSON)."),
-    "demo-model": ("training.cli:demo_model", "Rebuild the shipped synthetic demo bundle and sample fields."),
+    "demo-model": ("convert.demo:demo_model", "Rebuild the shipped synthetic demo bundle and sample fields."),
     "deploy": ("convert.deploy:deploy_command", "Copy a model bundle to a Pi over ssh, install it there, restart."),
     "install-bundle": ("device.bundle_store:install_bundle_command",
                        "Check a bundle on this device and make it current (the old one is kept)."),

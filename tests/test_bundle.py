@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 
 from device.bundle import SCHEMA_VERSION, load_bundle, sha256_file
+from device.bundle_meta import BundleMeta
 from device.classifier import Classifier
 from device.errors import BundleError
 
@@ -86,3 +89,104 @@ def test_missing_output_is_refused(bundle_copy):
     (bundle_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="no_such_output"):
         Classifier(load_bundle(bundle_copy), threads=1)
+
+
+# -- model.json, typed (device.bundle_meta) ------------------------------------------------------
+def test_shipped_model_json_round_trips_unchanged(demo_bundle_dir):
+    text = (demo_bundle_dir / "model.json").read_text()
+    meta = json.loads(text)
+    info = BundleMeta.from_dict(meta, demo_bundle_dir / "model.json")
+    assert info.to_dict() == meta
+    assert json.dumps(info.to_dict(), indent=2, sort_keys=True) == text, "to_dict must write the same file"
+    assert BundleMeta.from_dict(info.to_dict()) == info
+
+
+def test_loaded_bundle_is_typed(demo_bundle_dir):
+    bundle = load_bundle(demo_bundle_dir)
+    info = bundle.info
+    assert bundle.meta == info.to_dict(), "Bundle.meta stays the model.json dict for older readers"
+    assert info.labels == bundle.labels == ("normal", "blast") and info.positive_label == "blast"
+    assert info.input_size == bundle.contract.input_size == 96
+    assert info.outputs.by_role() == {"probability": "probability", "logit": "logit", "cam": "cam"}
+    assert info.cam.shape == (3, 3) and info.golden.tolerance == bundle.golden.tolerance
+    assert info.quantization.mode == "int16x8" and info.quantization.float_layers == ()
+    assert info.quantization.attempts[-1]["passed"] and info.gate_passed is True
+    assert info.synthetic is bundle.synthetic is True and info.name == "leukocam-demo-synthetic"
+    # The test split's numbers when convert measured it; the headline values are the point estimates.
+    assert info.quantized_metrics == bundle.meta["metrics"]["quantized"]
+    assert info.headline_metrics()["accuracy"] == bundle.meta["metrics"]["quantized"]["accuracy"]["value"]
+    assert info.headline_metrics()["auc"] == bundle.meta["metrics"]["quantized"]["auc"]
+
+
+def test_quantized_metrics_fall_back_to_the_verification(demo_bundle_dir):
+    meta = json.loads((demo_bundle_dir / "model.json").read_text())
+    del meta["metrics"]  # bundles from before convert measured the test split
+    info = BundleMeta.from_dict(meta)
+    assert info.metrics is None and "metrics" not in info.to_dict()
+    assert info.quantized_metrics == meta["verification"]["quantized_metrics"]
+    assert info.float_metrics == meta["verification"]["float_metrics"]
+    del meta["verification"]
+    assert BundleMeta.from_dict(meta).quantized_metrics == {} and BundleMeta.from_dict(meta).headline_metrics() == {}
+
+
+def test_unknown_and_null_fields_survive_the_round_trip(demo_bundle_dir):
+    meta = json.loads((demo_bundle_dir / "model.json").read_text())
+    meta["future_field"] = {"x": 1}
+    meta["cam"]["colormap"] = "jet"
+    meta["field_parity"] = None
+    meta["preprocess"]["crop_um"] = None
+    del meta["name"]
+    info = BundleMeta.from_dict(meta)
+    assert info.to_dict() == meta
+    assert info.extra == {"future_field": {"x": 1}} and info.cam.extra == {"colormap": "jet"} and info.name == ""
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m["cam"].update(shape=[3]), "cam.shape"),
+    (lambda m: m["outputs"].pop("logit"), "outputs.logit"),
+    (lambda m: m["golden"].update(tolerance=-1), "golden.tolerance"),
+    (lambda m: m["quantization"].pop("mode"), "quantization.mode"),
+    (lambda m: m["quantization"].update(float_layers="conv"), "quantization.float_layers"),
+    (lambda m: m.update(tflite_sha256="abc"), "tflite_sha256"),
+    (lambda m: m.update(synthetic="yes"), "synthetic"),
+    (lambda m: m.update(signature=""), "signature"),
+    (lambda m: m.update(threshold="0.5"), "threshold"),
+    (lambda m: m.update(review_band=[0.3]), "review_band"),
+    (lambda m: m.update(labels=["normal"]), "labels"),
+    (lambda m: m.update(outputs=["probability"]), "outputs"),
+    (lambda m: m["preprocess"].update(interpolation="nearest"), "preprocess"),
+    (lambda m: m.update(input_size=128), "input_size"),
+    (lambda m: m.update(metrics=[1]), "metrics"),
+])
+def test_bad_fields_are_named(demo_bundle_dir, edit, field):
+    meta = json.loads((demo_bundle_dir / "model.json").read_text())
+    edit(meta)
+    with pytest.raises(BundleError, match=re.escape(field)) as err:
+        BundleMeta.from_dict(meta, "bundle/model.json")
+    assert str(err.value).startswith("bundle/model.json: ")
+
+
+def test_bad_field_stops_load_bundle(bundle_copy):
+    meta = json.loads((bundle_copy / "model.json").read_text())
+    meta["cam"]["shape"] = "3x3"
+    (bundle_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"cam\.shape must be \[height, width\].*re-run `leukocam convert`"):
+        load_bundle(bundle_copy)
+
+
+def test_writer_stamps_and_checks_model_json(demo_bundle_dir, tmp_path):
+    from convert.bundle_writer import write_bundle
+
+    bundle = load_bundle(demo_bundle_dir)
+    tflite = bundle.model_path.read_bytes()
+    golden = {"crops": bundle.golden.crops, "probabilities": bundle.golden.probabilities, "cams": bundle.golden.cams}
+    draft = dataclasses.replace(bundle.info, name="copy", tflite_sha256=None, golden=None, created=None)
+    out = write_bundle(tmp_path / "copy", tflite, draft, golden, tolerance=0.05)
+    copy = load_bundle(out)
+    assert copy.info.name == "copy" and copy.sha256 == bundle.sha256 and copy.info.created
+    assert copy.info.metrics == bundle.info.metrics and copy.info.quantization == bundle.info.quantization
+    # A model.json the device would refuse is never written.
+    broken = dataclasses.replace(draft, cam=dataclasses.replace(draft.cam, shape=(0, 3)))
+    with pytest.raises(BundleError, match="cam.shape"):
+        write_bundle(tmp_path / "broken", tflite, broken, golden, tolerance=0.05)
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken.*"))

@@ -1,11 +1,16 @@
-"""`leukocam convert` / `verify`: the fidelity gate really gates, other modes load on the device."""
+"""`leukocam convert` / `verify`: the fidelity gate really gates, other modes load on the device.
+
+The conversion is `convert.build` (a result and domain errors); `convert.cli` only parses and prints;
+training never imports convert.
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -13,51 +18,71 @@ from click.testing import CliRunner
 from device.bundle import load_bundle
 from device.classifier import Classifier
 from device.imaging import atomic_write_bytes, encode_image
+from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.tf]
-pytest.importorskip("tensorflow")
+needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow (the train extra)")
+
+
+def slow_tf(test):
+    """Trains, converts or benchmarks a model: needs TensorFlow."""
+    return pytest.mark.slow(pytest.mark.tf(needs_tf(test)))
+
 
 OPEN_GATE = dict(min_agreement=0.0, max_delta_sensitivity=1.0, min_cam_correlation=-1.0)
 
 
+@slow_tf
 def test_gate_fails_on_blank_calibration_and_writes_nothing(small_run, tmp_path):
-    from convert.cli import run_convert
+    from convert.build import ConvertOptions, convert_bundle
+    from convert.errors import GateFailedError
     from convert.verify import Gate
 
     root, data, metrics = small_run
     assert metrics["test"]["accuracy"]["value"] >= 0.7, "the gate test needs a model that discriminates"
     # Calibrated properly, the same model passes the default gate: the failure below is the calibration's.
-    good = run_convert(root / "run" / "model.keras", data, tmp_path / "good", calibration=64)
-    assert good["label_agreement"] >= 0.99
+    good = convert_bundle(root / "run" / "model.keras", data, tmp_path / "good", ConvertOptions(calibration=64))
+    assert good.verification["label_agreement"] >= 0.99 and not good.forced
     blank = tmp_path / "blank"
     for i in range(40):
         atomic_write_bytes(blank / f"blank_{i:02d}.png", encode_image(np.zeros((64, 64, 3), np.uint8), "PNG"))
     out = tmp_path / "bundle"
-    with pytest.raises(click.ClickException, match="fails the fidelity gate"):
-        run_convert(root / "run" / "model.keras", data, out, calibration=0, extra_calibration=blank,
-                    gate=Gate(min_agreement=0.99, max_delta_sensitivity=0.01, min_cam_correlation=0.9))
+    lines = []
+    with pytest.raises(GateFailedError, match="fails the fidelity gate") as err:
+        convert_bundle(root / "run" / "model.keras", data, out,
+                       ConvertOptions(calibration=0, extra_calibration=blank,
+                                      gate=Gate(min_agreement=0.99, max_delta_sensitivity=0.01, min_cam_correlation=0.9)),
+                       progress=lambda message, warning=False: lines.append(message))
+    assert err.value.failures and err.value.verification["label_agreement"] < 0.99
+    assert any("gate: FAIL" in line for line in lines), "progress goes to the callback, not the terminal"
     assert not out.exists(), "a failed gate must not leave a bundle"
     assert not list(tmp_path.glob(".bundle.*")), "nor a half-written temp folder"
 
 
+@slow_tf
 def test_convert_records_verification_and_verify_reproduces_it(tiny_run, tmp_path):
-    from convert.cli import run_convert, run_verify
+    from convert.build import ConvertOptions, convert_bundle, verify_bundle
     from convert.verify import Gate
 
     root, data, _ = tiny_run
     model = root / "run" / "model.keras"
     out = tmp_path / "bundle"
-    v = run_convert(model, data, out, calibration=48, gate=Gate(**OPEN_GATE))
+    result = convert_bundle(model, data, out, ConvertOptions(calibration=48, gate=Gate(**OPEN_GATE)))
+    v = result.verification
     meta = json.loads((out / "model.json").read_text())
     assert meta["gate"]["passed"] and meta["quantization"]["mode"] == "int8"
     assert meta["quantization"]["input_type"] == "uint8"
     assert meta["verification"]["label_agreement"] == pytest.approx(v["label_agreement"])
     for key in ("delta_sensitivity", "delta_specificity", "delta_auc", "mean_abs_dprob", "max_abs_dprob", "cam_correlation_mean"):
         assert key in meta["verification"]
-    again, failures = run_verify(out, model, data, Gate(**OPEN_GATE))
-    assert failures == []
-    assert again["label_agreement"] == pytest.approx(v["label_agreement"])
-    assert again["mean_abs_dprob"] == pytest.approx(v["mean_abs_dprob"], abs=1e-6)
+    # The result carries model.json as written, typed; it round-trips to the file.
+    assert result.meta == load_bundle(out).info and result.meta.to_dict() == meta
+    assert result.mode == "int8" and result.meta.gate_passed and result.bundle_dir == out.resolve()
+    assert meta["preprocess"]["crop_um"] == pytest.approx(20.25, abs=0.01), "the run's scale reaches the bundle"
+    assert meta["training"]["options"]["input_size"] == 64 and meta["synthetic"] is True
+    again = verify_bundle(out, model, data, Gate(**OPEN_GATE))
+    assert again.passed
+    assert again.verification["label_agreement"] == pytest.approx(v["label_agreement"])
+    assert again.verification["mean_abs_dprob"] == pytest.approx(v["mean_abs_dprob"], abs=1e-6)
     # An impossible gate makes `leukocam verify` exit non-zero with a readable report.
     from device.cli import cli
 
@@ -66,6 +91,7 @@ def test_convert_records_verification_and_verify_reproduces_it(tiny_run, tmp_pat
     assert result.exit_code == 1 and "gate: FAIL" in result.output and "CAM correlation" in result.output
 
 
+@slow_tf
 @pytest.mark.parametrize("mode,float_layers", [("float16", 0), ("int8", 3)])
 def test_fallback_modes_run_on_the_device(tiny_run, tmp_path, mode, float_layers):
     from convert.cli import run_convert
@@ -76,16 +102,17 @@ def test_fallback_modes_run_on_the_device(tiny_run, tmp_path, mode, float_layers
     v = run_convert(root / "run" / "model.keras", data, out, mode=mode, float_layers=float_layers, calibration=32,
                     gate=Gate(**OPEN_GATE))
     bundle = load_bundle(out)
-    assert bundle.meta["quantization"]["mode"] == mode
-    assert len(bundle.meta["quantization"]["float_layers"]) == float_layers
+    assert bundle.info.quantization.mode == mode
+    assert len(bundle.info.quantization.float_layers) == float_layers
     if float_layers:
-        assert bundle.meta["quantization"]["worst_layers"][0]["rmse_per_scale"] > 0
+        assert bundle.info.quantization.worst_layers[0]["rmse_per_scale"] > 0
     with Classifier(bundle, threads=1) as clf:
         assert clf.self_test().passed
     if mode == "float16":
         assert v["max_abs_dprob"] < 0.01  # float16 weights barely move the outputs
 
 
+@slow_tf
 def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     from convert.bench import bench_models, to_markdown, write_results
 
@@ -101,6 +128,7 @@ def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     assert "tflite int8" in path.read_text() and json.loads(path.with_suffix(".json").read_text())[0]["cpu"]
 
 
+@slow_tf
 def test_finder_benchmark_reports_the_ratio_and_the_stress_table():
     from convert.bench import bench_finder, finder_markdown
 
@@ -113,6 +141,7 @@ def test_finder_benchmark_reports_the_ratio_and_the_stress_table():
     assert "finder / model" in md and "| bccd-mgg |" in md
 
 
+@slow_tf
 def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
     from convert.bench import bench_pipeline, bench_training, pipeline_markdown, training_markdown
 
@@ -126,3 +155,75 @@ def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
     t = bench_training(size=32, batch=2, steps=1)
     assert t["stage1_images_per_s"] > 0 and t["stage2_images_per_s"] > 0
     assert "fine-tuning" in training_markdown(t)
+
+
+# -- structure: no TensorFlow needed -------------------------------------------------------------
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(str(node.args[0].value))
+    return names
+
+
+def test_training_never_imports_convert():
+    """convert imports training (the dataset readers, the parity check); never the other way round."""
+    files = sorted((REPO / "training").rglob("*.py"))
+    assert files
+    offending = {str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p) if m.split(".")[0] == "convert")
+                 for p in files}
+    assert not {k: v for k, v in offending.items() if v}
+
+
+def test_training_json_is_read_typed_and_checked(tmp_path):
+    from convert.errors import ConvertError
+    from convert.run_info import read_run_info
+
+    model = tmp_path / "run" / "model.keras"
+    with pytest.raises(ConvertError, match="training.json not found: convert needs the run folder"):
+        read_run_info(model)
+    model.parent.mkdir()
+    info = {"labels": ["normal", "blast"], "preprocess": {"input_size": 64, "crop_um": 20.25}, "threshold": 0.4,
+            "review_band": [0.2, 0.6], "data": {"images": 10}, "options": {"epochs": 2}, "data_um_per_px": 0.21,
+            "feature_layer": "top_activation", "split_files": {"train": ["a.png"], "val": ["b.png"]}}
+    (model.parent / "training.json").write_text(json.dumps(info))
+    run = read_run_info(model)
+    assert run.labels == ("normal", "blast") and run.contract.crop_um == 20.25 and run.threshold == 0.4
+    assert run.split_files.of("train") == ("a.png",) and run.split_files.test == () and run.run_dir == model.parent
+    assert run.synthetic is False and run.test_metrics is None, "metrics.json is optional"
+    (model.parent / "metrics.json").write_text(json.dumps({"synthetic_data": True, "test": {"n": 3}}))
+    assert read_run_info(model).synthetic and read_run_info(model).test_metrics == {"n": 3}
+    for key, value, named in (("threshold", "high", "threshold"), ("labels", ["x"], "labels"),
+                              ("split_files", {"val": "b.png"}, "split_files.val"),
+                              ("preprocess", {"input_size": 4}, "preprocess")):
+        (model.parent / "training.json").write_text(json.dumps({**info, key: value}))
+        with pytest.raises(ConvertError, match=named):
+            read_run_info(model)
+    (model.parent / "training.json").write_text(json.dumps({k: v for k, v in info.items() if k != "options"}))
+    with pytest.raises(ConvertError, match="missing fields options"):
+        read_run_info(model)
+
+
+def test_convert_cli_reports_a_run_folder_it_cannot_read(tmp_path):
+    from device.cli import cli
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"not a model")
+    result = CliRunner().invoke(cli, ["convert", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1, result.output
+    assert "training.json not found" in result.output and "Traceback" not in result.output
+
+
+def test_demo_model_is_registered_from_the_convert_side():
+    from convert.demo import demo_model
+    from device.cli import LAZY_COMMANDS, cli
+
+    assert LAZY_COMMANDS["demo-model"][0] == "convert.demo:demo_model"
+    result = CliRunner().invoke(cli, ["demo-model", "--help"])
+    assert result.exit_code == 0 and "SYNTHETIC demo bundle" in result.output
+    assert demo_model.name == "demo-model"

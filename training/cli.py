@@ -1,15 +1,15 @@
-"""Workstation commands: synth, data inspect, train, cv, evaluate, demo-model. TensorFlow is imported inside the commands only."""
+"""Workstation commands: synth, data inspect, train, cv, evaluate. TensorFlow is imported inside the commands only.
+
+Training never imports convert (convert imports training): `leukocam demo-model`, which trains and then
+converts, lives in convert/demo.py.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
-
-from device.config import DEMO_BUNDLE, DEMO_FIELDS
 
 
 @click.group()
@@ -199,40 +199,3 @@ def evaluate(model, data_dir, out):
     click.echo(f"test: accuracy {fmt(t['accuracy']['value'])}, weighted F1 {fmt(t['f1_weighted'])}, "
                f"AUC {fmt(t['auc'])} on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
     click.echo(f"report in {metrics['report']}")
-
-
-@click.command("demo-model")
-@click.option("--subjects", default=40, show_default=True)
-@click.option("--cells-per-subject", default=40, show_default=True)
-@click.option("--input-size", default=96, show_default=True)
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--bundle", "bundle_dir", default=str(DEMO_BUNDLE), show_default=True, type=click.Path(file_okay=False))
-@click.option("--fields", "fields_dir", default=str(DEMO_FIELDS), show_default=True, type=click.Path(file_okay=False))
-@click.option("--keep", type=click.Path(file_okay=False), default=None, help="Keep the synthetic data and run folder here.")
-def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir, fields_dir, keep):
-    """Rebuild the shipped SYNTHETIC demo bundle and sample fields (about 15-30 minutes on 2 cores)."""
-    from convert.cli import run_convert
-    from training.synth import write_cell_dataset, write_fields
-    from training.train import TrainOptions, run_training
-
-    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="leukocam-demo-"))
-    try:
-        data = work / "cells"
-        click.echo(f"generating {subjects * cells_per_subject} synthetic cells in {data}")
-        cells = write_cell_dataset(data, n_subjects=subjects, cells_per_subject=cells_per_subject,
-                                   size=2 * input_size, seed=seed)
-        opts = TrainOptions(input_size=input_size, um_per_px=cells["um_per_px"], epochs=epochs, batch_size=32,
-                            weights="none", bn_momentum=0.9, patience=10, seed=seed)
-        metrics = run_training(data, work / "run", opts)
-        click.echo(f"held-out synthetic test accuracy {metrics['test']['accuracy']['value']:.3f}")
-        # The demo must fit the repository (<= 15 MB) and pass the default fidelity gate.
-        run_convert(work / "run" / "model.keras", data, bundle_dir, mode="auto", max_mb=15, name="leukocam-demo-synthetic",
-                    seed=seed)
-        if Path(fields_dir).exists():
-            shutil.rmtree(fields_dir)
-        write_fields(fields_dir, n=3, width=1280, height=960, um_per_px=0.1, seed=seed)
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-    click.echo(f"demo bundle in {bundle_dir}, sample fields in {fields_dir}")

@@ -23,7 +23,7 @@ help:
 	@echo "  make test         create .venv, install everything, run the whole test suite"
 	@echo "  make install      .venv with the device side only (no TensorFlow)"
 	@echo "  make install-train .venv with the workstation side too (TensorFlow)"
-	@echo "  make lint         ruff over the code"
+	@echo "  make lint         ruff: lint rules and formatting (CI runs it)"
 	@echo "  make demo-model   regenerate the shipped synthetic demo bundle and sample fields"
 	@echo "  make inspect      DATA=...                 dataset counts, subjects, duplicates, unreadable files"
 	@echo "  make train        DATA=... [OUT=runs/latest]  two-stage training + report"
@@ -61,6 +61,7 @@ test: $(VENV)/.stamp-test
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check device training convert tests
+	$(BIN)/ruff format --check device training convert tests
 
 demo-model: $(VENV)/.stamp-test
 	$(BIN)/leukocam demo-model

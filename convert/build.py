@@ -37,9 +37,11 @@ log = logging.getLogger("convert")
 SELECTIVE_LAYERS = 10
 # Cheapest on a Pi first: int16x8 is near-lossless but runs on slow reference kernels, so it comes last.
 AUTO_SEQUENCE = (("int8", 0), ("int8", SELECTIVE_LAYERS), ("float16", 0), ("int16x8", 0))
-GATE_ADVICE = ("the converted model fails the fidelity gate; no bundle was written. Try: more or better "
-               "calibration crops (--calibration, --extra-calibration), --float-layers N (selective int8), "
-               "--quant int16x8|float16|auto; or --force to write it anyway (it will say so in model.json)")
+GATE_ADVICE = (
+    "the converted model fails the fidelity gate; no bundle was written. Try: more or better "
+    "calibration crops (--calibration, --extra-calibration), --float-layers N (selective int8), "
+    "--quant int16x8|float16|auto; or --force to write it anyway (it will say so in model.json)"
+)
 
 
 class Progress(Protocol):
@@ -91,8 +93,14 @@ class RunData:
         return self.info.contract
 
 
-def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=None, seed: int = 0,
-             progress: Progress = log_progress) -> RunData:
+def load_run(
+    model_path,
+    data_dir,
+    calibration: int = 200,
+    extra_calibration=None,
+    seed: int = 0,
+    progress: Progress = log_progress,
+) -> RunData:
     """Load the Keras model, its run information, calibration crops (train split), the gate's crops (validation
     split) and the test crops (test split, reported once on the chosen bundle and never used to choose it).
 
@@ -121,8 +129,11 @@ def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=Non
         gate_part, gate_split = test_part, "test (the run has no validation split in DATA)"
     if not gate_part:
         gate_part, gate_split = samples, "all of DATA"
-        progress("warning: the model's validation and test splits are not in DATA; verifying on all of DATA, which "
-                 "may include training images and flatter the converted model", warning=True)
+        progress(
+            "warning: the model's validation and test splits are not in DATA; verifying on all of DATA, which "
+            "may include training images and flatter the converted model",
+            warning=True,
+        )
     um = info.data_um_per_px
     if calibration > 0:
         xc, yc, _, _ = load_images(train_part or samples, contract, um_per_px=um)
@@ -130,13 +141,19 @@ def load_run(model_path, data_dir, calibration: int = 200, extra_calibration=Non
     else:  # only extra calibration crops
         xc = np.zeros((0, contract.input_size, contract.input_size, 3), dtype=np.uint8)
     if extra_calibration:
-        files = sorted(p for p in Path(extra_calibration).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        files = sorted(
+            p for p in Path(extra_calibration).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")
+        )
         extra = [prepare_cell(decode_image(p), contract) for p in files]
         if extra:
             xc = np.concatenate([xc, np.stack(extra)])
         progress(f"calibration: {len(extra)} extra crops from {extra_calibration}")
     xg, yg, _, _ = load_images(gate_part, contract, um_per_px=um)
-    xt, yt = (load_images(test_part, contract, um_per_px=um)[:2]) if test_part and gate_part is not test_part else (None, None)
+    xt, yt = (
+        (load_images(test_part, contract, um_per_px=um)[:2])
+        if test_part and gate_part is not test_part
+        else (None, None)
+    )
     return RunData(model, info, xc, xg, yg, xt, yt, gate_split)
 
 
@@ -149,14 +166,21 @@ def draft_meta(run: RunData, name: str | None, cam_shape, mode: str) -> BundleMe
         labels=info.labels,
         contract=info.contract,
         signature=SIGNATURE,
-        input={"name": "image", "channels": "RGB", "range": [0, 255],
-               "note": "Keras EfficientNet normalizes inside the graph; feed raw 0-255 pixels"},
+        input={
+            "name": "image",
+            "channels": "RGB",
+            "range": [0, 255],
+            "note": "Keras EfficientNet normalizes inside the graph; feed raw 0-255 pixels",
+        },
         outputs=OutputNames(probability="probability", logit="logit", cam="cam"),
         threshold=info.threshold,
         review_band=info.review_band,
-        cam=CamInfo(shape=tuple(cam_shape), layer=info.feature_layer,
-                    method="CAM from the Dense head weights (equals Grad-CAM up to scale for GAP+Dense)",
-                    sign="positive values = evidence for labels[1]; use -cam for labels[0]"),
+        cam=CamInfo(
+            shape=tuple(cam_shape),
+            layer=info.feature_layer,
+            method="CAM from the Dense head weights (equals Grad-CAM up to scale for GAP+Dense)",
+            sign="positive values = evidence for labels[1]; use -cam for labels[0]",
+        ),
         quantization=QuantizationInfo(mode=mode),
         training={"data": info.data, "options": info.options, "test_metrics": info.test_metrics},
         source_model_sha256=sha256_bytes(info.model_path.read_bytes()),
@@ -250,8 +274,13 @@ class _Search:
     """The last mode that was verified."""
 
 
-def convert_bundle(model_path: str | Path, data_dir: str | Path, out_dir: str | Path,
-                   options: ConvertOptions | None = None, progress: Progress = log_progress) -> ConvertResult:
+def convert_bundle(
+    model_path: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    options: ConvertOptions | None = None,
+    progress: Progress = log_progress,
+) -> ConvertResult:
     """Convert, verify with the device classifier, gate, and write the bundle.
 
     Raises:
@@ -265,10 +294,12 @@ def convert_bundle(model_path: str | Path, data_dir: str | Path, out_dir: str | 
     gate = opts.gate or Gate()
     run = load_run(model_path, data_dir, opts.calibration, opts.extra_calibration, opts.seed, progress)
     float_test = float_outputs(run.model, run.held_out)
-    ref = _Reference(float_test,
-                     reference_gradcam(run.model, run.held_out, float_test["probability"], run.info.threshold),
-                     stratified_pick(run.labels, opts.golden, opts.seed + 1),
-                     draft_meta(run, opts.name, float_test["cam"].shape[1:3], opts.mode))
+    ref = _Reference(
+        float_test,
+        reference_gradcam(run.model, run.held_out, float_test["probability"], run.info.threshold),
+        stratified_pick(run.labels, opts.golden, opts.seed + 1),
+        draft_meta(run, opts.name, float_test["cam"].shape[1:3], opts.mode),
+    )
     search = _search_modes(run, ref, opts, gate, progress)
     chosen = search.chosen
     if chosen is None:
@@ -276,8 +307,9 @@ def convert_bundle(model_path: str | Path, data_dir: str | Path, out_dir: str | 
     failures = list(chosen.failures)
     parity = None
     if opts.parity_fields:
-        parity = check_field_parity(chosen.tflite, ref.draft, chosen.mode, opts.parity_fields,
-                                    gate.max_delta_sensitivity, opts.seed, progress)
+        parity = check_field_parity(
+            chosen.tflite, ref.draft, chosen.mode, opts.parity_fields, gate.max_delta_sensitivity, opts.seed, progress
+        )
         if not parity["passed"]:
             failures.append(f"field path loses sensitivity: {parity['reason']}")
     if failures:
@@ -285,22 +317,33 @@ def convert_bundle(model_path: str | Path, data_dir: str | Path, out_dir: str | 
     verification = {**chosen.verification, "split": run.gate_split}
     meta = dataclasses.replace(
         ref.draft,
-        quantization=QuantizationInfo(mode=chosen.mode, float_layers=tuple(chosen.float_layers),
-                                      calibration_images=int(len(run.calibration)), input_type=chosen.input_type,
-                                      attempts=tuple(search.attempts),
-                                      worst_layers=tuple(search.worst[:10]) if search.worst else None),
+        quantization=QuantizationInfo(
+            mode=chosen.mode,
+            float_layers=tuple(chosen.float_layers),
+            calibration_images=int(len(run.calibration)),
+            input_type=chosen.input_type,
+            attempts=tuple(search.attempts),
+            worst_layers=tuple(search.worst[:10]) if search.worst else None,
+        ),
         verification=verification,
         field_parity=parity,
         gate={**gate.to_dict(), "passed": not failures, "failures": failures, "forced": bool(failures and opts.force)},
     )
     metrics = measure_test_split(run, chosen.tflite, meta, chosen.mode, run.info.threshold) or {
-        "split": run.gate_split, "float": verification.get("float_metrics"), "quantized": verification.get("quantized_metrics")}
+        "split": run.gate_split,
+        "float": verification.get("float_metrics"),
+        "quantized": verification.get("quantized_metrics"),
+    }
     meta = dataclasses.replace(meta, metrics=metrics)
-    golden_set = {"crops": run.held_out[ref.golden_idx], "probabilities": chosen.outputs["probability"][ref.golden_idx],
-                  "cams": chosen.outputs["cam"][ref.golden_idx]}
+    golden_set = {
+        "crops": run.held_out[ref.golden_idx],
+        "probabilities": chosen.outputs["probability"][ref.golden_idx],
+        "cams": chosen.outputs["cam"][ref.golden_idx],
+    }
     out = write_bundle(out_dir, chosen.tflite, meta, golden_set, tolerance=0.05)
-    return ConvertResult(bundle_dir=out, meta=load_bundle(out).info, tflite_bytes=len(chosen.tflite),
-                         failures=tuple(failures))
+    return ConvertResult(
+        bundle_dir=out, meta=load_bundle(out).info, tflite_bytes=len(chosen.tflite), failures=tuple(failures)
+    )
 
 
 def _search_modes(run: RunData, ref: _Reference, opts: ConvertOptions, gate: Gate, progress: Progress) -> _Search:
@@ -322,26 +365,47 @@ def _search_modes(run: RunData, ref: _Reference, opts: ConvertOptions, gate: Gat
             search.attempts.append({"mode": label, "passed": False, "failures": [reason], "bytes": len(tflite)})
             continue
         candidate = _verify_mode(run, ref, mode, keep_float, tflite, gate, label, progress)
-        search.attempts.append({"mode": label, "passed": not candidate.failures, "failures": candidate.failures,
-                                "label_agreement": candidate.verification["label_agreement"], "bytes": len(tflite)})
+        search.attempts.append(
+            {
+                "mode": label,
+                "passed": not candidate.failures,
+                "failures": candidate.failures,
+                "label_agreement": candidate.verification["label_agreement"],
+                "bytes": len(tflite),
+            }
+        )
         search.chosen = candidate
         if not candidate.failures:
             break
     return search
 
 
-def _verify_mode(run: RunData, ref: _Reference, mode: str, keep_float: list[str], tflite: bytes, gate: Gate,
-                 label: str, progress: Progress) -> _Candidate:
+def _verify_mode(
+    run: RunData,
+    ref: _Reference,
+    mode: str,
+    keep_float: list[str],
+    tflite: bytes,
+    gate: Gate,
+    label: str,
+    progress: Progress,
+) -> _Candidate:
     """Run one converted model through the device classifier and compare it with the float model."""
     from convert.verify import compare, device_outputs, report
 
     with tempfile.TemporaryDirectory() as tmp:
         # A provisional bundle (float outputs as golden, loose tolerance) so the device classifier can load it.
-        staging = write_bundle(Path(tmp) / "staging", tflite,
-                               dataclasses.replace(ref.draft, quantization=QuantizationInfo(mode=mode)),
-                               {"crops": run.held_out[ref.golden_idx],
-                                "probabilities": ref.outputs["probability"][ref.golden_idx],
-                                "cams": ref.outputs["cam"][ref.golden_idx]}, tolerance=1.0)
+        staging = write_bundle(
+            Path(tmp) / "staging",
+            tflite,
+            dataclasses.replace(ref.draft, quantization=QuantizationInfo(mode=mode)),
+            {
+                "crops": run.held_out[ref.golden_idx],
+                "probabilities": ref.outputs["probability"][ref.golden_idx],
+                "cams": ref.outputs["cam"][ref.golden_idx],
+            },
+            tolerance=1.0,
+        )
         quant_test, input_dtype = device_outputs(staging, run.held_out)
     verification = compare(ref.outputs, quant_test, run.labels, run.info.threshold, ref.cams)
     failures = gate.failures(verification)
@@ -349,8 +413,9 @@ def _verify_mode(run: RunData, ref: _Reference, mode: str, keep_float: list[str]
     return _Candidate(mode, keep_float, tflite, verification, quant_test, input_dtype, failures)
 
 
-def _report_failure(run: RunData, search: _Search, chosen: _Candidate, failures: list[str], force: bool,
-                    progress: Progress) -> None:
+def _report_failure(
+    run: RunData, search: _Search, chosen: _Candidate, failures: list[str], force: bool, progress: Progress
+) -> None:
     """Say which layers quantize worst; raise GateFailedError unless forced."""
     from convert.tflite import layer_errors
 
@@ -368,10 +433,18 @@ def _report_failure(run: RunData, search: _Search, chosen: _Candidate, failures:
 def _provisional_bundle(folder: Path, tflite: bytes, meta: BundleMeta, mode: str) -> Path:
     """A bundle the device's classifier can load for measuring (its blank golden crop is never self-tested)."""
     size = meta.input_size
-    golden = {"crops": np.zeros((1, size, size, 3), np.uint8), "probabilities": np.zeros(1, np.float32),
-              "cams": np.zeros((1, *meta.cam.shape), np.float32)}
-    return write_bundle(folder / "provisional", tflite, dataclasses.replace(meta, quantization=QuantizationInfo(mode=mode)),
-                        golden, tolerance=1.0)
+    golden = {
+        "crops": np.zeros((1, size, size, 3), np.uint8),
+        "probabilities": np.zeros(1, np.float32),
+        "cams": np.zeros((1, *meta.cam.shape), np.float32),
+    }
+    return write_bundle(
+        folder / "provisional",
+        tflite,
+        dataclasses.replace(meta, quantization=QuantizationInfo(mode=mode)),
+        golden,
+        tolerance=1.0,
+    )
 
 
 def measure_test_split(run: RunData, tflite: bytes, meta: BundleMeta, mode: str, threshold: float) -> dict | None:
@@ -389,13 +462,23 @@ def measure_test_split(run: RunData, tflite: bytes, meta: BundleMeta, mode: str,
     with tempfile.TemporaryDirectory() as tmp:
         quant, _ = device_outputs(_provisional_bundle(Path(tmp), tflite, meta, mode), run.test_x)
     flt = float_outputs(run.model, run.test_x)
-    return {"split": "test", "n": int(len(run.test_y)),
-            "float": binary_metrics(run.test_y, flt["probability"], threshold),
-            "quantized": binary_metrics(run.test_y, quant["probability"], threshold)}
+    return {
+        "split": "test",
+        "n": int(len(run.test_y)),
+        "float": binary_metrics(run.test_y, flt["probability"], threshold),
+        "quantized": binary_metrics(run.test_y, quant["probability"], threshold),
+    }
 
 
-def check_field_parity(tflite: bytes, meta: BundleMeta, mode: str, n_fields: int, max_loss: float, seed: int,
-                       progress: Progress = log_progress) -> dict:
+def check_field_parity(
+    tflite: bytes,
+    meta: BundleMeta,
+    mode: str,
+    n_fields: int,
+    max_loss: float,
+    seed: int,
+    progress: Progress = log_progress,
+) -> dict:
     """The field-path parity of a converted model, through the device's own classifier (training.parity)."""
     from device.classifier import Classifier
     from training.parity import ParityGate, field_parity, parity_markdown
@@ -420,8 +503,13 @@ class VerifyResult:
         return not self.failures
 
 
-def verify_bundle(bundle_dir: str | Path, model_path: str | Path, data_dir: str | Path, gate: Gate | None = None,
-                  progress: Progress = log_progress) -> VerifyResult:
+def verify_bundle(
+    bundle_dir: str | Path,
+    model_path: str | Path,
+    data_dir: str | Path,
+    gate: Gate | None = None,
+    progress: Progress = log_progress,
+) -> VerifyResult:
     """Re-verify an existing bundle against its float model on the model's held-out split.
 
     Raises:

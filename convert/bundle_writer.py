@@ -25,8 +25,13 @@ from device.bundle import GOLDEN_FILE, META_FILE, MODEL_FILE, SCHEMA_VERSION, Bu
 from device.imaging import fsync_dir
 
 
-def write_bundle(out_dir: str | Path, tflite: bytes, meta: BundleMeta | Mapping[str, Any], golden: dict[str, np.ndarray],
-                 tolerance: float) -> Path:
+def write_bundle(
+    out_dir: str | Path,
+    tflite: bytes,
+    meta: BundleMeta | Mapping[str, Any],
+    golden: dict[str, np.ndarray],
+    tolerance: float,
+) -> Path:
     """Write model.tflite, golden.npz and model.json (with hashes) into out_dir atomically.
 
     `meta` is a BundleMeta (or its dict) without the fields this function fills in: schema_version,
@@ -37,17 +42,27 @@ def write_bundle(out_dir: str | Path, tflite: bytes, meta: BundleMeta | Mapping[
     """
     out = Path(out_dir).resolve()
     buf = io.BytesIO()
-    np.savez_compressed(buf, crops=golden["crops"], probabilities=golden["probabilities"].astype(np.float32),
-                        cams=golden["cams"].astype(np.float32))
+    np.savez_compressed(
+        buf,
+        crops=golden["crops"],
+        probabilities=golden["probabilities"].astype(np.float32),
+        cams=golden["cams"].astype(np.float32),
+    )
     full = meta.to_dict() if isinstance(meta, BundleMeta) else dict(meta)
-    full.update({
-        "schema_version": SCHEMA_VERSION,
-        "tflite_sha256": sha256_bytes(tflite),
-        "tflite_bytes": len(tflite),
-        "created": full.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
-        "golden": {"file": GOLDEN_FILE, "count": int(len(golden["crops"])), "tolerance": tolerance,
-                   "sha256": sha256_bytes(buf.getvalue())},
-    })
+    full.update(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "tflite_sha256": sha256_bytes(tflite),
+            "tflite_bytes": len(tflite),
+            "created": full.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
+            "golden": {
+                "file": GOLDEN_FILE,
+                "count": int(len(golden["crops"])),
+                "tolerance": tolerance,
+                "sha256": sha256_bytes(buf.getvalue()),
+            },
+        }
+    )
     checked = BundleMeta.from_dict(full, out / META_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

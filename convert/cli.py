@@ -61,9 +61,23 @@ def run_verify(bundle_dir, model_path, data_dir, gate: Gate | None = None) -> tu
 
 
 gate_options = [
-    click.option("--min-agreement", type=float, default=0.99, show_default=True, help="Gate: least float/converted label agreement."),
-    click.option("--max-delta-sensitivity", type=float, default=0.01, show_default=True, help="Gate: largest |Δ sensitivity|."),
-    click.option("--min-cam-correlation", type=float, default=0.9, show_default=True, help="Gate: least CAM correlation with float Grad-CAM."),
+    click.option(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        show_default=True,
+        help="Gate: least float/converted label agreement.",
+    ),
+    click.option(
+        "--max-delta-sensitivity", type=float, default=0.01, show_default=True, help="Gate: largest |Δ sensitivity|."
+    ),
+    click.option(
+        "--min-cam-correlation",
+        type=float,
+        default=0.9,
+        show_default=True,
+        help="Gate: least CAM correlation with float Grad-CAM.",
+    ),
 ]
 
 
@@ -75,30 +89,87 @@ def with_gate_options(f):
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The dataset the model was trained on (calibration from its train split, verification on its test split).")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="The dataset the model was trained on (calibration from its train split, verification on its test split).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--quant", "mode", type=click.Choice(["int8", "int16x8", "float16", "float32", "auto"]), default="int8", show_default=True)
-@click.option("--calibration", type=click.IntRange(0), default=200, show_default=True,
-              help="Calibration crops from the train split, stratified by class (0: only --extra-calibration).")
-@click.option("--extra-calibration", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A folder of extra calibration crops, e.g. cells captured on the rig.")
-@click.option("--float-layers", type=int, default=0, show_default=True, help="int8: keep the N worst layers in float (selective).")
+@click.option(
+    "--quant",
+    "mode",
+    type=click.Choice(["int8", "int16x8", "float16", "float32", "auto"]),
+    default="int8",
+    show_default=True,
+)
+@click.option(
+    "--calibration",
+    type=click.IntRange(0),
+    default=200,
+    show_default=True,
+    help="Calibration crops from the train split, stratified by class (0: only --extra-calibration).",
+)
+@click.option(
+    "--extra-calibration",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A folder of extra calibration crops, e.g. cells captured on the rig.",
+)
+@click.option(
+    "--float-layers", type=int, default=0, show_default=True, help="int8: keep the N worst layers in float (selective)."
+)
 @with_gate_options
 @click.option("--force", is_flag=True, help="Write the bundle even when the gate fails (model.json records it).")
-@click.option("--max-mb", type=float, default=None, help="Skip modes whose model file is larger than this (e.g. for a small SD card).")
+@click.option(
+    "--max-mb",
+    type=float,
+    default=None,
+    help="Skip modes whose model file is larger than this (e.g. for a small SD card).",
+)
 @click.option("--name", default=None, help="Model name shown on the dashboard.")
-@click.option("--parity-fields", type=click.IntRange(0), default=30, show_default=True,
-              help="SYNTHETIC fields run through the device's whole field path beside the training path (0: skip).")
-def convert(model, data_dir, out_dir, mode, calibration, extra_calibration, float_layers, min_agreement,
-            max_delta_sensitivity, min_cam_correlation, force, max_mb, name, parity_fields):
+@click.option(
+    "--parity-fields",
+    type=click.IntRange(0),
+    default=30,
+    show_default=True,
+    help="SYNTHETIC fields run through the device's whole field path beside the training path (0: skip).",
+)
+def convert(
+    model,
+    data_dir,
+    out_dir,
+    mode,
+    calibration,
+    extra_calibration,
+    float_layers,
+    min_agreement,
+    max_delta_sensitivity,
+    min_cam_correlation,
+    force,
+    max_mb,
+    name,
+    parity_fields,
+):
     """Convert MODEL (a .keras file from `leukocam train`) into a verified model bundle."""
     from convert.verify import Gate
 
     gate = Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
-    run_convert(model, data_dir, out_dir, mode=mode, calibration=calibration, extra_calibration=extra_calibration,
-                float_layers=float_layers, gate=gate, force=force, name=name, max_mb=max_mb,
-                parity_fields=parity_fields)
+    run_convert(
+        model,
+        data_dir,
+        out_dir,
+        mode=mode,
+        calibration=calibration,
+        extra_calibration=extra_calibration,
+        float_layers=float_layers,
+        gate=gate,
+        force=force,
+        name=name,
+        max_mb=max_mb,
+        parity_fields=parity_fields,
+    )
 
 
 @click.command()
@@ -110,7 +181,9 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
     """Check BUNDLE against its float MODEL on the held-out split, with the device's classifier code."""
     from convert.verify import Gate
 
-    _, failures = run_verify(bundle, model_path, data_dir, Gate(min_agreement, max_delta_sensitivity, min_cam_correlation))
+    _, failures = run_verify(
+        bundle, model_path, data_dir, Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
+    )
     if failures:
         raise SystemExit(1)
 
@@ -120,15 +193,29 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.option("--size", default=300, show_default=True, help="Model input size in pixels (the paper's 300).")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
-@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Bundle for the pipeline benchmark (default: the shipped demo bundle).")
-@click.option("--only", type=click.Choice(["all", "models", "pipeline", "finder", "device", "training", "dashboard"]),
-              default="all", show_default=True,
-              help="device = pipeline and finder (no TensorFlow: what a Pi can run; the finder is then compared "
-                   "with the pipeline's own model time).")
-@click.option("--corpus", "corpus_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Finder stress corpus (from `leukocam finder-eval --build`); default: a small one built from "
-                   "the repository's BCCD fields and synthetic fields.")
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Bundle for the pipeline benchmark (default: the shipped demo bundle).",
+)
+@click.option(
+    "--only",
+    type=click.Choice(["all", "models", "pipeline", "finder", "device", "training", "dashboard"]),
+    default="all",
+    show_default=True,
+    help="device = pipeline and finder (no TensorFlow: what a Pi can run; the finder is then compared "
+    "with the pipeline's own model time).",
+)
+@click.option(
+    "--corpus",
+    "corpus_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Finder stress corpus (from `leukocam finder-eval --build`); default: a small one built from "
+    "the repository's BCCD fields and synthetic fields.",
+)
 def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
     """Measure the capture pipeline, the finder, the dashboard, training throughput and the models in one run."""
     from convert.bench import (
@@ -153,8 +240,9 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
         result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4), keep_dir=out_dir)
         result["markdown"] = to_markdown(result)
         results.append(result)
-        model_ms_5 = next(r["ms"] for r in result["rows"] if r["model"] == "tflite int8" and r["threads"] == 2
-                          and r["batch"] == 5)
+        model_ms_5 = next(
+            r["ms"] for r in result["rows"] if r["model"] == "tflite int8" and r["threads"] == 2 and r["batch"] == 5
+        )
     if only in ("all", "pipeline", "device"):
         # The int8 bundle of this run (300 px) unless one is named; the demo bundle when models were not built.
         kept = Path(out_dir) / "int8"
@@ -171,16 +259,24 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
         w, h = (1280, 960) if quick else (4056, 3040)
         kept = Path(out_dir) / "int8"
         side_by_side = bundle_dir or (kept if kept.is_dir() and only == "all" else None)
-        result = bench_finder(model_ms_5, width=w, height=h, repeats=repeats, corpus=corpus_dir,
-                              synth_fields=2 if quick else 5, bundle_dir=side_by_side)
+        result = bench_finder(
+            model_ms_5,
+            width=w,
+            height=h,
+            repeats=repeats,
+            corpus=corpus_dir,
+            synth_fields=2 if quick else 5,
+            bundle_dir=side_by_side,
+        )
         result["markdown"] = finder_markdown(result)
         results.append(result)
     if only in ("all", "dashboard"):
-        from device.web.bench import bench_dashboard
+        from device.web.load_bench import bench_dashboard
 
         click.echo("benchmarking the dashboard ...")
-        results.append(bench_dashboard(n_captures=500 if quick else 10_000, clients=4 if quick else 20,
-                                       seconds=3 if quick else 20))
+        results.append(
+            bench_dashboard(n_captures=500 if quick else 10_000, clients=4 if quick else 20, seconds=3 if quick else 20)
+        )
     if only in ("all", "training"):
         click.echo("benchmarking training throughput ...")
         result = bench_training(size=64 if quick else 96, steps=2 if quick else 5)

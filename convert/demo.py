@@ -26,7 +26,9 @@ DEMO_MAX_MB = 15
 @click.option("--seed", default=0, show_default=True)
 @click.option("--bundle", "bundle_dir", default=str(DEMO_BUNDLE), show_default=True, type=click.Path(file_okay=False))
 @click.option("--fields", "fields_dir", default=str(DEMO_FIELDS), show_default=True, type=click.Path(file_okay=False))
-@click.option("--keep", type=click.Path(file_okay=False), default=None, help="Keep the synthetic data and run folder here.")
+@click.option(
+    "--keep", type=click.Path(file_okay=False), default=None, help="Keep the synthetic data and run folder here."
+)
 def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir, fields_dir, keep):
     """Rebuild the shipped SYNTHETIC demo bundle and sample fields (about 15-30 minutes on 2 cores)."""
     from convert.cli import run_convert
@@ -37,15 +39,31 @@ def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir
     try:
         data = work / "cells"
         click.echo(f"generating {subjects * cells_per_subject} synthetic cells in {data}")
-        cells = write_cell_dataset(data, n_subjects=subjects, cells_per_subject=cells_per_subject,
-                                   size=2 * input_size, seed=seed)
-        opts = TrainOptions(input_size=input_size, um_per_px=cells["um_per_px"], epochs=epochs, batch_size=32,
-                            weights="none", bn_momentum=0.9, patience=10, seed=seed)
+        cells = write_cell_dataset(
+            data, n_subjects=subjects, cells_per_subject=cells_per_subject, size=2 * input_size, seed=seed
+        )
+        opts = TrainOptions(
+            input_size=input_size,
+            um_per_px=cells["um_per_px"],
+            epochs=epochs,
+            batch_size=32,
+            weights="none",
+            bn_momentum=0.9,
+            patience=10,
+            seed=seed,
+        )
         metrics = run_training(data, work / "run", opts)
         click.echo(f"held-out synthetic test accuracy {metrics['test']['accuracy']['value']:.3f}")
         # The demo must fit the repository (<= 15 MB) and pass the default fidelity gate.
-        run_convert(work / "run" / "model.keras", data, bundle_dir, mode="auto", max_mb=DEMO_MAX_MB,
-                    name="leukocam-demo-synthetic", seed=seed)
+        run_convert(
+            work / "run" / "model.keras",
+            data,
+            bundle_dir,
+            mode="auto",
+            max_mb=DEMO_MAX_MB,
+            name="leukocam-demo-synthetic",
+            seed=seed,
+        )
         if Path(fields_dir).exists():
             shutil.rmtree(fields_dir)
         write_fields(fields_dir, n=3, width=1280, height=960, um_per_px=0.1, seed=seed)

@@ -38,16 +38,34 @@ def _program(value: str | None, env: str, default: str) -> list[str]:
     return shlex.split(value if value is not None else os.environ.get(env, default))
 
 
-def plan(bundle_dir: str | Path, host: str, *, remote_dir: str = "/tmp", service: str = "leukocam",
-         ssh: str | None = None, rsync: str | None = None, store: str | Path = DEFAULT_STORE,
-         remote_leukocam: str = "leukocam", health_url: str = HEALTH_URL) -> dict[str, list[str]]:
+def plan(
+    bundle_dir: str | Path,
+    host: str,
+    *,
+    remote_dir: str = "/tmp",
+    service: str = "leukocam",
+    ssh: str | None = None,
+    rsync: str | None = None,
+    store: str | Path = DEFAULT_STORE,
+    remote_leukocam: str = "leukocam",
+    health_url: str = HEALTH_URL,
+) -> dict[str, list[str]]:
     """The commands of a deployment by step name (copy, install, cleanup, restart, health).
 
     Raises:
         BundleError: the local bundle fails load_bundle; nothing is sent.
     """
-    return _steps(_check_local(bundle_dir), host, remote_dir=remote_dir, service=service, ssh=ssh, rsync=rsync,
-                  store=store, remote_leukocam=remote_leukocam, health_url=health_url)
+    return _steps(
+        _check_local(bundle_dir),
+        host,
+        remote_dir=remote_dir,
+        service=service,
+        ssh=ssh,
+        rsync=rsync,
+        store=store,
+        remote_leukocam=remote_leukocam,
+        health_url=health_url,
+    )
 
 
 def _check_local(bundle_dir: str | Path) -> Bundle:
@@ -57,8 +75,18 @@ def _check_local(bundle_dir: str | Path) -> Bundle:
         raise BundleError(f"not deploying, nothing was sent: {exc}") from None
 
 
-def _steps(bundle: Bundle, host: str, *, remote_dir: str, service: str, ssh: str | None, rsync: str | None,
-           store: str | Path, remote_leukocam: str, health_url: str) -> dict[str, list[str]]:
+def _steps(
+    bundle: Bundle,
+    host: str,
+    *,
+    remote_dir: str,
+    service: str,
+    ssh: str | None,
+    rsync: str | None,
+    store: str | Path,
+    remote_leukocam: str,
+    health_url: str,
+) -> dict[str, list[str]]:
     bundle_dir = bundle.path
     ssh_cmd = _program(ssh, "LEUKOCAM_SSH", "ssh")
     rsync_cmd = _program(rsync, "LEUKOCAM_RSYNC", "rsync")
@@ -70,20 +98,40 @@ def _steps(bundle: Bundle, host: str, *, remote_dir: str, service: str, ssh: str
     return {
         "copy": [*copy, f"{bundle_dir}/", f"{host}:{remote}/"],
         # As the service user, so the store stays writable for a start-up rollback.
-        "install": [*on_pi, "sudo", "-u", "leukocam", *shlex.split(remote_leukocam), "install-bundle", shlex.quote(remote),
-                    "--store", shlex.quote(str(store))],
+        "install": [
+            *on_pi,
+            "sudo",
+            "-u",
+            "leukocam",
+            *shlex.split(remote_leukocam),
+            "install-bundle",
+            shlex.quote(remote),
+            "--store",
+            shlex.quote(str(store)),
+        ],
         "cleanup": [*on_pi, "rm", "-rf", shlex.quote(remote)],
         "restart": [*on_pi, "sudo", "systemctl", "restart", shlex.quote(service)],
         "health": [*on_pi, "curl", "-fsS", health_url],
     }
 
 
-def deploy(bundle_dir: str | Path, host: str, *, remote_dir: str = "/tmp", service: str = "leukocam",
-           ssh: str | None = None, rsync: str | None = None, dry_run: bool = False,
-           runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-           store: str | Path = DEFAULT_STORE, remote_leukocam: str = "leukocam", health_url: str = HEALTH_URL,
-           health_tries: int = 10, health_delay: float = 2.0,
-           echo: Callable[[str], None] = click.echo) -> list[list[str]]:
+def deploy(
+    bundle_dir: str | Path,
+    host: str,
+    *,
+    remote_dir: str = "/tmp",
+    service: str = "leukocam",
+    ssh: str | None = None,
+    rsync: str | None = None,
+    dry_run: bool = False,
+    runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    store: str | Path = DEFAULT_STORE,
+    remote_leukocam: str = "leukocam",
+    health_url: str = HEALTH_URL,
+    health_tries: int = 10,
+    health_delay: float = 2.0,
+    echo: Callable[[str], None] = click.echo,
+) -> list[list[str]]:
     """Copy, install (the Pi verifies), clean up, restart and confirm over ssh.
 
     Args:
@@ -99,8 +147,17 @@ def deploy(bundle_dir: str | Path, host: str, *, remote_dir: str = "/tmp", servi
         DeployError: a step failed; the message says whether anything changed on the Pi.
     """
     bundle = _check_local(bundle_dir)
-    steps = _steps(bundle, host, remote_dir=remote_dir, service=service, ssh=ssh, rsync=rsync, store=store,
-                 remote_leukocam=remote_leukocam, health_url=health_url)
+    steps = _steps(
+        bundle,
+        host,
+        remote_dir=remote_dir,
+        service=service,
+        ssh=ssh,
+        rsync=rsync,
+        store=store,
+        remote_leukocam=remote_leukocam,
+        health_url=health_url,
+    )
     commands = list(steps.values())
     if dry_run:
         return commands
@@ -109,16 +166,20 @@ def deploy(bundle_dir: str | Path, host: str, *, remote_dir: str = "/tmp", servi
         try:
             return runner(steps[step], capture_output=True, text=True, check=False, timeout=timeout)
         except FileNotFoundError as exc:
-            raise DeployError(f"{exc.filename or steps[step][0]}: not found; install it or set "
-                              "LEUKOCAM_SSH / LEUKOCAM_RSYNC. Nothing was changed on the Pi") from None
+            raise DeployError(
+                f"{exc.filename or steps[step][0]}: not found; install it or set "
+                "LEUKOCAM_SSH / LEUKOCAM_RSYNC. Nothing was changed on the Pi"
+            ) from None
         except subprocess.TimeoutExpired:
             raise DeployError(f"{step} on {host} timed out after {timeout:.0f} s ({shlex.join(steps[step])})") from None
 
     echo(f"copying {bundle.path} (sha256 {bundle.sha256[:12]}) to {host} ...")
     done = run("copy", 600)
     if done.returncode != 0:
-        raise DeployError(f"could not copy the bundle to {host} (rsync exit {done.returncode}: {_tail(done)}); "
-                          "the Pi is unreachable or refused the login. Nothing was changed on the Pi")
+        raise DeployError(
+            f"could not copy the bundle to {host} (rsync exit {done.returncode}: {_tail(done)}); "
+            "the Pi is unreachable or refused the login. Nothing was changed on the Pi"
+        )
     echo(f"installing on {host} (the Pi checks hash, schema, shapes and runs the self-test) ...")
     done = run("install", 300)
     if done.returncode != 0:
@@ -128,12 +189,16 @@ def deploy(bundle_dir: str | Path, host: str, *, remote_dir: str = "/tmp", servi
     echo(f"restarting {service} on {host} ...")
     done = run("restart", 120)
     if done.returncode != 0:
-        raise DeployError(f"the bundle is installed on {host}, but `systemctl restart {service}` failed: "
-                          f"{_tail(done)}. Check `journalctl -u {service}` on the Pi")
+        raise DeployError(
+            f"the bundle is installed on {host}, but `systemctl restart {service}` failed: "
+            f"{_tail(done)}. Check `journalctl -u {service}` on the Pi"
+        )
     health = _poll_health(run, health_tries, health_delay)
     if health is None:
-        raise DeployError(f"the bundle is installed on {host} and {service} was restarted, but it did not report "
-                          f"healthy after {health_tries} tries; check `journalctl -u {service} -n 50` on the Pi")
+        raise DeployError(
+            f"the bundle is installed on {host} and {service} was restarted, but it did not report "
+            f"healthy after {health_tries} tries; check `journalctl -u {service} -n 50` on the Pi"
+        )
     model = health.get("model") or {}
     running = str(model.get("sha256", ""))
     if running != bundle.sha256:

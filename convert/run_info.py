@@ -65,8 +65,9 @@ class RunInfo:
         return self.model_path.parent
 
     @classmethod
-    def from_dicts(cls, model_path: str | Path, training: Any, metrics: Any = None,
-                   source: str | Path = TRAINING_FILE) -> RunInfo:
+    def from_dicts(
+        cls, model_path: str | Path, training: Any, metrics: Any = None, source: str | Path = TRAINING_FILE
+    ) -> RunInfo:
         """Check parsed training.json (and metrics.json, or None) and return them typed.
 
         Raises:
@@ -77,11 +78,20 @@ class RunInfo:
         metrics = {} if metrics is None else metrics
         if not isinstance(metrics, Mapping):
             raise ConvertError(f"{Path(model_path).parent / METRICS_FILE}: expected a JSON object; {_REDO}")
-        return cls(model_path=Path(model_path), labels=t.labels(), contract=t.contract(),
-                   threshold=float(t.number("threshold")), review_band=t.band(), data=t.mapping("data"),
-                   options=t.mapping("options"), split_files=t.splits(), data_um_per_px=t.pixel_size(),
-                   feature_layer=t.text("feature_layer", ""), synthetic=bool(metrics.get("synthetic_data", False)),
-                   test_metrics=metrics.get("test"))
+        return cls(
+            model_path=Path(model_path),
+            labels=t.labels(),
+            contract=t.contract(),
+            threshold=float(t.number("threshold")),
+            review_band=t.band(),
+            data=t.mapping("data"),
+            options=t.mapping("options"),
+            split_files=t.splits(),
+            data_um_per_px=t.pixel_size(),
+            feature_layer=t.text("feature_layer", ""),
+            synthetic=bool(metrics.get("synthetic_data", False)),
+            test_metrics=metrics.get("test"),
+        )
 
 
 def read_run_info(model_path: str | Path) -> RunInfo:

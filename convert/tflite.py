@@ -74,8 +74,11 @@ def converter_for(model, calibration: np.ndarray, mode: str) -> Iterator:
     with tempfile.TemporaryDirectory() as tmp:
         archive = keras.export.ExportArchive()
         archive.track(exp)
-        archive.add_endpoint(SIGNATURE, lambda image: exp(image, training=False),
-                             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
+        archive.add_endpoint(
+            SIGNATURE,
+            lambda image: exp(image, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")],
+        )
         archive.write_out(str(Path(tmp) / "saved"), verbose=False)
         conv = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "saved"), signature_keys=[SIGNATURE])
         if mode in ("int8", "int16x8"):
@@ -87,7 +90,9 @@ def converter_for(model, calibration: np.ndarray, mode: str) -> Iterator:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             conv.inference_input_type = tf.uint8
         elif mode == "int16x8":
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            conv.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            ]
         elif mode == "float16":
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.target_spec.supported_types = [tf.float16]
@@ -114,7 +119,8 @@ def convert(model, calibration: np.ndarray, mode: str = "int8", float_layers: li
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(float_layers))
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=conv, debug_dataset=lambda: _debug_samples(calibration), debug_options=options)
+            converter=conv, debug_dataset=lambda: _debug_samples(calibration), debug_options=options
+        )
         return debugger.get_nondebug_quantized_model()
 
 
@@ -131,7 +137,9 @@ def layer_errors(model, calibration: np.ndarray, samples: int = 32) -> list[dict
     subset = calibration[: max(1, samples)]
     with converter_for(model, subset, "int8") as conv:
         conv.inference_input_type = tf.float32  # the debugger feeds float samples
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=lambda: _debug_samples(subset))
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=lambda: _debug_samples(subset)
+        )
         debugger.run()
         buf = io.StringIO()
         debugger.layer_statistics_dump(buf)
@@ -143,8 +151,14 @@ def layer_errors(model, calibration: np.ndarray, samples: int = 32) -> list[dict
         except (KeyError, ValueError):
             continue
         if scale > 0 and np.isfinite(mse):
-            rows.append({"tensor": row.get("tensor_name", ""), "op": row.get("op_name", ""),
-                         "rmse_per_scale": float(np.sqrt(mse) / scale), "max_abs_error": float(row.get("max_abs_error", "nan"))})
+            rows.append(
+                {
+                    "tensor": row.get("tensor_name", ""),
+                    "op": row.get("op_name", ""),
+                    "rmse_per_scale": float(np.sqrt(mse) / scale),
+                    "max_abs_error": float(row.get("max_abs_error", "nan")),
+                }
+            )
     rows.sort(key=lambda r: -r["rmse_per_scale"])
     return rows
 

@@ -50,7 +50,9 @@ def device_outputs(bundle_dir, crops: np.ndarray) -> tuple[dict[str, np.ndarray]
         return clf.raw(crops), clf.input_dtype
 
 
-def reference_gradcam(model, crops: np.ndarray, float_prob: np.ndarray, threshold: float, batch: int = 16) -> np.ndarray:
+def reference_gradcam(
+    model, crops: np.ndarray, float_prob: np.ndarray, threshold: float, batch: int = 16
+) -> np.ndarray:
     """GradientTape Grad-CAM of the float model's predicted class for each crop."""
     from training.gradcam import grad_cam
 
@@ -64,23 +66,32 @@ def reference_gradcam(model, crops: np.ndarray, float_prob: np.ndarray, threshol
     return np.concatenate(maps)
 
 
-def compare(float_out: dict, quant_out: dict, labels: np.ndarray | None, threshold: float,
-            reference_cams: np.ndarray | None = None) -> dict:
+def compare(
+    float_out: dict,
+    quant_out: dict,
+    labels: np.ndarray | None,
+    threshold: float,
+    reference_cams: np.ndarray | None = None,
+) -> dict:
     """Agreement and differences between float and converted outputs."""
     pf, pq = float_out["probability"], quant_out["probability"]
     dp = np.abs(pf - pq)
     if reference_cams is None:  # signed CAM against signed CAM
         pairs = zip(float_out["cam"], quant_out["cam"], strict=True)
     else:  # the heatmap the device shows against the float model's Grad-CAM of the same class
-        pairs = ((ref, class_heatmap(q, positive=bool(p >= threshold)))
-                 for ref, q, p in zip(reference_cams, quant_out["cam"], pf, strict=True))
+        pairs = (
+            (ref, class_heatmap(q, positive=bool(p >= threshold)))
+            for ref, q, p in zip(reference_cams, quant_out["cam"], pf, strict=True)
+        )
     corr = [c for c in (_pearson(a.ravel(), b.ravel()) for a, b in pairs) if c is not None]
     result = {
         "n": int(len(pf)),
         "label_agreement": float(np.mean((pf >= threshold) == (pq >= threshold))),
         "mean_abs_dprob": float(dp.mean()),
         "max_abs_dprob": float(dp.max()),
-        "cam_reference": "signed CAM" if reference_cams is None else "float Grad-CAM (GradientTape) of the predicted class",
+        "cam_reference": "signed CAM"
+        if reference_cams is None
+        else "float Grad-CAM (GradientTape) of the predicted class",
         "cam_correlation_mean": float(np.mean(corr)) if corr else None,
         "cam_correlation_min": float(np.min(corr)) if corr else None,
         "cam_pairs": len(corr),

@@ -23,8 +23,18 @@ from device.preprocess import PreprocessContract
 MODEL_FILE = "model.tflite"
 META_FILE = "model.json"
 GOLDEN_FILE = "golden.npz"
-__all__ = ["GOLDEN_FILE", "META_FILE", "MODEL_FILE", "REQUIRED_KEYS", "SCHEMA_VERSION", "Bundle", "BundleMeta", "Golden",
-           "load_bundle", "sha256_file"]
+__all__ = [
+    "GOLDEN_FILE",
+    "META_FILE",
+    "MODEL_FILE",
+    "REQUIRED_KEYS",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleMeta",
+    "Golden",
+    "load_bundle",
+    "sha256_file",
+]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -92,12 +102,16 @@ def load_bundle(path: str | Path) -> Bundle:
     """
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"{path}: model bundle folder not found; set [model] bundle to a folder written by `leukocam convert`")
+        raise BundleError(
+            f"{path}: model bundle folder not found; set [model] bundle to a folder written by `leukocam convert`"
+        )
     meta_path = path / META_FILE
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BundleError(f"{path}: no {META_FILE}; this is not a LeukoCam bundle (re-run `leukocam convert`)") from None
+        raise BundleError(
+            f"{path}: no {META_FILE}; this is not a LeukoCam bundle (re-run `leukocam convert`)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{meta_path}: unreadable or not JSON ({exc}); re-run `leukocam convert`") from None
     info = BundleMeta.from_dict(meta, meta_path)
@@ -120,7 +134,9 @@ def _load_golden(path: Path, info: BundleMeta) -> Golden:
         with np.load(gpath, allow_pickle=False) as npz:
             crops, probs, cams = npz["crops"], npz["probabilities"], npz["cams"]
     except FileNotFoundError:
-        raise BundleError(f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`") from None
+        raise BundleError(
+            f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{gpath}: unreadable golden file ({exc}); re-run `leukocam convert`") from None
     expected = info.golden.sha256
@@ -128,5 +144,7 @@ def _load_golden(path: Path, info: BundleMeta) -> Golden:
         raise BundleError(f"{gpath}: sha256 does not match model.json; the bundle was altered. Copy it again")
     size = info.input_size
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
-        raise BundleError(f"{gpath}: golden crops have shape {crops.shape} {crops.dtype}, expected N x {size} x {size} x 3 uint8")
+        raise BundleError(
+            f"{gpath}: golden crops have shape {crops.shape} {crops.dtype}, expected N x {size} x {size} x 3 uint8"
+        )
     return Golden(crops=crops, probabilities=probs, cams=cams, tolerance=float(info.golden.tolerance))

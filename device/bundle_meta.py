@@ -220,8 +220,13 @@ class CamInfo:
         shape = f.required("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v > 0 for v in shape)):
             raise f.fail("shape", f"must be [height, width] in cells, got {shape!r}")
-        return cls(shape=(shape[0], shape[1]), layer=f.text("layer"), method=f.text("method"), sign=f.text("sign"),
-                   extra=f.extra())
+        return cls(
+            shape=(shape[0], shape[1]),
+            layer=f.text("layer"),
+            method=f.text("method"),
+            sign=f.text("sign"),
+            extra=f.extra(),
+        )
 
 
 @dataclass(frozen=True)
@@ -244,8 +249,13 @@ class GoldenInfo:
 
     @classmethod
     def _read(cls, f: _Fields) -> GoldenInfo:
-        return cls(tolerance=f.number("tolerance", required=True, low=0), sha256=f.text("sha256"),
-                   file=f.text("file"), count=f.integer("count", low=0), extra=f.extra())
+        return cls(
+            tolerance=f.number("tolerance", required=True, low=0),
+            sha256=f.text("sha256"),
+            file=f.text("file"),
+            count=f.integer("count", low=0),
+            extra=f.extra(),
+        )
 
 
 @dataclass(frozen=True)
@@ -277,9 +287,15 @@ class QuantizationInfo:
 
     @classmethod
     def _read(cls, f: _Fields) -> QuantizationInfo:
-        return cls(mode=f.text("mode", required=True, nonempty=True), float_layers=f.strings("float_layers"),
-                   calibration_images=f.integer("calibration_images", low=0), input_type=f.text("input_type"),
-                   attempts=f.records("attempts"), worst_layers=f.records("worst_layers"), extra=f.extra())
+        return cls(
+            mode=f.text("mode", required=True, nonempty=True),
+            float_layers=f.strings("float_layers"),
+            calibration_images=f.integer("calibration_images", low=0),
+            input_type=f.text("input_type"),
+            attempts=f.records("attempts"),
+            worst_layers=f.records("worst_layers"),
+            extra=f.extra(),
+        )
 
 
 @dataclass(frozen=True)
@@ -441,7 +457,9 @@ class BundleMeta:
             raise BundleError(f"{f.source}: bad preprocess contract ({exc})") from None
         input_size = f.raw("input_size")
         if contract.input_size != input_size:
-            raise BundleError(f"{f.source}: input_size {input_size} differs from preprocess.input_size {contract.input_size}")
+            raise BundleError(
+                f"{f.source}: input_size {input_size} differs from preprocess.input_size {contract.input_size}"
+            )
         return contract
 
 

@@ -36,7 +36,8 @@ import click
 
 from device.bundle import META_FILE, MODEL_FILE, Bundle, load_bundle, sha256_file
 from device.classifier import Classifier, SelfTestResult
-from device.errors import BundleError, ReportingGroup
+from device.cli_base import ReportingGroup
+from device.errors import BundleError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,9 @@ def _prepare_store(store: Path) -> None:
     try:
         (store / BUNDLES_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BundleError(f"{store}: cannot create the bundle store ({exc.strerror}); run the install as root") from None
+        raise BundleError(
+            f"{store}: cannot create the bundle store ({exc.strerror}); run the install as root"
+        ) from None
 
 
 def _remove_stale_incoming(store: Path) -> None:
@@ -184,8 +187,9 @@ def _remove_stale_incoming(store: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def install_bundle(src_dir: str | Path, store_dir: str | Path = DEFAULT_STORE, threads: int = 1,
-                   keep: int = DEFAULT_KEEP) -> InstallResult:
+def install_bundle(
+    src_dir: str | Path, store_dir: str | Path = DEFAULT_STORE, threads: int = 1, keep: int = DEFAULT_KEEP
+) -> InstallResult:
     """Verify a bundle on this device and make it `current`; the old current becomes `previous`.
 
     Args:
@@ -253,8 +257,10 @@ def _commit(store: Path, staged: Path, new_id: str, sha: str, result: SelfTestRe
     if _link_target(store, REJECTED) == new_id:
         _set_link(store, REJECTED, None)
     _prune(store, keep)
-    msg = (f"installed bundle {new_id} (sha256 {sha[:12]}) as current; previous: {new_previous or 'none'}; "
-           f"{result.message}")
+    msg = (
+        f"installed bundle {new_id} (sha256 {sha[:12]}) as current; previous: {new_previous or 'none'}; "
+        f"{result.message}"
+    )
     log.info(msg)
     return InstallResult(final, new_id, sha, new_previous, True, msg)
 
@@ -270,9 +276,12 @@ def _replace_dir(new: Path, old: Path) -> None:
 def _prune(store: Path, keep: int) -> None:
     """Keep the newest `keep` installed bundles, counting current and previous, which always stay."""
     protected = {_link_target(store, CURRENT), _link_target(store, PREVIOUS)} - {None}
-    others = sorted((p for p in (store / BUNDLES_DIR).iterdir() if p.is_dir() and p.name not in protected),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in others[max(keep - len(protected), 0):]:
+    others = sorted(
+        (p for p in (store / BUNDLES_DIR).iterdir() if p.is_dir() and p.name not in protected),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for path in others[max(keep - len(protected), 0) :]:
         log.info("removing old bundle %s (keeping %d)", path.name, keep)
         shutil.rmtree(path, ignore_errors=True)
     if _link_target(store, REJECTED) and not (store / REJECTED).exists():
@@ -310,8 +319,10 @@ def resolve_active_bundle(path: str | Path, threads: int = 1, self_test: bool = 
             return ActiveBundle(bundle, clf, result, rolled_back=False, note="")
         return ActiveBundle(bundle, clf, result, rolled_back=True, note=_roll_back(path, target, failures[0]))
     if not (path / CURRENT).is_symlink():
-        raise BundleError(f"{path}: bundle store has no current bundle; install one with "
-                          f"`leukocam install-bundle BUNDLE --store {path}` (or `make deploy PI=...`)")
+        raise BundleError(
+            f"{path}: bundle store has no current bundle; install one with "
+            f"`leukocam install-bundle BUNDLE --store {path}` (or `make deploy PI=...`)"
+        )
     raise BundleError(f"{path}: no usable model bundle; " + "; ".join(failures))
 
 
@@ -380,8 +391,14 @@ def list_bundles(store_dir: str | Path = DEFAULT_STORE) -> list[StoreEntry]:
 
 # -- commands (registered on the `leukocam` group in device/cli.py) -----------------------------
 
-store_option = click.option("--store", "store_dir", type=click.Path(file_okay=False), default=str(DEFAULT_STORE),
-                            show_default=True, help="The device's bundle store.")
+store_option = click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_STORE),
+    show_default=True,
+    help="The device's bundle store.",
+)
 
 
 @click.command("install-bundle")

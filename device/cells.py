@@ -113,8 +113,7 @@ class FinderParams:
                 raise ValueError(f"FinderParams.{name} must be > 0, got {getattr(self, name)}")
         if self.max_cell_um <= self.min_cell_um:
             raise ValueError(
-                f"FinderParams.max_cell_um ({self.max_cell_um}) must exceed "
-                f"min_cell_um ({self.min_cell_um})"
+                f"FinderParams.max_cell_um ({self.max_cell_um}) must exceed min_cell_um ({self.min_cell_um})"
             )
         if self.smooth_um < 0 or self.cytoplasm_um < 0 or self.min_nuclear_od < 0:
             raise ValueError("FinderParams.smooth_um, cytoplasm_um and min_nuclear_od must be >= 0")
@@ -406,16 +405,16 @@ def _segment_nuclei(
                     break  # already inside a region grown from a bigger seed
                 peak = float(stain[y0:y1, x0:x1][seed].max())
                 edge = max(level + 0.5 * (peak - level), low)
-            n_grown, grown = cv2.connectedComponents(
-                (stain[y0:y1, x0:x1] > edge).astype(np.uint8), connectivity=8
-            )
+            n_grown, grown = cv2.connectedComponents((stain[y0:y1, x0:x1] > edge).astype(np.uint8), connectivity=8)
             keep = np.zeros(n_grown, bool)
             keep[grown[seed]] = True
             keep[0] = False
             region = keep[grown]
             inner_edge = (
-                (y0 > 0 and region[0].any()) or (y1 < h and region[-1].any())
-                or (x0 > 0 and region[:, 0].any()) or (x1 < w and region[:, -1].any())
+                (y0 > 0 and region[0].any())
+                or (y1 < h and region[-1].any())
+                or (x0 > 0 and region[:, 0].any())
+                or (x1 < w and region[:, -1].any())
             )
             if not inner_edge or reach >= max_reach_px:
                 out[y0:y1, x0:x1] |= region
@@ -571,9 +570,10 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     lab = pieces[ys, xs]
     area = np.bincount(lab, minlength=n).astype(np.float64)
     present = area > 0
-    centroids = np.stack(
-        [np.bincount(lab, xs, minlength=n), np.bincount(lab, ys, minlength=n)], axis=1
-    ) / np.maximum(area, 1)[:, None]
+    centroids = (
+        np.stack([np.bincount(lab, xs, minlength=n), np.bincount(lab, ys, minlength=n)], axis=1)
+        / np.maximum(area, 1)[:, None]
+    )
     depth = np.zeros(n, np.float32)
     np.maximum.at(depth, lab, dist[ys, xs])
     full = depth >= full_radius_px
@@ -772,9 +772,7 @@ def _upsample_mask(
     map_y = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / sy - 0.5 - origin[1])[:, None]
     map_x = np.broadcast_to(map_x, (y1 - y0, x1 - x0)).astype(np.float32)
     map_y = np.broadcast_to(map_y, (y1 - y0, x1 - x0)).astype(np.float32)
-    up = cv2.remap(
-        mask.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-    )
+    up = cv2.remap(mask.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return up > 0.5
 
 
@@ -799,9 +797,7 @@ def single_cell(rgb: np.ndarray, um_per_px: float | None = None) -> FoundCell:
     # Near-black, not exactly zero: JPEG and resizing smear the pure-black surround.
     dark = (rgb.max(axis=2) <= 16).astype(np.uint8)
     n, labels = cv2.connectedComponents(dark, connectivity=8)
-    edge_labels = set(
-        np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist()
-    ) - {0}
+    edge_labels = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist()) - {0}
     background = np.isin(labels, list(edge_labels)) if edge_labels else np.zeros((h, w), bool)
     mask = ~background
     if not mask.any():

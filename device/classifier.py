@@ -67,27 +67,31 @@ class Classifier:
         self.bundle = bundle
         self.runtime = runtime.interpreter_class(prefer_runtime)[1]
         self._interp = runtime.make_interpreter(bundle.model_path, threads=threads, prefer=prefer_runtime)
-        signature = bundle.meta["signature"]
+        signature = bundle.info.signature
         try:
             self._runner = self._interp.get_signature_runner(signature)
         except ValueError:
-            raise BundleError(f"{bundle.path}: the model has no signature {signature!r}; re-run `leukocam convert`") from None
+            raise BundleError(
+                f"{bundle.path}: the model has no signature {signature!r}; re-run `leukocam convert`"
+            ) from None
         self._input_name, in_detail = self._single_input()
         self._in_scale, self._in_zero = _quant(in_detail)
         self._in_dtype = in_detail["dtype"]
         out = self._runner.get_output_details()
-        self._out_names = dict(bundle.meta["outputs"])
+        self._out_names = bundle.info.outputs.by_role()
         for role in OUTPUT_NAMES:
             name = self._out_names.get(role)
             if name not in out:
-                raise BundleError(f"{bundle.path}: model output {name!r} for {role!r} not found (outputs: {sorted(out)})")
+                raise BundleError(
+                    f"{bundle.path}: model output {name!r} for {role!r} not found (outputs: {sorted(out)})"
+                )
         self._out_quant = {name: _quant(d) for name, d in out.items()}
-        size = bundle.meta["input_size"]
+        size = bundle.info.input_size
         shape = tuple(int(v) for v in in_detail["shape"][1:])
         if shape != (size, size, 3):
             raise BundleError(f"{bundle.path}: model input is {shape}, but model.json says {size}x{size}x3")
         cam_shape = tuple(int(v) for v in out[self._out_names["cam"]]["shape"][1:3])
-        expected_cam = tuple(bundle.meta["cam"]["shape"])
+        expected_cam = bundle.info.cam.shape
         if cam_shape != expected_cam:
             raise BundleError(f"{bundle.path}: CAM output is {cam_shape}, but model.json says {expected_cam}")
 
@@ -115,7 +119,7 @@ class Classifier:
 
     @property
     def input_size(self) -> int:
-        return int(self.bundle.meta["input_size"])
+        return self.bundle.info.input_size
 
     def raw(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model on uint8 crops N x S x S x 3; return float outputs by role."""

@@ -17,7 +17,7 @@ import threading
 
 import click
 
-from device.errors import ReportingGroup
+from device.cli_base import ReportingGroup
 
 # name -> ("module:attribute", short help). Imported on first use.
 LAZY_COMMANDS = {
@@ -31,12 +31,16 @@ LAZY_COMMANDS = {
     "bench": ("convert.cli:bench", "Benchmark model sizes and latencies in one run (markdown + JSON)."),
     "demo-model": ("convert.demo:demo_model", "Rebuild the shipped synthetic demo bundle and sample fields."),
     "deploy": ("convert.deploy:deploy_command", "Copy a model bundle to a Pi over ssh, install it there, restart."),
-    "install-bundle": ("device.bundle_store:install_bundle_command",
-                       "Check a bundle on this device and make it current (the old one is kept)."),
+    "install-bundle": (
+        "device.bundle_store:install_bundle_command",
+        "Check a bundle on this device and make it current (the old one is kept).",
+    ),
     "rollback-bundle": ("device.bundle_store:rollback_bundle_command", "Switch back to the previous model bundle."),
     "list-bundles": ("device.bundle_store:list_bundles_command", "List installed model bundles and their roles."),
-    "finder-eval": ("training.finder_eval:finder_eval_command",
-                    "Score the white-cell finder per stress condition; crop gallery beside training cells."),
+    "finder-eval": (
+        "training.finder_eval:finder_eval_command",
+        "Score the white-cell finder per stress condition; crop gallery beside training cells.",
+    ),
     "doctor": ("device.doctor:doctor", "Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."),
 }
 
@@ -73,12 +77,18 @@ class LazyGroup(ReportingGroup):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """LeukoCam: white-cell screening at the microscope (research use only, not a diagnosis)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                             help="TOML config (default: the embedded demo configuration).")
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML config (default: the embedded demo configuration).",
+)
 
 
 @cli.command()
@@ -98,19 +108,27 @@ def serve(config_path, host, port):
 
     cfg = load_config(config_path)
     if host or port is not None:
-        cfg = dataclasses.replace(cfg, web=dataclasses.replace(
-            cfg.web, host=host or cfg.web.host, port=cfg.web.port if port is None else port))
+        cfg = dataclasses.replace(
+            cfg,
+            web=dataclasses.replace(cfg.web, host=host or cfg.web.host, port=cfg.web.port if port is None else port),
+        )
         cfg.validate()
     log = logging.getLogger("leukocam")
-    from device.auth import load_users, login_required_for
+    from device.accounts import load_users, login_required_for
 
     if login_required_for(cfg.web.host) and not load_users(cfg.store.data_dir):
-        log.warning("dashboard on %s requires a login but no account exists: run `leukocam set-password USER`",
-                    cfg.web.host)
+        log.warning(
+            "dashboard on %s requires a login but no account exists: run `leukocam set-password USER`", cfg.web.host
+        )
     appliance = Appliance(cfg)
     log.info("config: %s", cfg.source)
-    log.info("model: %s (sha256 %s, %s%s)", appliance.bundle.path, appliance.bundle.sha256[:12], appliance.classifier.runtime,
-             ", SYNTHETIC demo model, not clinical" if appliance.bundle.synthetic else "")
+    log.info(
+        "model: %s (sha256 %s, %s%s)",
+        appliance.bundle.path,
+        appliance.bundle.sha256[:12],
+        appliance.classifier.runtime,
+        ", SYNTHETIC demo model, not clinical" if appliance.bundle.synthetic else "",
+    )
     if appliance.self_test:
         log.info(appliance.self_test.message)
     log.info(appliance.reconcile.summary())
@@ -166,16 +184,29 @@ def _capture_via_service(cfg, timeout: float = 120.0) -> dict | None:
         return None
     last_id = before["captures"][0]["id"] if before["captures"] else 0
     try:
-        urllib.request.urlopen(urllib.request.Request(base + "/api/capture", method="POST", data=b'{"trigger": "cli"}',
-                                                      headers={"Content-Type": "application/json"}), timeout=10)
+        urllib.request.urlopen(
+            urllib.request.Request(
+                base + "/api/capture",
+                method="POST",
+                data=b'{"trigger": "cli"}',
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=10,
+        )
     except urllib.error.HTTPError as exc:
         raise click.ClickException(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
     deadline = time.time() + timeout
     while time.time() < deadline:
         latest = get("/api/captures?limit=1")["captures"]
         if latest and latest[0]["id"] > last_id:
-            return {"outcome": {"capture_id": latest[0]["id"], "status": latest[0]["status"],
-                                "message": latest[0]["message"]}, "capture": get(f"/api/captures/{latest[0]['id']}")}
+            return {
+                "outcome": {
+                    "capture_id": latest[0]["id"],
+                    "status": latest[0]["status"],
+                    "message": latest[0]["message"],
+                },
+                "capture": get(f"/api/captures/{latest[0]['id']}"),
+            }
         health = get("/api/health")
         if not health["busy"] and health.get("last_outcome") and health["last_outcome"]["status"] == "error":
             return {"outcome": health["last_outcome"], "capture": None}
@@ -205,8 +236,10 @@ def capture(config_path, image, single_cell):
                     outcome = appliance.analyse_upload(fh.read(), image, single_cell=single_cell)
             else:
                 outcome = appliance.capture_now("cli")
-            result = {"outcome": outcome.__dict__,
-                      "capture": appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None}
+            result = {
+                "outcome": outcome.__dict__,
+                "capture": appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None,
+            }
     click.echo(json.dumps(result, indent=2, default=str))
     if result["outcome"]["status"] == "error":
         sys.exit(1)
@@ -222,8 +255,10 @@ def check_bundle(bundle):
     b = load_bundle(bundle)
     with Classifier(b) as clf:
         result = clf.self_test()
-    click.echo(f"{b.path}: schema {b.meta['schema_version']}, sha256 {b.sha256[:12]}, input {b.meta['input_size']} px, "
-               f"{b.meta['quantization']['mode']}, runtime {clf.runtime}")
+    click.echo(
+        f"{b.path}: schema {b.info.schema_version}, sha256 {b.sha256[:12]}, input {b.info.input_size} px, "
+        f"{b.info.quantization.mode}, runtime {clf.runtime}"
+    )
     click.echo(result.message)
     if not result.passed:
         sys.exit(1)
@@ -232,12 +267,18 @@ def check_bundle(bundle):
 @cli.command("set-password")
 @config_option
 @click.argument("username")
-@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True, envvar="LEUKOCAM_PASSWORD",
-              help="Prompted for when not given (env LEUKOCAM_PASSWORD also works).")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="LEUKOCAM_PASSWORD",
+    help="Prompted for when not given (env LEUKOCAM_PASSWORD also works).",
+)
 def set_password(config_path, username, password):
     """Create or change a dashboard login (required when [web] host is not 127.0.0.1)."""
-    from device.auth import AuthError
-    from device.auth import set_password as write_password
+    from device.accounts import AuthError
+    from device.accounts import set_password as write_password
     from device.config import load_config
 
     cfg = load_config(config_path)
@@ -267,7 +308,9 @@ def calibrate_qc(config_path, fields):
     for path in fields:
         rgb = decode_image(path)
         r = assess(working_copy(rgb, um) if um else rgb, min_focus=0.0, max_clipped_fraction=1.0)
-        click.echo(f"{path}: sharpness {r.focus:.1f}, clipped {r.clipped_fraction:.4f}, brightness {r.mean_brightness:.0f}")
+        click.echo(
+            f"{path}: sharpness {r.focus:.1f}, clipped {r.clipped_fraction:.4f}, brightness {r.mean_brightness:.0f}"
+        )
         reports.append(r)
     t = suggest_thresholds(reports)
     click.echo("\n# paste into the [quality] section of leukocam.toml")
@@ -295,7 +338,10 @@ def calibrate(fields):
         except ImageError as exc:
             click.echo(f"{path}: skipped ({exc})")
             continue
-        click.echo(f"{path}: " + (f"{value:.4f} µm/px" if value else "the red cells cannot tell (packed, empty or a single cell)"))
+        click.echo(
+            f"{path}: "
+            + (f"{value:.4f} µm/px" if value else "the red cells cannot tell (packed, empty or a single cell)")
+        )
         if value:
             values.append(value)
     if not values:

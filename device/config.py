@@ -56,7 +56,9 @@ class CameraConfig:
             _at_least(f"camera.{key}", getattr(self, key), 0.0)
         _between("camera.preview_width", self.preview_width, 64, 4096)
         if (self.awb_red == 0) != (self.awb_blue == 0):
-            raise ConfigError("camera.awb_red and camera.awb_blue: set both (fixed white balance) or neither (auto, then locked)")
+            raise ConfigError(
+                "camera.awb_red and camera.awb_blue: set both (fixed white balance) or neither (auto, then locked)"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,7 @@ def _build(cls: type, data: dict, prefix: str) -> object:
             kwargs[name] = _build(expected, value, key)
         elif isinstance(expected, types.UnionType) or not _type_ok(expected, value):
             raise ConfigError(
-                f"{key} = {value!r}: expected {getattr(expected, '__name__', expected)}, "
-                f"got {type(value).__name__}"
+                f"{key} = {value!r}: expected {getattr(expected, '__name__', expected)}, got {type(value).__name__}"
             )
         else:
             kwargs[name] = float(value) if expected is float else value

@@ -38,8 +38,10 @@ CLOCK_FLOOR = datetime(2024, 1, 1, tzinfo=UTC)
 """A clock earlier than this has not been set (a Pi without a network or an RTC battery)."""
 DISK_WARN_FACTOR = 10
 """Free space below this many times store.min_free_mb is a warning."""
-SERVICE_BUSY_HINT = ("if the leukocam service is running it holds the device: "
-                     "`sudo systemctl stop leukocam`, run the doctor, then `sudo systemctl start leukocam`")
+SERVICE_BUSY_HINT = (
+    "if the leukocam service is running it holds the device: "
+    "`sudo systemctl stop leukocam`, run the doctor, then `sudo systemctl start leukocam`"
+)
 MARKS = {True: "✓", False: "✗", None: "!"}
 
 
@@ -62,12 +64,14 @@ def check_config(path: str | Path | None) -> tuple[Check, Config | None]:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        fix = (f"correct {path} as the message says; firmware_config/leukocam.toml documents "
-               "every key and its default")
+        fix = f"correct {path} as the message says; firmware_config/leukocam.toml documents every key and its default"
         return Check("config", False, str(exc), fix), None
     if path is None:
-        return Check("config", True, "embedded default (demo: replay camera, SYNTHETIC demo bundle); "
-                     "pass --config for a rig's file"), cfg
+        return Check(
+            "config",
+            True,
+            "embedded default (demo: replay camera, SYNTHETIC demo bundle); pass --config for a rig's file",
+        ), cfg
     return Check("config", True, f"{cfg.source}: valid"), cfg
 
 
@@ -91,23 +95,33 @@ def check_camera(cfg: Config) -> Check:
 def _camera_fix(cfg: Config, message: str) -> str:
     backend = cfg.camera.backend
     if backend == "replay":
-        return (f"set [camera] replay_dir to a folder of .jpg/.png field images "
-                f"(now: {cfg.replay_dir}), or choose backend = \"picamera2\" / \"opencv\"")
+        return (
+            f"set [camera] replay_dir to a folder of .jpg/.png field images "
+            f'(now: {cfg.replay_dir}), or choose backend = "picamera2" / "opencv"'
+        )
     if backend == "opencv":
-        return (f"check the USB cable and that the camera is listed (`ls /dev/video*`, "
-                f"`v4l2-ctl --list-devices`); [camera] opencv_device is {cfg.camera.opencv_device!r}; "
-                f"the user needs the video group (`sudo usermod -aG video $USER`); {SERVICE_BUSY_HINT}")
+        return (
+            f"check the USB cable and that the camera is listed (`ls /dev/video*`, "
+            f"`v4l2-ctl --list-devices`); [camera] opencv_device is {cfg.camera.opencv_device!r}; "
+            f"the user needs the video group (`sudo usermod -aG video $USER`); {SERVICE_BUSY_HINT}"
+        )
     if "dtype size changed" in message or "binary incompatibility" in message:
-        return ("apt's simplejpeg (used by picamera2) is built for numpy 1.x and the venv has numpy 2: "
-                "`/opt/leukocam/.venv/bin/pip install --ignore-installed --no-deps simplejpeg` "
-                "(firmware_config/install.sh does this)")
+        return (
+            "apt's simplejpeg (used by picamera2) is built for numpy 1.x and the venv has numpy 2: "
+            "`/opt/leukocam/.venv/bin/pip install --ignore-installed --no-deps simplejpeg` "
+            "(firmware_config/install.sh does this)"
+        )
     if "not installed" in message or "No module named" in message:
-        return ("`sudo apt install python3-picamera2`, and make the venv with --system-site-packages "
-                "(firmware_config/install.sh does both)")
-    return ("check the ribbon cable (both ends seated, latches closed, contacts the right way round); "
-            "`rpicam-hello --list-cameras` must list the camera, else check camera_auto_detect or "
-            "dtoverlay=imx477 in /boot/firmware/config.txt (firmware_config/config.txt.snippet) and reboot; "
-            + SERVICE_BUSY_HINT)
+        return (
+            "`sudo apt install python3-picamera2`, and make the venv with --system-site-packages "
+            "(firmware_config/install.sh does both)"
+        )
+    return (
+        "check the ribbon cable (both ends seated, latches closed, contacts the right way round); "
+        "`rpicam-hello --list-cameras` must list the camera, else check camera_auto_detect or "
+        "dtoverlay=imx477 in /boot/firmware/config.txt (firmware_config/config.txt.snippet) and reboot; "
+        + SERVICE_BUSY_HINT
+    )
 
 
 def check_gpio(cfg: Config, pin_factory=None) -> Check:
@@ -115,8 +129,11 @@ def check_gpio(cfg: Config, pin_factory=None) -> Check:
     t = cfg.trigger
     if not t.enabled:
         return Check("gpio", None, "skipped: [trigger] enabled = false (no button)")
-    pins = f"button BCM{t.button_pin}" + (f", LED BCM{t.led_pin}" if t.led_pin else "") + (
-        f", buzzer BCM{t.buzzer_pin}" if t.buzzer_pin else "")
+    pins = (
+        f"button BCM{t.button_pin}"
+        + (f", LED BCM{t.led_pin}" if t.led_pin else "")
+        + (f", buzzer BCM{t.buzzer_pin}" if t.buzzer_pin else "")
+    )
     fallbacks: list[str] = []
     try:
         from device.trigger import Trigger
@@ -129,8 +146,12 @@ def check_gpio(cfg: Config, pin_factory=None) -> Check:
             finally:
                 fallbacks = [str(w.message) for w in caught if "Falling back" in str(w.message)]
     except ImportError as exc:
-        return Check("gpio", False, f"gpiozero cannot be imported ({exc})",
-                     "install the [device] extra: /opt/leukocam/.venv/bin/pip install 'gpiozero>=2.0'")
+        return Check(
+            "gpio",
+            False,
+            f"gpiozero cannot be imported ({exc})",
+            "install the [device] extra: /opt/leukocam/.venv/bin/pip install 'gpiozero>=2.0'",
+        )
     except Exception as exc:
         text = str(exc)
         if "in use" in text:
@@ -138,9 +159,11 @@ def check_gpio(cfg: Config, pin_factory=None) -> Check:
         elif "ermission" in text:
             fix = "add the user to the gpio group: `sudo usermod -aG gpio $USER`, then log in again"
         else:
-            fix = ("on a Raspberry Pi: `sudo apt install python3-lgpio` (the venv needs "
-                   "--system-site-packages) and the user in the gpio group "
-                   "(`sudo usermod -aG gpio $USER`); elsewhere set [trigger] enabled = false")
+            fix = (
+                "on a Raspberry Pi: `sudo apt install python3-lgpio` (the venv needs "
+                "--system-site-packages) and the user in the gpio group "
+                "(`sudo usermod -aG gpio $USER`); elsewhere set [trigger] enabled = false"
+            )
         tried = f" ({'; '.join(fallbacks)})" if fallbacks else ""
         return Check("gpio", False, f"{pins}: {text}{tried}", fix + _cwd_hint())
     try:
@@ -148,11 +171,19 @@ def check_gpio(cfg: Config, pin_factory=None) -> Check:
     finally:
         trigger.close()
     if factory == "MockFactory" and pin_factory is None:
-        return Check("gpio", None, f"{pins}: mock pins (GPIOZERO_PIN_FACTORY=mock); the button cannot be pressed",
-                     "unset GPIOZERO_PIN_FACTORY on the rig")
+        return Check(
+            "gpio",
+            None,
+            f"{pins}: mock pins (GPIOZERO_PIN_FACTORY=mock); the button cannot be pressed",
+            "unset GPIOZERO_PIN_FACTORY on the rig",
+        )
     if pin_factory is None and factory != "LGPIOFactory":
-        return Check("gpio", None, f"{pins}: claimed with {factory}, not lgpio",
-                     "`sudo apt install python3-lgpio` (the Pi 5 needs lgpio)" + _cwd_hint())
+        return Check(
+            "gpio",
+            None,
+            f"{pins}: claimed with {factory}, not lgpio",
+            "`sudo apt install python3-lgpio` (the Pi 5 needs lgpio)" + _cwd_hint(),
+        )
     return Check("gpio", True, f"{pins}: claimed and released ({factory})")
 
 
@@ -175,11 +206,19 @@ def check_runtime() -> Check:
     try:
         name = runtime_name()
     except Exception as exc:
-        return Check("runtime", False, str(exc),
-                     "/opt/leukocam/.venv/bin/pip install 'ai-edge-litert>=1.2' (part of the [device] extra)")
+        return Check(
+            "runtime",
+            False,
+            str(exc),
+            "/opt/leukocam/.venv/bin/pip install 'ai-edge-litert>=1.2' (part of the [device] extra)",
+        )
     if name != "ai_edge_litert":
-        return Check("runtime", None, f"{name} (works; LiteRT is the one the device is tested with)",
-                     "pip install 'ai-edge-litert>=1.2' (the [device] extra)")
+        return Check(
+            "runtime",
+            None,
+            f"{name} (works; LiteRT is the one the device is tested with)",
+            "pip install 'ai-edge-litert>=1.2' (the [device] extra)",
+        )
     return Check("runtime", True, name)
 
 
@@ -195,13 +234,21 @@ def check_bundle(cfg: Config) -> Check:
     try:
         active = resolve_active_bundle(path, threads=cfg.model.threads, self_test=True)
     except PermissionError as exc:
-        return Check("bundle", False, f"{path}: {exc}",
-                     "the store belongs to the service user: `cd /tmp && sudo -u leukocam leukocam doctor`")
+        return Check(
+            "bundle",
+            False,
+            f"{path}: {exc}",
+            "the store belongs to the service user: `cd /tmp && sudo -u leukocam leukocam doctor`",
+        )
     except Exception as exc:
-        return Check("bundle", False, str(exc),
-                     "install a good bundle: `make deploy PI=...` from the workstation, or on the Pi "
-                     f"`sudo -u leukocam leukocam install-bundle BUNDLE --store {path}`; "
-                     "`leukocam list-bundles` shows what is installed")
+        return Check(
+            "bundle",
+            False,
+            str(exc),
+            "install a good bundle: `make deploy PI=...` from the workstation, or on the Pi "
+            f"`sudo -u leukocam leukocam install-bundle BUNDLE --store {path}`; "
+            "`leukocam list-bundles` shows what is installed",
+        )
     try:
         b = active.bundle
         parts = [f"{b.path.name} (sha256 {b.sha256[:12]}, {active.classifier.runtime})"]
@@ -212,9 +259,12 @@ def check_bundle(cfg: Config) -> Check:
     finally:
         active.classifier.close()
     if active.rolled_back:
-        return Check("bundle", None, f"{active.note}; " + "; ".join(parts),
-                     "install a bundle that passes its checks (`make deploy PI=...`); "
-                     "the rolled-back one is running meanwhile")
+        return Check(
+            "bundle",
+            None,
+            f"{active.note}; " + "; ".join(parts),
+            "install a bundle that passes its checks (`make deploy PI=...`); the rolled-back one is running meanwhile",
+        )
     return Check("bundle", True, "; ".join(parts))
 
 
@@ -228,8 +278,10 @@ def check_disk(cfg: Config) -> Check:
     need = cfg.store.min_free_mb
     where = str(data_dir) if probe == data_dir else f"{data_dir} (not created yet; measured at {probe})"
     detail = f"{where}: {free_mb:,.0f} MB free, store.min_free_mb = {need}"
-    fix = ("back up and delete old results (docs/pi.md, 'Backup and restore'), set "
-           "[store] max_images_mb for retention, or use a larger SD card")
+    fix = (
+        "back up and delete old results (docs/pi.md, 'Backup and restore'), set "
+        "[store] max_images_mb for retention, or use a larger SD card"
+    )
     if free_mb < need:
         return Check("disk", False, detail + "; captures are refused", fix)
     if free_mb < DISK_WARN_FACTOR * need:
@@ -242,8 +294,9 @@ def ntp_synchronized() -> bool | None:
     if shutil.which("timedatectl") is None:
         return None
     try:
-        out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     value = out.stdout.strip()
@@ -256,9 +309,11 @@ def check_clock(now: datetime | None = None, synchronized: Callable[[], bool | N
     """The system clock is plausible and, where systemd can tell, NTP-synchronized."""
     now = now or datetime.now(UTC)
     stamp = now.strftime("%Y-%m-%d %H:%M UTC")
-    fix = ("results are timestamped: connect the Pi to a network with NTP (`sudo timedatectl set-ntp true`), "
-           "or set the time by hand (`sudo date -s '2025-01-31 14:00'`); a Pi 5 keeps time across "
-           "power cuts only with an RTC battery")
+    fix = (
+        "results are timestamped: connect the Pi to a network with NTP (`sudo timedatectl set-ntp true`), "
+        "or set the time by hand (`sudo date -s '2025-01-31 14:00'`); a Pi 5 keeps time across "
+        "power cuts only with an RTC battery"
+    )
     if now < CLOCK_FLOOR:
         return Check("clock", False, f"{stamp}: earlier than {CLOCK_FLOOR:%Y-%m-%d}, the clock is not set", fix)
     sync = synchronized()
@@ -277,15 +332,25 @@ def run_guarded(name: str, fn: Callable[[], Check], timeout: float) -> Check:
         try:
             box.append(fn())
         except Exception as exc:
-            box.append(Check(name, False, f"the check itself failed ({type(exc).__name__}: {exc})",
-                             "run `leukocam -v doctor` for details and report it"))
+            box.append(
+                Check(
+                    name,
+                    False,
+                    f"the check itself failed ({type(exc).__name__}: {exc})",
+                    "run `leukocam -v doctor` for details and report it",
+                )
+            )
 
     thread = threading.Thread(target=target, name=f"doctor-{name}", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive() or not box:
-        return Check(name, False, f"no answer within {timeout:.0f} s",
-                     SERVICE_BUSY_HINT if name in ("camera", "gpio") else "run `leukocam -v doctor` to see where it hangs")
+        return Check(
+            name,
+            False,
+            f"no answer within {timeout:.0f} s",
+            SERVICE_BUSY_HINT if name in ("camera", "gpio") else "run `leukocam -v doctor` to see where it hangs",
+        )
     return box[0]
 
 
@@ -327,8 +392,13 @@ def format_report(checks: list[Check]) -> str:
 
 
 @click.command("doctor")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help=f"TOML config (default: {DEFAULT_DEVICE_CONFIG} when it exists, else the embedded demo).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"TOML config (default: {DEFAULT_DEVICE_CONFIG} when it exists, else the embedded demo).",
+)
 def doctor(config_path):
     """Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."""
     if config_path is None and DEFAULT_DEVICE_CONFIG.is_file():

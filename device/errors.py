@@ -1,9 +1,5 @@
 """Errors a user can act on. Each message says what was wrong and what to do."""
 
-import sys
-
-import click
-
 
 class LeukoCamError(Exception):
     """Base class: an error with a message meant for the operator, not a stack trace."""
@@ -43,14 +39,3 @@ class InputError(LeukoCamError):
 
 class BusyError(LeukoCamError):
     """A capture is already in progress."""
-
-
-class ReportingGroup(click.Group):
-    """A click group that turns a LeukoCamError into one line on stderr and exit code 2, not a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LeukoCamError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)

@@ -19,10 +19,39 @@ from datetime import UTC, datetime
 from device.imaging import decode_image, encode_image
 
 CNMC_CLASS = {"blast": "all", "normal": "hem"}
-RESULT_FIELDS = ("slide_id", "capture_id", "cell_id", "idx", "x0", "y0", "x1", "y1", "probability", "model_label",
-                 "needs_review", "reviewed_label", "reviewer", "reviewed_at", "verdict", "model_sha256", "captured_at")
-MANIFEST_FIELDS = ("file", "label", "subject", "slide_id", "capture_id", "cell_id", "model_label", "probability",
-                   "reviewer", "reviewed_at", "model_sha256", "captured_at")
+RESULT_FIELDS = (
+    "slide_id",
+    "capture_id",
+    "cell_id",
+    "idx",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "probability",
+    "model_label",
+    "needs_review",
+    "reviewed_label",
+    "reviewer",
+    "reviewed_at",
+    "verdict",
+    "model_sha256",
+    "captured_at",
+)
+MANIFEST_FIELDS = (
+    "file",
+    "label",
+    "subject",
+    "slide_id",
+    "capture_id",
+    "cell_id",
+    "model_label",
+    "probability",
+    "reviewer",
+    "reviewed_at",
+    "model_sha256",
+    "captured_at",
+)
 
 README = """LeukoCam reviewed-cell export
 =============================
@@ -65,11 +94,17 @@ def slide_results_json(store, slide_id: str) -> dict:
     cells = store.slide_cells(slide_id)
     for c in cells:
         c.pop("crop_file", None)
-    return {"slide": store.slide_summary(slide_id), "provenance": store.slide_provenance(slide_id),
-            "cells": cells, "reviews": store.review_history(slide_id=slide_id, limit=100_000)}
+    return {
+        "slide": store.slide_summary(slide_id),
+        "provenance": store.slide_provenance(slide_id),
+        "cells": cells,
+        "reviews": store.review_history(slide_id=slide_id, limit=100_000),
+    }
 
 
-def export_dataset(store, slide_ids: list[str] | None = None, version: str = "") -> tuple[tempfile.SpooledTemporaryFile, int]:
+def export_dataset(
+    store, slide_ids: list[str] | None = None, version: str = ""
+) -> tuple[tempfile.SpooledTemporaryFile, int]:
     """Write reviewed cells as a training dataset zip into a (spooled) temp file.
 
     Returns (file positioned at 0, number of cells). Cells whose crop is gone
@@ -96,15 +131,27 @@ def export_dataset(store, slide_ids: list[str] | None = None, version: str = "")
             name = f"cells/{cls}/UID_{subject[c['slide_id']]}_{c['capture_id']}_{c['cell_id']}_{cls}.bmp"
             zf.writestr(name, encode_image(decode_image(crop), "BMP"))
             counts[c["reviewed_label"]] += 1
-            writer.writerow({"file": name, "label": c["reviewed_label"], "subject": subject[c["slide_id"]],
-                             **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")}})
+            writer.writerow(
+                {
+                    "file": name,
+                    "label": c["reviewed_label"],
+                    "subject": subject[c["slide_id"]],
+                    **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")},
+                }
+            )
         zf.writestr("manifest.csv", manifest.getvalue())
         sub = io.StringIO()
         csv.writer(sub, lineterminator="\n").writerows([("subject", "slide_id"), *((v, k) for k, v in subject.items())])
         zf.writestr("subjects.csv", sub.getvalue())
-        text = README.format(version=version, when=datetime.now(UTC).isoformat(timespec="seconds"),
-                             store=store.data_dir, slides=", ".join(slides) or "(none)", n=sum(counts.values()),
-                             blast=counts["blast"], normal=counts["normal"])
+        text = README.format(
+            version=version,
+            when=datetime.now(UTC).isoformat(timespec="seconds"),
+            store=store.data_dir,
+            slides=", ".join(slides) or "(none)",
+            n=sum(counts.values()),
+            blast=counts["blast"],
+            normal=counts["normal"],
+        )
         if missing:
             text += f"\n{missing} reviewed cell(s) were left out: their images were deleted by retention.\n"
         zf.writestr("README.txt", text)

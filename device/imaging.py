@@ -161,7 +161,8 @@ def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92, fast: bo
         # frombuffer shares the array's memory (fromarray would copy a 37 MB frame).
         rgb = np.ascontiguousarray(rgb)
         Image.frombuffer("RGB", (rgb.shape[1], rgb.shape[0]), rgb, "raw", "RGB", 0, 1).save(
-            buf, format="JPEG", quality=quality)
+            buf, format="JPEG", quality=quality
+        )
     elif fmt.upper() == "PNG":
         # Fast: zlib level 1 with run-length matching only (Z_RLE): a third quicker than level 1 alone
         # and smaller on cells on black.

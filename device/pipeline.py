@@ -139,8 +139,13 @@ class Analyzer:
         t = time.perf_counter()
         results = tuple(
             ClassifiedCell(
-                box=tuple(int(v) for v in c.box), probability=p.probability, logit=p.logit, label=p.label,
-                positive=p.positive, needs_review=p.needs_review or review_scale, crop=crop,
+                box=tuple(int(v) for v in c.box),
+                probability=p.probability,
+                logit=p.logit,
+                label=p.label,
+                positive=p.positive,
+                needs_review=p.needs_review or review_scale,
+                crop=crop,
                 heatmap=overlay(crop, p.heatmap()),
             )
             for c, p, crop in zip(found, preds, crops if crops is not None else [], strict=True)
@@ -164,7 +169,9 @@ class Analyzer:
         t = time.perf_counter()
         qc = assess(image, self.config.quality.min_focus, self.config.quality.max_clipped_fraction)
         if single_cell:
-            qc = QualityReport(qc.focus, qc.clipped_fraction, qc.mean_brightness, ())  # single crops are judged by the model only
+            qc = QualityReport(
+                qc.focus, qc.clipped_fraction, qc.mean_brightness, ()
+            )  # single crops are judged by the model only
         return qc, _ms(t)
 
     @property
@@ -226,8 +233,13 @@ def to_record(
     t = time.perf_counter()
     cells = tuple(
         CellRecord(
-            box=c.box, probability=c.probability, logit=c.logit, label=c.label, positive=c.positive,
-            needs_review=c.needs_review, crop_png=encode_image(c.crop, "PNG", fast=True),
+            box=c.box,
+            probability=c.probability,
+            logit=c.logit,
+            label=c.label,
+            positive=c.positive,
+            needs_review=c.needs_review,
+            crop_png=encode_image(c.crop, "PNG", fast=True),
             heatmap_jpeg=encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
         )
         for c in analysis.cells
@@ -237,9 +249,21 @@ def to_record(
     qc = analysis.quality.to_dict()
     qc["skipped_cells"] = analysis.skipped
     return CaptureRecord(
-        slide_id=slide_id, source=source, trigger=trigger, status=analysis.status, message=analysis.message,
-        width=analysis.width, height=analysis.height, um_per_px=analysis.um_per_px, model_sha256=model_sha256,
-        model_synthetic=model_synthetic, field_jpeg=field_jpeg, qc=qc, timings=timings, camera=camera or {}, cells=cells,
+        slide_id=slide_id,
+        source=source,
+        trigger=trigger,
+        status=analysis.status,
+        message=analysis.message,
+        width=analysis.width,
+        height=analysis.height,
+        um_per_px=analysis.um_per_px,
+        model_sha256=model_sha256,
+        model_synthetic=model_synthetic,
+        field_jpeg=field_jpeg,
+        qc=qc,
+        timings=timings,
+        camera=camera or {},
+        cells=cells,
     )
 
 

@@ -44,7 +44,11 @@ def assess(rgb: np.ndarray, min_focus: float, max_clipped_fraction: float) -> Qu
     check_rgb(rgb, "field")
     h, w = rgb.shape[:2]
     scale = min(1.0, WORK_SIDE / max(h, w))
-    small = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    small = (
+        cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+        if scale < 1
+        else rgb
+    )
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     focus = float(cv2.Laplacian(grey, cv2.CV_64F).var())
     clipped = max(float(np.mean((small[..., c] == 0) | (small[..., c] == 255))) for c in range(3))

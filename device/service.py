@@ -73,8 +73,9 @@ class Appliance:
         self.store = Store(config.store.data_dir, config.store.min_free_mb)
         self.reconcile: ReconcileReport = self.store.reconcile()
         # A bundle store rolls back to `previous` here when `current` fails its checks (device/bundle_store.py).
-        active = resolve_active_bundle(config.bundle_path, threads=config.model.threads,
-                                       self_test=config.model.self_test)
+        active = resolve_active_bundle(
+            config.bundle_path, threads=config.model.threads, self_test=config.model.self_test
+        )
         self.bundle: Bundle = active.bundle
         self.classifier = active.classifier
         self.self_test: SelfTestResult | None = active.self_test
@@ -164,8 +165,9 @@ class Appliance:
             image = decode_image(data, max_pixels=self.config.store.max_image_pixels)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}") from None  # the operator sees which file
-        return self._analyse_and_store(image, source=name, trigger="upload", camera={"backend": "upload"},
-                                       single_cell=single_cell, decode_ms=None)
+        return self._analyse_and_store(
+            image, source=name, trigger="upload", camera={"backend": "upload"}, single_cell=single_cell, decode_ms=None
+        )
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -227,8 +229,14 @@ class Appliance:
             self.last_outcome = outcome
             return outcome
         decode_ms = round((time.perf_counter() - t0) * 1000, 2)
-        return self._analyse_and_store(frame.image, source=frame.source, trigger=trigger, camera=frame.metadata,
-                                       single_cell=False, decode_ms=decode_ms)
+        return self._analyse_and_store(
+            frame.image,
+            source=frame.source,
+            trigger=trigger,
+            camera=frame.metadata,
+            single_cell=False,
+            decode_ms=decode_ms,
+        )
 
     def _analyse_and_store(self, image, *, source, trigger, camera, single_cell, decode_ms) -> CaptureOutcome:
         with self._work_lock:
@@ -237,14 +245,24 @@ class Appliance:
                 analysis = self.analyzer.analyse(image, single_cell=single_cell)
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
-                    analysis, image, slide_id=self.slide_id, source=source, trigger=trigger,
-                    model_sha256=self.bundle.sha256, model_synthetic=self.bundle.synthetic, camera=camera,
-                    extra_timings=extra, archive_later=True,
+                    analysis,
+                    image,
+                    slide_id=self.slide_id,
+                    source=source,
+                    trigger=trigger,
+                    model_sha256=self.bundle.sha256,
+                    model_synthetic=self.bundle.synthetic,
+                    camera=camera,
+                    extra_timings=extra,
+                    archive_later=True,
                 )
                 capture_id = self.store.save_capture(record)  # records its own "store" time
                 # The result is stored; the 12 MP archival JPEG and the scale check follow in the background.
-                check = (self.config.finder.um_per_px or None) if (
-                    self.config.finder.scale_check and not single_cell and analysis.status == "ok") else None
+                check = (
+                    (self.config.finder.um_per_px or None)
+                    if (self.config.finder.scale_check and not single_cell and analysis.status == "ok")
+                    else None
+                )
                 self._archiving = self._encoder.submit(self._after_result, capture_id, image, check)
                 if self.config.store.max_images_mb:
                     self.retention = self.store.apply_retention(self.config.store.max_images_mb)
@@ -306,16 +324,20 @@ class Appliance:
             "model": {
                 "path": str(self.bundle.path),
                 "sha256": self.bundle.sha256,
-                "name": self.bundle.meta.get("name", ""),
+                "name": self.bundle.info.name,
                 "synthetic": self.bundle.synthetic,
                 "threshold": self.bundle.threshold,
                 "review_band": list(self.bundle.review_band),
-                "input_size": self.bundle.meta["input_size"],
-                "quantization": self.bundle.meta["quantization"].get("mode"),
+                "input_size": self.bundle.info.input_size,
+                "quantization": self.bundle.info.quantization.mode,
                 "rolled_back": self.bundle_rolled_back,
                 "note": self.bundle_note,
             },
             "self_test": None if self.self_test is None else self.self_test.message,
-            "store": {"captures": self.store.count_captures(), "free_mb": round(self.store.free_mb()),
-                      "reconcile": self.reconcile.summary(), "retention": self.retention},
+            "store": {
+                "captures": self.store.count_captures(),
+                "free_mb": round(self.store.free_mb()),
+                "reconcile": self.reconcile.summary(),
+                "retention": self.retention,
+            },
         }

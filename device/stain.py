@@ -108,7 +108,9 @@ def illumination(rgb: np.ndarray, blocks: int = 8, full_size: bool = True) -> np
     bl = blocks.sum(axis=2)
     top = bl >= np.percentile(bl, 95, axis=1, keepdims=True)
     vals = (blocks * top[..., None]).sum(axis=1) / top.sum(axis=1, keepdims=True)
-    cy, cx = np.meshgrid((np.arange(nb_y) + 0.5) * bh / th - 0.5, (np.arange(nb_x) + 0.5) * bw / tw - 0.5, indexing="ij")
+    cy, cx = np.meshgrid(
+        (np.arange(nb_y) + 0.5) * bh / th - 0.5, (np.arange(nb_x) + 0.5) * bw / tw - 0.5, indexing="ij"
+    )
     p = np.column_stack([cx.ravel(), cy.ravel()])
     v = vals / white  # relative to the global white
     design = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1], p[:, 0] ** 2, p[:, 0] * p[:, 1], p[:, 1] ** 2])
@@ -248,7 +250,10 @@ def estimate_stains(od: np.ndarray, min_od: float = 0.15, min_pixels: int = 200)
             dense_a = float((norm * (1 - resp)).sum() / max((1 - resp).sum(), 1e-9))
             dense_b = float((norm * resp).sum() / max(resp.sum(), 1e-9))
             nuclear, red_cell = (a, b) if dense_a > dense_b else (b, a)
-        if nuclear[0] > BLUE_CYTOPLASM_RG * nuclear[1] and blue_share(red_cell) < blue_share(unit(RED_CELL_OD_DEFAULT)) * 0.75:
+        if (
+            nuclear[0] > BLUE_CYTOPLASM_RG * nuclear[1]
+            and blue_share(red_cell) < blue_share(unit(RED_CELL_OD_DEFAULT)) * 0.75
+        ):
             # No red cells in view (a blast-dense patch, a buffy coat): the two populations are the
             # blue cytoplasm (absorbs red far more than green) and the violet nuclei.
             return StainVectors(_tup(red_cell), RED_CELL_OD_DEFAULT, estimated=False)

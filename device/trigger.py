@@ -49,8 +49,9 @@ class Trigger:
         LeukoCamError: no GPIO backend could be loaded (not a Raspberry Pi), or a pin is taken.
     """
 
-    def __init__(self, config: TriggerConfig, on_press: Callable[[], None],
-                 on_long_press: Callable[[], None], pin_factory=None):
+    def __init__(
+        self, config: TriggerConfig, on_press: Callable[[], None], on_long_press: Callable[[], None], pin_factory=None
+    ):
         self.config = config
         self._handlers = {_PRESS: on_press, _LONG_PRESS: on_long_press}
         self._events: queue.Queue[str] = queue.Queue(maxsize=4)
@@ -68,8 +69,13 @@ class Trigger:
         from gpiozero.exc import BadPinFactory, GPIOPinInUse
 
         try:
-            self.button = Button(config.button_pin, pull_up=True, bounce_time=config.bounce_ms / 1000,
-                                 hold_time=config.long_press_s, pin_factory=pin_factory)
+            self.button = Button(
+                config.button_pin,
+                pull_up=True,
+                bounce_time=config.bounce_ms / 1000,
+                hold_time=config.long_press_s,
+                pin_factory=pin_factory,
+            )
             if config.led_pin:
                 self.led = LED(config.led_pin, pin_factory=pin_factory)
             if config.buzzer_pin:
@@ -91,9 +97,13 @@ class Trigger:
         factory = type(self.button.pin_factory).__name__
         if pin_factory is None and factory == "MockFactory":
             log.warning("trigger: GPIOZERO_PIN_FACTORY selects mock pins; the button cannot be pressed")
-        log.info("trigger: button GPIO%d, LED %s, buzzer %s (%s)", config.button_pin,
-                 f"GPIO{config.led_pin}" if self.led else "none",
-                 f"GPIO{config.buzzer_pin}" if self.buzzer else "none", factory)
+        log.info(
+            "trigger: button GPIO%d, LED %s, buzzer %s (%s)",
+            config.button_pin,
+            f"GPIO{config.led_pin}" if self.led else "none",
+            f"GPIO{config.buzzer_pin}" if self.buzzer else "none",
+            factory,
+        )
 
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="trigger-worker", daemon=True)

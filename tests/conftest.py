@@ -54,8 +54,9 @@ def tiny_run(tmp_path_factory):
     data = root / "cells"
     cells = write_cell_dataset(data, n_subjects=8, cells_per_subject=10, size=96, seed=1)
     # With the images' pixel size, so the bundle carries crop_um and the device crops at the trained scale.
-    opts = TrainOptions(input_size=64, um_per_px=cells["um_per_px"], epochs=2, batch_size=16, weights="none",
-                        bn_momentum=0.9, seed=1)
+    opts = TrainOptions(
+        input_size=64, um_per_px=cells["um_per_px"], epochs=2, batch_size=16, weights="none", bn_momentum=0.9, seed=1
+    )
     metrics = run_training(data, root / "run", opts, progress=False)
     return root, data, metrics
 
@@ -70,8 +71,17 @@ def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_run")
     data = root / "cells"
     cells = write_cell_dataset(data, n_subjects=10, cells_per_subject=16, size=96, seed=2)
-    opts = TrainOptions(input_size=64, um_per_px=cells["um_per_px"], epochs=25, batch_size=16, backbone="smallcnn",
-                        weights="none", learning_rate=3e-3, patience=25, seed=2)
+    opts = TrainOptions(
+        input_size=64,
+        um_per_px=cells["um_per_px"],
+        epochs=25,
+        batch_size=16,
+        backbone="smallcnn",
+        weights="none",
+        learning_rate=3e-3,
+        patience=25,
+        seed=2,
+    )
     metrics = run_training(data, root / "run", opts, progress=False)
     return root, data, metrics
 

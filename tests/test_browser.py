@@ -17,15 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from device import auth
+from device import accounts as auth
 from device.service import Appliance
 from device.web import create_app
 from tests.conftest import REPO
 
 CHROMIUM = os.environ.get("LEUKOCAM_CHROMIUM", "/usr/bin/chromium")
 SHOTS = REPO / "artifacts" / "screenshots"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 PASSWORD = "correct horse battery"
 
 
@@ -69,8 +74,9 @@ def test_capture_review_and_export_in_a_browser(server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
-                                    args=ARGS)
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"), args=ARGS
+        )
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page = context.new_page()
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)

@@ -141,23 +141,26 @@ def test_unknown_and_null_fields_survive_the_round_trip(demo_bundle_dir):
     assert info.extra == {"future_field": {"x": 1}} and info.cam.extra == {"colormap": "jet"} and info.name == ""
 
 
-@pytest.mark.parametrize("edit,field", [
-    (lambda m: m["cam"].update(shape=[3]), "cam.shape"),
-    (lambda m: m["outputs"].pop("logit"), "outputs.logit"),
-    (lambda m: m["golden"].update(tolerance=-1), "golden.tolerance"),
-    (lambda m: m["quantization"].pop("mode"), "quantization.mode"),
-    (lambda m: m["quantization"].update(float_layers="conv"), "quantization.float_layers"),
-    (lambda m: m.update(tflite_sha256="abc"), "tflite_sha256"),
-    (lambda m: m.update(synthetic="yes"), "synthetic"),
-    (lambda m: m.update(signature=""), "signature"),
-    (lambda m: m.update(threshold="0.5"), "threshold"),
-    (lambda m: m.update(review_band=[0.3]), "review_band"),
-    (lambda m: m.update(labels=["normal"]), "labels"),
-    (lambda m: m.update(outputs=["probability"]), "outputs"),
-    (lambda m: m["preprocess"].update(interpolation="nearest"), "preprocess"),
-    (lambda m: m.update(input_size=128), "input_size"),
-    (lambda m: m.update(metrics=[1]), "metrics"),
-])
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda m: m["cam"].update(shape=[3]), "cam.shape"),
+        (lambda m: m["outputs"].pop("logit"), "outputs.logit"),
+        (lambda m: m["golden"].update(tolerance=-1), "golden.tolerance"),
+        (lambda m: m["quantization"].pop("mode"), "quantization.mode"),
+        (lambda m: m["quantization"].update(float_layers="conv"), "quantization.float_layers"),
+        (lambda m: m.update(tflite_sha256="abc"), "tflite_sha256"),
+        (lambda m: m.update(synthetic="yes"), "synthetic"),
+        (lambda m: m.update(signature=""), "signature"),
+        (lambda m: m.update(threshold="0.5"), "threshold"),
+        (lambda m: m.update(review_band=[0.3]), "review_band"),
+        (lambda m: m.update(labels=["normal"]), "labels"),
+        (lambda m: m.update(outputs=["probability"]), "outputs"),
+        (lambda m: m["preprocess"].update(interpolation="nearest"), "preprocess"),
+        (lambda m: m.update(input_size=128), "input_size"),
+        (lambda m: m.update(metrics=[1]), "metrics"),
+    ],
+)
 def test_bad_fields_are_named(demo_bundle_dir, edit, field):
     meta = json.loads((demo_bundle_dir / "model.json").read_text())
     edit(meta)

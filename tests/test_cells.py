@@ -99,9 +99,7 @@ def test_scale_awareness():
     big_rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
     big = find_white_cells(big_rgb, FinderParams(um_per_px=BCCD_UM_PER_PX / 2))
     assert len(big) == len(small) == 2
-    for a, b in zip(
-        sorted(small, key=lambda c: c.box), sorted(big, key=lambda c: c.box), strict=True
-    ):
+    for a, b in zip(sorted(small, key=lambda c: c.box), sorted(big, key=lambda c: c.box), strict=True):
         size_a = a.box[2] - a.box[0]
         assert np.allclose(np.array(b.box), 2 * np.array(a.box), atol=0.08 * 2 * size_a)
         assert b.nucleus_area_um2 == pytest.approx(a.nucleus_area_um2, rel=0.15)
@@ -151,9 +149,7 @@ def test_single_cell_on_black_background():
     assert cell.mask.shape == (200, 240) and cell.mask.dtype == bool
     assert (cell.mask == expected).mean() > 0.99
     # Nucleus ~ pi*40^2 px at 0.1 µm/px = ~50 µm^2.
-    assert single_cell(crop, um_per_px=0.1).nucleus_area_um2 == pytest.approx(
-        np.pi * 40**2 * 0.01, rel=0.1
-    )
+    assert single_cell(crop, um_per_px=0.1).nucleus_area_um2 == pytest.approx(np.pi * 40**2 * 0.01, rel=0.1)
 
 
 def test_single_cell_without_black_background():
@@ -198,9 +194,7 @@ def test_synthetic_fields():
     for seed in range(4):
         rng = np.random.default_rng(seed)
         um = (0.1, 0.15, 0.07, 0.2)[seed]
-        rgb, cells = synth.render_field(
-            rng, 960, 720, n_white=2, um_per_px=um, stain=synth.random_stain(rng)
-        )
+        rgb, cells = synth.render_field(rng, 960, 720, n_white=2, um_per_px=um, stain=synth.random_stain(rng))
         m = match_boxes([c.box for c in find_white_cells(rgb)], [tuple(c["box"]) for c in cells])
         tp, fp, fn = tp + m.true_positives, fp + m.false_positives, fn + m.false_negatives
         assert estimate_um_per_px(rgb) == pytest.approx(um, rel=0.3)

@@ -28,8 +28,9 @@ def test_bad_bundle_is_a_one_line_error(tmp_path):
 
 
 def test_synth_cells_writes_labelled_synthetic_data(tmp_path):
-    result = CliRunner().invoke(cli, ["synth", "cells", str(tmp_path / "c"), "--subjects", "2",
-                                      "--cells-per-subject", "2", "--size", "48"])
+    result = CliRunner().invoke(
+        cli, ["synth", "cells", str(tmp_path / "c"), "--subjects", "2", "--cells-per-subject", "2", "--size", "48"]
+    )
     assert result.exit_code == 0, result.output
     assert '"synthetic": true' in result.output
     assert len(list((tmp_path / "c").rglob("*.bmp"))) == 4

@@ -36,6 +36,7 @@ def _write(tmp_path: Path, text: str, name: str = "leukocam.toml") -> Path:
 
 # -- the defaults -----------------------------------------------------------------------------------
 
+
 def test_embedded_default_uses_replay_camera_and_demo_bundle():
     cfg = load_config(None)
     assert cfg == Config()
@@ -80,11 +81,13 @@ def test_firmware_toml_is_the_rig_profile():
     for section in SECTIONS:
         got, want = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(default, section))
         differ = {k for k in got if got[k] != want[k]}
-        assert differ <= {"data_dir", "startup_captures", "bundle", "backend", "enabled"}, f"[{section}] differs in {differ}"
+        assert differ <= {"data_dir", "startup_captures", "bundle", "backend", "enabled"}, (
+            f"[{section}] differs in {differ}"
+        )
 
 
 def test_partial_file_keeps_defaults_and_int_becomes_float(tmp_path):
-    cfg = load_config(_write(tmp_path, '[web]\nport = 9000\n[finder]\num_per_px = 1\n'))
+    cfg = load_config(_write(tmp_path, "[web]\nport = 9000\n[finder]\num_per_px = 1\n"))
     assert cfg.web.port == 9000
     assert cfg.web.host == "127.0.0.1" and cfg.model == Config().model
     assert cfg.finder.um_per_px == 1.0 and isinstance(cfg.finder.um_per_px, float)
@@ -96,6 +99,7 @@ def test_parse_config_on_an_empty_mapping_is_the_default():
 
 
 # -- unknown keys -----------------------------------------------------------------------------------
+
 
 def test_unknown_top_level_key_names_it_and_the_allowed_keys(tmp_path):
     path = _write(tmp_path, 'colour = "blue"\n')
@@ -124,6 +128,7 @@ def test_source_is_not_a_settable_key():
 
 # -- wrong types ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("toml", "key", "expected", "got"),
     [
@@ -149,6 +154,7 @@ def test_wrong_type_names_the_key_and_expected_type(tmp_path, toml, key, expecte
 
 # -- out of range -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("data", "key", "hint"),
     [
@@ -173,13 +179,20 @@ def test_out_of_range_names_the_key(data, key, hint):
 
 
 def test_boundary_values_are_accepted():
-    cfg = parse_config({"web": {"port": 65535, "threads": 1}, "camera": {"retries": 0, "backend": "opencv"},
-                        "quality": {"max_clipped_fraction": 1.0}, "store": {"min_free_mb": 0}})
+    cfg = parse_config(
+        {
+            "web": {"port": 65535, "threads": 1},
+            "camera": {"retries": 0, "backend": "opencv"},
+            "quality": {"max_clipped_fraction": 1.0},
+            "store": {"min_free_mb": 0},
+        }
+    )
     assert (cfg.web.port, cfg.web.threads, cfg.camera.retries) == (65535, 1, 0)
     assert cfg.camera.backend == "opencv"
 
 
 # -- file problems ----------------------------------------------------------------------------------
+
 
 def test_invalid_toml_mentions_toml(tmp_path):
     path = _write(tmp_path, "[web\nport = 8080\n")
@@ -204,11 +217,12 @@ def test_a_folder_is_not_a_config_file(tmp_path):
 
 # -- the CLI ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("toml", "needle"),
     [
         ("[web]\nport = 70000\n", "web.port"),
-        ('[camera]\nexposure = 10\n', "camera.exposure"),
+        ("[camera]\nexposure = 10\n", "camera.exposure"),
         ("[web\n", "not valid TOML"),
     ],
 )
@@ -216,7 +230,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, toml, needle):
     bad = _write(tmp_path, toml, "bad.toml")
     proc = subprocess.run(
         [sys.executable, "-m", "device.cli", "capture", "--config", str(bad)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -230,7 +247,10 @@ def test_cli_reports_a_missing_config(tmp_path):
     missing = tmp_path / "missing.toml"
     proc = subprocess.run(
         [sys.executable, "-m", "device.cli", "capture", "--config", str(missing)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

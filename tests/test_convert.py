@@ -20,7 +20,9 @@ from device.classifier import Classifier
 from device.imaging import atomic_write_bytes, encode_image
 from tests.conftest import REPO
 
-needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow (the train extra)")
+needs_tf = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow (the train extra)"
+)
 
 
 def slow_tf(test):
@@ -48,10 +50,17 @@ def test_gate_fails_on_blank_calibration_and_writes_nothing(small_run, tmp_path)
     out = tmp_path / "bundle"
     lines = []
     with pytest.raises(GateFailedError, match="fails the fidelity gate") as err:
-        convert_bundle(root / "run" / "model.keras", data, out,
-                       ConvertOptions(calibration=0, extra_calibration=blank,
-                                      gate=Gate(min_agreement=0.99, max_delta_sensitivity=0.01, min_cam_correlation=0.9)),
-                       progress=lambda message, warning=False: lines.append(message))
+        convert_bundle(
+            root / "run" / "model.keras",
+            data,
+            out,
+            ConvertOptions(
+                calibration=0,
+                extra_calibration=blank,
+                gate=Gate(min_agreement=0.99, max_delta_sensitivity=0.01, min_cam_correlation=0.9),
+            ),
+            progress=lambda message, warning=False: lines.append(message),
+        )
     assert err.value.failures and err.value.verification["label_agreement"] < 0.99
     assert any("gate: FAIL" in line for line in lines), "progress goes to the callback, not the terminal"
     assert not out.exists(), "a failed gate must not leave a bundle"
@@ -72,7 +81,14 @@ def test_convert_records_verification_and_verify_reproduces_it(tiny_run, tmp_pat
     assert meta["gate"]["passed"] and meta["quantization"]["mode"] == "int8"
     assert meta["quantization"]["input_type"] == "uint8"
     assert meta["verification"]["label_agreement"] == pytest.approx(v["label_agreement"])
-    for key in ("delta_sensitivity", "delta_specificity", "delta_auc", "mean_abs_dprob", "max_abs_dprob", "cam_correlation_mean"):
+    for key in (
+        "delta_sensitivity",
+        "delta_specificity",
+        "delta_auc",
+        "mean_abs_dprob",
+        "max_abs_dprob",
+        "cam_correlation_mean",
+    ):
         assert key in meta["verification"]
     # The result carries model.json as written, typed; it round-trips to the file.
     assert result.meta == load_bundle(out).info and result.meta.to_dict() == meta
@@ -86,8 +102,9 @@ def test_convert_records_verification_and_verify_reproduces_it(tiny_run, tmp_pat
     # An impossible gate makes `leukocam verify` exit non-zero with a readable report.
     from device.cli import cli
 
-    result = CliRunner().invoke(cli, ["verify", str(out), "--model", str(model), "--data", str(data),
-                                      "--min-cam-correlation", "1.01"])
+    result = CliRunner().invoke(
+        cli, ["verify", str(out), "--model", str(model), "--data", str(data), "--min-cam-correlation", "1.01"]
+    )
     assert result.exit_code == 1 and "gate: FAIL" in result.output and "CAM correlation" in result.output
 
 
@@ -99,8 +116,15 @@ def test_fallback_modes_run_on_the_device(tiny_run, tmp_path, mode, float_layers
 
     root, data, _ = tiny_run
     out = tmp_path / "bundle"
-    v = run_convert(root / "run" / "model.keras", data, out, mode=mode, float_layers=float_layers, calibration=32,
-                    gate=Gate(**OPEN_GATE))
+    v = run_convert(
+        root / "run" / "model.keras",
+        data,
+        out,
+        mode=mode,
+        float_layers=float_layers,
+        calibration=32,
+        gate=Gate(**OPEN_GATE),
+    )
     bundle = load_bundle(out)
     assert bundle.info.quantization.mode == mode
     assert len(bundle.info.quantization.float_layers) == float_layers
@@ -165,8 +189,12 @@ def _imported_modules(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names.add(str(node.args[0].value))
     return names
 
@@ -175,8 +203,9 @@ def test_training_never_imports_convert():
     """convert imports training (the dataset readers, the parity check); never the other way round."""
     files = sorted((REPO / "training").rglob("*.py"))
     assert files
-    offending = {str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p) if m.split(".")[0] == "convert")
-                 for p in files}
+    offending = {
+        str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p) if m.split(".")[0] == "convert") for p in files
+    }
     assert not {k: v for k, v in offending.items() if v}
 
 
@@ -188,9 +217,17 @@ def test_training_json_is_read_typed_and_checked(tmp_path):
     with pytest.raises(ConvertError, match="training.json not found: convert needs the run folder"):
         read_run_info(model)
     model.parent.mkdir()
-    info = {"labels": ["normal", "blast"], "preprocess": {"input_size": 64, "crop_um": 20.25}, "threshold": 0.4,
-            "review_band": [0.2, 0.6], "data": {"images": 10}, "options": {"epochs": 2}, "data_um_per_px": 0.21,
-            "feature_layer": "top_activation", "split_files": {"train": ["a.png"], "val": ["b.png"]}}
+    info = {
+        "labels": ["normal", "blast"],
+        "preprocess": {"input_size": 64, "crop_um": 20.25},
+        "threshold": 0.4,
+        "review_band": [0.2, 0.6],
+        "data": {"images": 10},
+        "options": {"epochs": 2},
+        "data_um_per_px": 0.21,
+        "feature_layer": "top_activation",
+        "split_files": {"train": ["a.png"], "val": ["b.png"]},
+    }
     (model.parent / "training.json").write_text(json.dumps(info))
     run = read_run_info(model)
     assert run.labels == ("normal", "blast") and run.contract.crop_um == 20.25 and run.threshold == 0.4
@@ -198,9 +235,12 @@ def test_training_json_is_read_typed_and_checked(tmp_path):
     assert run.synthetic is False and run.test_metrics is None, "metrics.json is optional"
     (model.parent / "metrics.json").write_text(json.dumps({"synthetic_data": True, "test": {"n": 3}}))
     assert read_run_info(model).synthetic and read_run_info(model).test_metrics == {"n": 3}
-    for key, value, named in (("threshold", "high", "threshold"), ("labels", ["x"], "labels"),
-                              ("split_files", {"val": "b.png"}, "split_files.val"),
-                              ("preprocess", {"input_size": 4}, "preprocess")):
+    for key, value, named in (
+        ("threshold", "high", "threshold"),
+        ("labels", ["x"], "labels"),
+        ("split_files", {"val": "b.png"}, "split_files.val"),
+        ("preprocess", {"input_size": 4}, "preprocess"),
+    ):
         (model.parent / "training.json").write_text(json.dumps({**info, key: value}))
         with pytest.raises(ConvertError, match=named):
             read_run_info(model)

@@ -76,9 +76,15 @@ def test_csv_manifest_relative_paths_labels_and_subjects(tmp_path):
     _img(tmp_path / "imgs" / "a.png", 1)
     _img(tmp_path / "imgs" / "b.png", 2)
     _img(tmp_path / "imgs" / "c.png", 3)
-    (tmp_path / "manifest.csv").write_text("path,label,subject\nimgs/a.png,blast,p1\nimgs/b.png,normal,p2\nimgs/c.png,0,\n")
+    (tmp_path / "manifest.csv").write_text(
+        "path,label,subject\nimgs/a.png,blast,p1\nimgs/b.png,normal,p2\nimgs/c.png,0,\n"
+    )
     samples = read_dataset(tmp_path / "manifest.csv")
-    assert [(s.path.name, s.label, s.subject) for s in samples] == [("a.png", 1, "p1"), ("b.png", 0, "p2"), ("c.png", 0, None)]
+    assert [(s.path.name, s.label, s.subject) for s in samples] == [
+        ("a.png", 1, "p1"),
+        ("b.png", 0, "p2"),
+        ("c.png", 0, None),
+    ]
     assert samples[0].path == tmp_path / "imgs" / "a.png"
     (tmp_path / "bad.csv").write_text("path,label\nimgs/a.png,maybe\n")
     with pytest.raises(DatasetError, match="maybe"):
@@ -107,7 +113,9 @@ def test_inspect_counts_duplicates_and_unreadable_without_crashing(tmp_path):
     assert report["per_class"] == {"blast": 11, "normal": 10}
     assert report["per_subject"]["1"] == 4 and report["subjects"] == 6
     assert len(report["unreadable"]) == 1 and "UID_2_9_1_all.bmp" in report["unreadable"][0]
-    assert [sorted(p.rsplit("/", 1)[1] for p in g) for g in report["duplicates"]] == [["UID_1_0_1_all.bmp", "UID_1_9_1_all.bmp"]]
+    assert [sorted(p.rsplit("/", 1)[1] for p in g) for g in report["duplicates"]] == [
+        ["UID_1_0_1_all.bmp", "UID_1_9_1_all.bmp"]
+    ]
     assert report["sizes"] == {"24x20": 19, "30x30": 1}
     assert any("different image sizes" in p for p in report["problems"])
 

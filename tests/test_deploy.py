@@ -213,12 +213,22 @@ def test_operator_rollback_swaps_current_and_previous(tmp_path, make_bundle):
 def test_store_commands_print_one_line_and_fail_with_exit_2(tmp_path, make_bundle):
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "device.bundle_store"]
-    ok = subprocess.run([*cmd, "install-bundle", str(make_bundle("a")), "--store", str(store)],
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [*cmd, "install-bundle", str(make_bundle("a")), "--store", str(store)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "installed bundle" in ok.stdout and "self-test passed" in ok.stdout
-    bad = subprocess.run([*cmd, "install-bundle", str(make_bundle("bad", tampered=True)), "--store", str(store)],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*cmd, "install-bundle", str(make_bundle("bad", tampered=True)), "--store", str(store)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: refused bundle" in bad.stderr
 
@@ -288,8 +298,18 @@ def pi(tmp_path):
 
     class Pi:
         def deploy(self, bundle, host="pi.local", **kw):
-            return deploy(bundle, host, remote_dir=str(remote), ssh=str(ssh), rsync=rsync, store=str(store),
-                          health_tries=2, health_delay=0, echo=self.lines.append, **kw)
+            return deploy(
+                bundle,
+                host,
+                remote_dir=str(remote),
+                ssh=str(ssh),
+                rsync=rsync,
+                store=str(store),
+                health_tries=2,
+                health_delay=0,
+                echo=self.lines.append,
+                **kw,
+            )
 
         def calls(self):
             if not log.exists():
@@ -310,8 +330,12 @@ def test_deploy_installs_restarts_and_confirms(make_bundle, pi):
     a = make_bundle("a")
     commands = pi.deploy(a)
     assert _target(pi.store, CURRENT) == bundle_id(a)
-    assert _remote_steps(pi) == ["sudo -u leukocam", "rm -rf " + commands[2][-1],
-                                 "sudo systemctl restart", "curl -fsS http://127.0.0.1:8080/api/health"]
+    assert _remote_steps(pi) == [
+        "sudo -u leukocam",
+        "rm -rf " + commands[2][-1],
+        "sudo systemctl restart",
+        "curl -fsS http://127.0.0.1:8080/api/health",
+    ]
     assert {host for host, _ in pi.calls()} == {"pi.local"}
     assert not any(pi.remote.iterdir()), "the copy in the Pi's /tmp is removed after install"
     assert any("is up with model sha256 " + sha256_file(a / "model.tflite")[:12] in line for line in pi.lines)
@@ -349,10 +373,25 @@ def test_dry_run_returns_the_commands_and_runs_nothing(make_bundle, demo_bundle_
 
     commands = deploy(demo_bundle_dir, "pi@leukocam.local", dry_run=True, runner=runner, ssh="ssh", rsync="rsync")
     bid = bundle_id(demo_bundle_dir)
-    assert commands[0] == ["rsync", "-a", "--delete", f"{demo_bundle_dir}/",
-                           f"pi@leukocam.local:/tmp/leukocam-bundle-{bid}/"]
-    assert commands[1] == ["ssh", "pi@leukocam.local", "sudo", "-u", "leukocam", "leukocam", "install-bundle",
-                           f"/tmp/leukocam-bundle-{bid}", "--store", "/var/lib/leukocam/bundles"]
+    assert commands[0] == [
+        "rsync",
+        "-a",
+        "--delete",
+        f"{demo_bundle_dir}/",
+        f"pi@leukocam.local:/tmp/leukocam-bundle-{bid}/",
+    ]
+    assert commands[1] == [
+        "ssh",
+        "pi@leukocam.local",
+        "sudo",
+        "-u",
+        "leukocam",
+        "leukocam",
+        "install-bundle",
+        f"/tmp/leukocam-bundle-{bid}",
+        "--store",
+        "/var/lib/leukocam/bundles",
+    ]
     assert commands[3] == ["ssh", "pi@leukocam.local", "sudo", "systemctl", "restart", "leukocam"]
     assert commands[4][-3:] == ["curl", "-fsS", "http://127.0.0.1:8080/api/health"]
 
@@ -366,8 +405,14 @@ def test_ssh_and_rsync_come_from_the_environment(monkeypatch, demo_bundle_dir):
 
 
 def test_deploy_reports_a_rollback_on_the_pi(demo_bundle_dir):
-    health = {"ok": True, "model": {"sha256": "0" * 64, "rolled_back": True,
-                                    "note": "bundle x was refused at start-up (self-test FAILED); rolled back to y"}}
+    health = {
+        "ok": True,
+        "model": {
+            "sha256": "0" * 64,
+            "rolled_back": True,
+            "note": "bundle x was refused at start-up (self-test FAILED); rolled back to y",
+        },
+    }
 
     def runner(cmd, **_kw):
         out = json.dumps(health) if "curl" in cmd else ""
@@ -375,4 +420,3 @@ def test_deploy_reports_a_rollback_on_the_pi(demo_bundle_dir):
 
     with pytest.raises(DeployError, match=r"runs model sha256 000000000000.*rolled back.*self-test FAILED"):
         deploy(demo_bundle_dir, "pi", runner=runner, health_tries=1, health_delay=0, echo=lambda _s: None)
-

@@ -133,7 +133,7 @@ def test_little_disk_is_a_warning(tmp_path):
 
 def test_a_bad_config_fails_and_skips_what_needs_it(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text("[camera]\nbackend = \"webcam\"\n", encoding="utf-8")
+    path.write_text('[camera]\nbackend = "webcam"\n', encoding="utf-8")
     result = invoke("--config", str(path))
     assert result.exit_code == 1
     found = rows(result.output)
@@ -243,11 +243,13 @@ def test_the_clock():
 
 
 def test_the_report_shows_fixes_only_for_what_is_not_fine():
-    text = format_report([
-        Check("config", True, "fine", "never shown"),
-        Check("camera", False, "no frame", "plug it in"),
-        Check("gpio", None, "skipped"),
-    ])
+    text = format_report(
+        [
+            Check("config", True, "fine", "never shown"),
+            Check("camera", False, "no frame", "plug it in"),
+            Check("gpio", None, "skipped"),
+        ]
+    )
     assert "never shown" not in text
     assert "fix: plug it in" in text
     assert text.splitlines()[0].startswith("✓ config")

@@ -27,7 +27,9 @@ def test_training_writes_a_reproducible_run_folder(tiny_run):
     assert metrics["synthetic_data"] is True
     assert info["data"]["split_by"] == "subject"
     splits = {k: set(v) for k, v in info["splits"].items()}
-    assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"]), "a subject leaked across splits"
+    assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"]), (
+        "a subject leaked across splits"
+    )
     assert info["preprocess"]["input_size"] == 64
     # The training images' scale is recorded: 96 px synthetic cells at 0.211 µm/px span 20.25 µm.
     assert info["data_um_per_px"] == pytest.approx(450 * 0.045 / 96)
@@ -76,8 +78,13 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
     root, data, _ = tiny_run
     bundle_dir = tmp_path / "bundle"
     # A two-epoch model is not expected to survive int8 well; this test is about the contracts, so the gate is open.
-    verification = run_convert(root / "run" / "model.keras", data, bundle_dir, calibration=32,
-                               gate=Gate(min_agreement=0.0, max_delta_sensitivity=1.0, min_cam_correlation=-1.0))
+    verification = run_convert(
+        root / "run" / "model.keras",
+        data,
+        bundle_dir,
+        calibration=32,
+        gate=Gate(min_agreement=0.0, max_delta_sensitivity=1.0, min_cam_correlation=-1.0),
+    )
     bundle = load_bundle(bundle_dir)
     assert sha256_file(bundle_dir / "model.tflite") == bundle.meta["tflite_sha256"]
     assert bundle.meta["quantization"]["mode"] == "int8" and bundle.synthetic
@@ -95,9 +102,13 @@ def test_convert_device_pipeline_and_dashboard(tiny_run, tmp_path):
 
     fields = tmp_path / "fields"
     write_fields(fields, n=2, width=640, height=480, um_per_px=0.1, seed=3)
-    cfg = Config(camera=CameraConfig(replay_dir=str(fields)), model=ModelConfig(bundle=str(bundle_dir), threads=1),
-                 store=StoreConfig(data_dir=str(tmp_path / "store"), min_free_mb=1), service=ServiceConfig(startup_captures=0),
-                 finder=FinderConfig(um_per_px=0.1))
+    cfg = Config(
+        camera=CameraConfig(replay_dir=str(fields)),
+        model=ModelConfig(bundle=str(bundle_dir), threads=1),
+        store=StoreConfig(data_dir=str(tmp_path / "store"), min_free_mb=1),
+        service=ServiceConfig(startup_captures=0),
+        finder=FinderConfig(um_per_px=0.1),
+    )
     cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, port=0))
     with Appliance(cfg) as app:
         assert app.self_test.passed

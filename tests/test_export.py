@@ -21,9 +21,9 @@ def test_dataset_zip_is_readable_by_training_with_reviewer_labels(tmp_path):
     a = store.save_capture(record("S1", [True, False, True]))
     b = store.save_capture(record("S2", [False, False]))
     ca, cb = store.get_capture(a)["cells"], store.get_capture(b)["cells"]
-    store.add_review(ca[0]["id"], "normal", "alice")   # model said blast: the export must say normal
+    store.add_review(ca[0]["id"], "normal", "alice")  # model said blast: the export must say normal
     store.add_review(ca[1]["id"], "normal", "alice")
-    store.add_review(ca[1]["id"], "blast", "bob")      # the newest review wins
+    store.add_review(ca[1]["id"], "blast", "bob")  # the newest review wins
     store.add_review(cb[0]["id"], "normal", "alice")
     # ca[2] and cb[1] are not reviewed: left out
     fh, n = export.export_dataset(store)

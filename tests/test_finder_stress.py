@@ -109,7 +109,7 @@ def test_illumination_removes_vignetting():
 def test_corpus_builder_writes_every_condition(tmp_path):
     counts = build_corpus(tmp_path / "c", BCCD, per_condition=1, synth_fields=1)
     assert set(counts) == set(CONDITIONS) and all(v == 1 for v in counts.values())
-    (path, boxes, um), = read_condition(tmp_path / "c" / "bccd-0.5um")
+    ((path, boxes, um),) = read_condition(tmp_path / "c" / "bccd-0.5um")
     assert um == 0.5 and decode_image(path).shape[1] == round(640 * BCCD_UM_PER_PX / 0.5)
     assert boxes and all(b[2] <= decode_image(path).shape[1] + 1 for b in boxes)
 
@@ -121,8 +121,12 @@ BAD_FIELDS = {
     "blank": np.full((480, 640, 3), 200, np.uint8),
     "black": np.zeros((480, 640, 3), np.uint8),
     "saturated": np.full((480, 640, 3), 255, np.uint8),
-    "all red": np.dstack([np.full((480, 640), 255, np.uint8), np.zeros((480, 640), np.uint8), np.zeros((480, 640), np.uint8)]),
-    "all blue": np.dstack([np.zeros((480, 640), np.uint8), np.zeros((480, 640), np.uint8), np.full((480, 640), 255, np.uint8)]),
+    "all red": np.dstack(
+        [np.full((480, 640), 255, np.uint8), np.zeros((480, 640), np.uint8), np.zeros((480, 640), np.uint8)]
+    ),
+    "all blue": np.dstack(
+        [np.zeros((480, 640), np.uint8), np.zeros((480, 640), np.uint8), np.full((480, 640), 255, np.uint8)]
+    ),
     "1x1": np.full((1, 1, 3), 128, np.uint8),
     "noise on glass": np.clip(np.random.default_rng(0).normal(215, 3, (480, 640, 3)), 0, 255).astype(np.uint8),
 }

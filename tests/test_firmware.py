@@ -67,8 +67,13 @@ def verify_unit(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     tool = need_tool("systemd-analyze", "systemd")
     copy = tmp_path / "leukocam.service"
     copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", text, flags=re.M), encoding="utf-8")
-    return subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    return subprocess.run(
+        [tool, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
@@ -95,8 +100,16 @@ def test_unit_runs_the_appliance_as_designed():
     assert u["StateDirectory"] == ["leukocam"] and u["ReadWritePaths"] == ["/var/lib/leukocam"]
     # lgpio writes its notification pipes into the working directory.
     assert u["WorkingDirectory"] == ["/var/lib/leukocam"]
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
-                "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality"):
+    for key in (
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+    ):
         assert u[key] == ["yes"], key
     assert u["ProtectSystem"] == ["strict"]
     # The camera (/dev/video*, /dev/media*, /dev/dma_heap) and /dev/gpiochip* must stay reachable.
@@ -284,8 +297,14 @@ def test_http_answers():
 # -- the device dependencies on the Pi's platform -------------------------------------------------
 # Raspberry Pi OS Bookworm: glibc 2.36, CPython 3.11, aarch64.
 PI_PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)]
-NETWORK_ERRORS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-                  "ConnectTimeoutError", "ProxyError", "Failed to establish a new connection")
+NETWORK_ERRORS = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "ConnectTimeoutError",
+    "ProxyError",
+    "Failed to establish a new connection",
+)
 
 
 def device_requirements() -> list[str]:
@@ -302,9 +321,24 @@ def test_device_dependencies_resolve_for_the_pi(tmp_path):
     # install.sh puts a numpy-2 simplejpeg into the venv (see there); it must resolve too.
     reqs.append("simplejpeg>=1.8.1")
     platforms = [arg for p in PI_PLATFORMS for arg in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", *platforms,
-           "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-           "--disable-pip-version-check", "-d", str(tmp_path), *reqs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        *platforms,
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--disable-pip-version-check",
+        "-d",
+        str(tmp_path),
+        *reqs,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     if result.returncode != 0 and any(e in output for e in NETWORK_ERRORS) and not os.environ.get("CI"):
@@ -317,4 +351,5 @@ def test_device_dependencies_resolve_for_the_pi(tmp_path):
     numpy_major = int(next(w for w in wheels if w.startswith("numpy-")).split("-")[1].split(".")[0])
     if numpy_major >= 2:
         assert "simplejpeg" in INSTALL.read_text(encoding="utf-8"), (
-            "numpy 2 in the venv breaks apt's simplejpeg (picamera2): install.sh must shadow it")
+            "numpy 2 in the venv breaks apt's simplejpeg (picamera2): install.sh must shadow it"
+        )

@@ -52,8 +52,12 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height RGB but whose pixel data is empty."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _tmp_leftovers(folder: Path) -> list[str]:
@@ -61,6 +65,7 @@ def _tmp_leftovers(folder: Path) -> list[str]:
 
 
 # -- decode: good input ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
 def test_decode_lossless_formats_round_trip_exactly(fmt):
@@ -114,6 +119,7 @@ def test_decode_returns_a_writable_copy():
 
 
 # -- decode: bad input -----------------------------------------------------------------------
+
 
 def test_decode_zero_bytes_says_empty(tmp_path):
     with pytest.raises(ImageError, match=r"empty \(0 bytes\)"):
@@ -192,6 +198,7 @@ def test_decode_a_real_compressed_bomb_png():
 
 # -- encode / check_rgb ----------------------------------------------------------------------
 
+
 def test_encode_png_round_trip_is_exact():
     rgb = _rgb(17, 23)
     data = encode_image(rgb, "PNG")
@@ -236,6 +243,7 @@ def test_check_rgb_rejects_with_the_problem_named(array, problem):
 
 
 # -- atomic_write_bytes ----------------------------------------------------------------------
+
 
 def test_atomic_write_creates_parents_and_writes(tmp_path):
     target = tmp_path / "a" / "b" / "field.jpg"

@@ -13,3 +13,12 @@ def test_every_package_data_pattern_matches_a_file():
     for package, patterns in meta["tool"]["setuptools"]["package-data"].items():
         for pattern in patterns:
             assert list((REPO / package).glob(pattern)), f"package-data {package}: {pattern!r} matches no file"
+
+
+def test_errors_module_has_no_command_line_dependency():
+    import ast
+
+    tree = ast.parse((REPO / "device" / "errors.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "click" not in imported

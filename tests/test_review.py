@@ -89,8 +89,9 @@ def test_review_over_the_web(config):
         cap = client.get(f"/api/captures/{cap_id}").get_json()
         cell = cap["cells"][0]
         other = "normal" if cell["label"] == "blast" else "blast"
-        resp = client.post(f"/api/cells/{cell['id']}/review", json={"label": other, "reviewer": "tech1"},
-                           headers={"X-CSRFToken": tok})
+        resp = client.post(
+            f"/api/cells/{cell['id']}/review", json={"label": other, "reviewer": "tech1"}, headers={"X-CSRFToken": tok}
+        )
         assert resp.status_code == 201 and resp.get_json()["action"] == "reclassify"
         resp = client.post(f"/api/cells/{cell['id']}/review", json={"label": "confirm"}, headers={"X-CSRFToken": tok})
         assert resp.get_json()["label"] == cell["label"] and resp.get_json()["reviewer"] == "local"
@@ -102,11 +103,23 @@ def test_review_over_the_web(config):
         page = client.get(f"/captures/{cap_id}").get_data(as_text=True)
         assert "Review history" in page and "reclassify" in page and "tech1" in page
         assert 'viewBox="0 0 ' in page and f'id="box-{cell["id"]}"' in page
-        assert client.post(f"/api/cells/{cell['id']}/review", json={"label": "x"}, headers={"X-CSRFToken": tok}).status_code == 400
-        assert client.post("/api/cells/99999/review", json={"label": "blast"}, headers={"X-CSRFToken": tok}).status_code == 404
-        assert client.post(f"/api/cells/{cell['id']}/review", data="nope", headers={"X-CSRFToken": tok}).status_code == 400
+        assert (
+            client.post(
+                f"/api/cells/{cell['id']}/review", json={"label": "x"}, headers={"X-CSRFToken": tok}
+            ).status_code
+            == 400
+        )
+        assert (
+            client.post("/api/cells/99999/review", json={"label": "blast"}, headers={"X-CSRFToken": tok}).status_code
+            == 404
+        )
+        assert (
+            client.post(f"/api/cells/{cell['id']}/review", data="nope", headers={"X-CSRFToken": tok}).status_code == 400
+        )
         # Slide review: who and when.
-        resp = client.post(f"/api/slides/{appliance.slide_id}/reviewed", json={"reviewer": "tech1"}, headers={"X-CSRFToken": tok})
+        resp = client.post(
+            f"/api/slides/{appliance.slide_id}/reviewed", json={"reviewer": "tech1"}, headers={"X-CSRFToken": tok}
+        )
         assert resp.status_code == 200 and resp.get_json()["reviewed_by"] == "tech1" and resp.get_json()["reviewed_at"]
         assert client.post("/api/slides/NOPE/reviewed", json={}, headers={"X-CSRFToken": tok}).status_code == 404
         report = client.get(f"/slides/{appliance.slide_id}").get_data(as_text=True)

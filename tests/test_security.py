@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from device import auth
+from device import accounts as auth
 from device.imaging import encode_image
 from device.service import Appliance
 from device.web import create_app
@@ -104,8 +104,9 @@ def test_secure_cookie_is_configurable(config):
 def test_open_redirect_after_login_is_refused(secured):
     _, _, client = secured
     tok = token_of(client.get("/login").get_data(as_text=True))
-    resp = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": tok,
-                                       "next": "//evil.example/x"})
+    resp = client.post(
+        "/login", data={"username": "alice", "password": PASSWORD, "csrf_token": tok, "next": "//evil.example/x"}
+    )
     assert resp.headers["Location"] == "/"
 
 
@@ -124,8 +125,9 @@ def test_csrf_missing_or_wrong_is_refused_with_a_reason(secured):
     assert client.post(f"/api/cells/{cell}/review", json={"label": "blast"}).status_code == 400
     assert appliance.store.review_history(cell_id=cell) == []
     # With the token: works, and the reviewer is the logged-in user whatever the body says.
-    ok = client.post(f"/api/cells/{cell}/review", json={"label": "blast", "reviewer": "mallory"},
-                     headers={"X-CSRFToken": tok})
+    ok = client.post(
+        f"/api/cells/{cell}/review", json={"label": "blast", "reviewer": "mallory"}, headers={"X-CSRFToken": tok}
+    )
     assert ok.status_code == 201 and ok.get_json()["reviewer"] == "alice"
     assert client.post("/api/capture", headers={"X-CSRFToken": tok}).status_code == 202
 
@@ -168,21 +170,29 @@ def test_localhost_mode_checks_browsers_but_not_scripts(config):
         assert client.post("/api/capture", json={"trigger": "cli"}).status_code == 202
 
 
-@pytest.mark.parametrize("payload,name", [
-    (b"", "empty.jpg"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 truncated", "trunc.jpg"),
-    (b"%PDF-1.4 not an image", "doc.pdf"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt.png"),
-])
+@pytest.mark.parametrize(
+    "payload,name",
+    [
+        (b"", "empty.jpg"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 truncated", "trunc.jpg"),
+        (b"%PDF-1.4 not an image", "doc.pdf"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt.png"),
+    ],
+)
 def test_bad_uploads_are_4xx_and_the_server_keeps_serving(secured, payload, name):
     _, _, client = secured
     login(client)
     tok = token_of(client.get("/upload").get_data(as_text=True))
-    api = client.post("/api/upload", data={"image": (io.BytesIO(payload), name)}, headers={"X-CSRFToken": tok},
-                      content_type="multipart/form-data")
+    api = client.post(
+        "/api/upload",
+        data={"image": (io.BytesIO(payload), name)},
+        headers={"X-CSRFToken": tok},
+        content_type="multipart/form-data",
+    )
     assert api.status_code == 400 and api.get_json()["error"]
-    page = client.post("/upload", data={"image": (io.BytesIO(payload), name), "csrf_token": tok},
-                       content_type="multipart/form-data")
+    page = client.post(
+        "/upload", data={"image": (io.BytesIO(payload), name), "csrf_token": tok}, content_type="multipart/form-data"
+    )
     assert page.status_code == 400 and name in page.get_data(as_text=True)
     assert client.get("/api/captures").status_code == 200
 
@@ -192,13 +202,19 @@ def test_huge_and_missing_uploads(config):
     with Appliance(cfg) as appliance:
         client = create_app(appliance).test_client()
         tok = token_of(client.get("/upload").get_data(as_text=True))
-        big = client.post("/upload", data={"image": (io.BytesIO(b"0" * 2_000_000), "big.jpg"), "csrf_token": tok},
-                          content_type="multipart/form-data")
+        big = client.post(
+            "/upload",
+            data={"image": (io.BytesIO(b"0" * 2_000_000), "big.jpg"), "csrf_token": tok},
+            content_type="multipart/form-data",
+        )
         assert big.status_code == 413
         assert client.post("/upload", data={"csrf_token": tok}, content_type="multipart/form-data").status_code == 400
         good = encode_image(appliance.bundle.golden.crops[0], "PNG")
-        ok = client.post("/upload", data={"image": (io.BytesIO(good), "c.png"), "single_cell": "1", "csrf_token": tok},
-                         content_type="multipart/form-data")
+        ok = client.post(
+            "/upload",
+            data={"image": (io.BytesIO(good), "c.png"), "single_cell": "1", "csrf_token": tok},
+            content_type="multipart/form-data",
+        )
         assert ok.status_code == 302 and "/captures/" in ok.headers["Location"]
 
 

@@ -23,8 +23,10 @@ def start_serve(tmp_path, startup_captures: int, **popen) -> tuple[subprocess.Po
     """`leukocam serve` as a real process on a free port, storing under tmp_path: (process, port, config path)."""
     port = free_port()
     cfg = tmp_path / "leukocam.toml"
-    cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
-                   f'[web]\nport = {port}\n[service]\nstartup_captures = {startup_captures}\n')
+    cfg.write_text(
+        f'[store]\ndata_dir = "{tmp_path / "store"}"\nmin_free_mb = 1\n'
+        f"[web]\nport = {port}\n[service]\nstartup_captures = {startup_captures}\n"
+    )
     popen = popen or {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     proc = subprocess.Popen([sys.executable, "-m", "device.cli", "serve", "--config", str(cfg)], cwd=REPO, **popen)
     return proc, port, cfg
@@ -71,8 +73,13 @@ def test_cli_capture_asks_the_running_service(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        out = subprocess.run([sys.executable, "-m", "device.cli", "capture", "--config", str(cfg)], cwd=REPO,
-                             capture_output=True, text=True, timeout=180)
+        out = subprocess.run(
+            [sys.executable, "-m", "device.cli", "capture", "--config", str(cfg)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out.stdout)
         assert result["capture"]["trigger"] == "cli" and result["capture"]["n_cells"] > 0  # taken by the service
@@ -88,8 +95,9 @@ def test_serve_speaks_the_systemd_notify_protocol(tmp_path):
     sock.bind(str(notify))
     sock.settimeout(120)
     env = {**__import__("os").environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000"}
-    proc, port, _ = start_serve(tmp_path, startup_captures=0, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    proc, port, _ = start_serve(
+        tmp_path, startup_captures=0, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     seen: list[str] = []
     try:
         while not any(m.startswith("READY=1") for m in seen):

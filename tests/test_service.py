@@ -160,8 +160,9 @@ def test_gpio_button_captures_and_long_press_starts_a_slide(config):
     factory = MockFactory()
     previous, Device.pin_factory = Device.pin_factory, factory
     try:
-        cfg = dataclasses.replace(config, trigger=dataclasses.replace(config.trigger, enabled=True, bounce_ms=5,
-                                                                      long_press_s=0.4, led_pin=27))
+        cfg = dataclasses.replace(
+            config, trigger=dataclasses.replace(config.trigger, enabled=True, bounce_ms=5, long_press_s=0.4, led_pin=27)
+        )
         with Appliance(cfg) as app:
             app.start()
             pin = factory.pin(cfg.trigger.button_pin)

@@ -16,8 +16,10 @@ from device.web import create_app
 def record(slide: str, positives: list[bool], review: list[bool] | None = None, kb: int = 50) -> CaptureRecord:
     png = encode_image(np.random.default_rng(len(positives)).integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG")
     review = review or [False] * len(positives)
-    cells = tuple(CellRecord((0, 0, 10, 10), 0.9 if p else 0.1, 2.0 if p else -2.0, "blast" if p else "normal", p, r,
-                             png, png) for p, r in zip(positives, review, strict=True))
+    cells = tuple(
+        CellRecord((0, 0, 10, 10), 0.9 if p else 0.1, 2.0 if p else -2.0, "blast" if p else "normal", p, r, png, png)
+        for p, r in zip(positives, review, strict=True)
+    )
     field = encode_image(np.random.default_rng(kb).integers(0, 256, (kb * 4, 256, 3), dtype=np.uint8), "PNG")
     return CaptureRecord(slide, "test.png", "test", "ok", "", 256, kb * 4, 0.1, "sha", True, field, cells=cells)
 

@@ -84,8 +84,7 @@ def _record(seed: int = 0, cells: tuple[CellRecord, ...] | None = None, message:
 
 def _files(store: Store) -> dict[str, bytes]:
     """Every file under images/, relative path -> content."""
-    return {str(p.relative_to(store.images_dir)): p.read_bytes()
-            for p in store.images_dir.rglob("*") if p.is_file()}
+    return {str(p.relative_to(store.images_dir)): p.read_bytes() for p in store.images_dir.rglob("*") if p.is_file()}
 
 
 @contextmanager
@@ -111,6 +110,7 @@ def store(tmp_path) -> Store:
 
 # -- save and read back -------------------------------------------------------------------------
 
+
 def test_save_and_read_back_a_capture(store):
     rec = _record(seed=1)
     cid = store.save_capture(rec)
@@ -135,7 +135,12 @@ def test_save_and_read_back_a_capture(store):
     # the files are on disk with exactly the bytes given, in one folder per capture
     folder = store.images_dir / Path(cap["field_file"]).parent
     assert sorted(p.name for p in folder.iterdir()) == [
-        "cell_000.png", "cell_000_cam.jpg", "cell_001.png", "cell_001_cam.jpg", "field.jpg"]
+        "cell_000.png",
+        "cell_000_cam.jpg",
+        "cell_001.png",
+        "cell_001_cam.jpg",
+        "field.jpg",
+    ]
     assert (store.images_dir / cap["field_file"]).read_bytes() == rec.field_jpeg
     for c, cell in zip(cap["cells"], rec.cells, strict=True):
         assert (store.images_dir / c["crop_file"]).read_bytes() == cell.crop_png
@@ -146,8 +151,9 @@ def test_save_and_read_back_a_capture(store):
 def test_recent_captures_counts_and_order(store):
     first = store.save_capture(_record(seed=1))
     empty = store.save_capture(_record(seed=2, cells=()))
-    three = store.save_capture(_record(seed=3, cells=(
-        _cell(1, True, True), _cell(2, True, False), _cell(3, False, False))))
+    three = store.save_capture(
+        _record(seed=3, cells=(_cell(1, True, True), _cell(2, True, False), _cell(3, False, False)))
+    )
 
     recent = store.recent_captures()
     assert [c["id"] for c in recent] == [three, empty, first]  # newest first
@@ -193,6 +199,7 @@ def test_image_file_refuses_a_path_outside_the_images_folder(store):
 
 # -- schema, WAL and migrations -------------------------------------------------------------------
 
+
 def test_database_is_wal_with_current_schema_version(store):
     with _db(store) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -234,6 +241,7 @@ def test_newer_schema_is_refused_with_a_clear_error(tmp_path):
 
 
 # -- full disk ------------------------------------------------------------------------------------
+
 
 def test_full_disk_before_writing_refuses_and_writes_nothing(tmp_path):
     data = tmp_path / "data"
@@ -376,7 +384,8 @@ def _assert_consistent(store: Store) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         orphan_cells = conn.execute(
-            "SELECT COUNT(*) FROM cells WHERE capture_id NOT IN (SELECT id FROM captures)").fetchone()[0]
+            "SELECT COUNT(*) FROM cells WHERE capture_id NOT IN (SELECT id FROM captures)"
+        ).fetchone()[0]
         assert orphan_cells == 0
     for cap in store.recent_captures(limit=10_000):
         assert cap["n_cells"] == 3  # a capture is committed with all its cells or not at all
@@ -395,8 +404,13 @@ def test_power_cut_while_saving_keeps_the_store_consistent(tmp_path):
     target = 0
     for round_no in range(3):
         target += 5
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data), str(round_no)],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(data), str(round_no)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             _wait_for(store, target, proc)
             time.sleep(rnd.uniform(0.0, 0.03))  # somewhere inside a later capture
@@ -459,7 +473,12 @@ def test_crash_between_files_and_commit_is_reported_not_deleted(store, monkeypat
     assert "2026/01/01/" + "ab" * 16 in report.orphan_dirs
     crashed = next(d for d in report.orphan_dirs if d != "2026/01/01/" + "ab" * 16)
     assert sorted(p.name for p in (store.images_dir / crashed).iterdir()) == [
-        "cell_000.png", "cell_000_cam.jpg", "cell_001.png", "cell_001_cam.jpg", "field.jpg"]
+        "cell_000.png",
+        "cell_000_cam.jpg",
+        "cell_001.png",
+        "cell_001_cam.jpg",
+        "field.jpg",
+    ]
     assert report.temp_files == (str(temp.relative_to(store.images_dir)),)
     assert report.missing_files == ()
     assert not report.clean
@@ -494,8 +513,12 @@ def test_processes_opening_a_new_store_together_migrate_once(tmp_path):
     code = "import sys; from device.store import Store; Store(sys.argv[1]); print('ok')"
     for trial in range(3):
         folder = tmp_path / f"fresh{trial}"
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(4)
+        ]
         results = [p.communicate(timeout=60) for p in procs]
         assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
         assert Store(folder).count_captures() == 0

@@ -69,9 +69,7 @@ def test_labels_differ_in_morphology():
 
 def test_stain_changes_colour_not_label_shape():
     neutral = render_cell(np.random.default_rng(5), "hem", size=80, stain=Stain())
-    cast = render_cell(
-        np.random.default_rng(5), "hem", size=80, stain=Stain(gain=0.8, cast=(1.05, 0.95, 1.0))
-    )
+    cast = render_cell(np.random.default_rng(5), "hem", size=80, stain=Stain(gain=0.8, cast=(1.05, 0.95, 1.0)))
     assert (neutral.max(axis=2) > 0).sum() == pytest.approx((cast.max(axis=2) > 0).sum(), rel=0.02)
     assert cast.mean() < neutral.mean()
 
@@ -117,9 +115,7 @@ def test_write_cell_dataset_is_deterministic_and_rgb(tmp_path):
 
 
 def test_blast_fraction_sets_subject_kinds(tmp_path):
-    summary = write_cell_dataset(
-        tmp_path, n_subjects=4, cells_per_subject=1, size=48, seed=0, blast_fraction=0.25
-    )
+    summary = write_cell_dataset(tmp_path, n_subjects=4, cells_per_subject=1, size=48, seed=0, blast_fraction=0.25)
     assert summary["per_class"] == {"all": 1, "hem": 3}
     assert sorted(summary["per_subject"]) == ["1", "H1", "H2", "H3"]
 
@@ -147,10 +143,7 @@ def test_render_field_boxes_and_colours():
     # Background near white, red cells pinkish (R > G).
     assert np.median(field[~inside].mean(axis=1)) > 150
     assert np.median(field[~inside][:, 0]) >= np.median(field[~inside][:, 1])
-    sizes = {
-        lab: [c["box"][2] - c["box"][0] for c in cells if c["label"] == lab]
-        for lab in ("all", "hem")
-    }
+    sizes = {lab: [c["box"][2] - c["box"][0] for c in cells if c["label"] == lab] for lab in ("all", "hem")}
     assert np.mean(sizes["all"]) > np.mean(sizes["hem"])
 
 

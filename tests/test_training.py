@@ -116,8 +116,19 @@ def two_stage_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_stage")
     data = root / "cells"
     write_cell_dataset(data, n_subjects=12, cells_per_subject=10, size=48, seed=4, blast_fraction=0.34)
-    opts = TrainOptions(input_size=32, epochs=4, batch_size=16, backbone="smallcnn", weights="none", stages=2,
-                        balance="smote", head_epochs=40, fine_tune_layers=2, fine_tune_lr=1e-4, seed=4)
+    opts = TrainOptions(
+        input_size=32,
+        epochs=4,
+        batch_size=16,
+        backbone="smallcnn",
+        weights="none",
+        stages=2,
+        balance="smote",
+        head_epochs=40,
+        fine_tune_layers=2,
+        fine_tune_lr=1e-4,
+        seed=4,
+    )
     metrics = run_training(data, root / "run", opts, progress=False)
     return root, data, metrics
 
@@ -177,8 +188,15 @@ def test_report_files_and_evaluate(two_stage_run):
     from training.cli import evaluate
 
     root, data, _ = two_stage_run
-    for name in ("report.md", "metrics.json", "roc.png", "confusion_matrix.png", "reliability.png",
-                 "gradcam_grid.png", "training_curves.png"):
+    for name in (
+        "report.md",
+        "metrics.json",
+        "roc.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "gradcam_grid.png",
+        "training_curves.png",
+    ):
         assert (root / "run" / name).is_file(), name
     assert "SYNTHETIC" in (root / "run" / "report.md").read_text()
     result = CliRunner().invoke(evaluate, [str(root / "run" / "model.keras"), "--data", str(data)])
@@ -198,8 +216,16 @@ def test_cross_validation_is_grouped_and_summarised(two_stage_run, tmp_path):
     from training.train import TrainOptions
 
     _, data, _ = two_stage_run
-    opts = TrainOptions(input_size=32, epochs=2, batch_size=16, backbone="smallcnn", weights="none", stages=1,
-                        balance="oversample", seed=0)
+    opts = TrainOptions(
+        input_size=32,
+        epochs=2,
+        batch_size=16,
+        backbone="smallcnn",
+        weights="none",
+        stages=1,
+        balance="oversample",
+        seed=0,
+    )
     summary = run_cv(data, tmp_path / "cv", opts, k=2, progress=False)
     with (tmp_path / "cv" / "folds.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -240,8 +266,16 @@ def test_same_seed_same_model(tmp_path):
 
     data = tmp_path / "cells"
     write_cell_dataset(data, n_subjects=6, cells_per_subject=6, size=48, seed=5)
-    opts = TrainOptions(input_size=32, epochs=2, batch_size=8, backbone="smallcnn", weights="none", seed=7,
-                        stages=1, target_sensitivity=None)
+    opts = TrainOptions(
+        input_size=32,
+        epochs=2,
+        batch_size=8,
+        backbone="smallcnn",
+        weights="none",
+        seed=7,
+        stages=1,
+        target_sensitivity=None,
+    )
     weights = []
     for run in ("a", "b"):
         run_training(data, tmp_path / run, opts, progress=False)
@@ -281,7 +315,9 @@ def test_local_weights_file_gets_the_imagenet_input_scaling(tmp_path, monkeypatc
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
     norm = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
     mean, var, *rest = norm.get_weights()
-    norm.set_weights([np.array([0.485, 0.456, 0.406], mean.dtype), np.square([0.229, 0.224, 0.225]).astype(var.dtype), *rest])
+    norm.set_weights(
+        [np.array([0.485, 0.456, 0.406], mean.dtype), np.square([0.229, 0.224, 0.225]).astype(var.dtype), *rest]
+    )
     norm.finalize_state()
     path = tmp_path / "efficientnetb0_notop.weights.h5"
     base.save_weights(path)

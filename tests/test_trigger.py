@@ -21,8 +21,7 @@ from device.trigger import Trigger  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 HOLD_S = 0.3
 BUTTON, LED, BUZZER = 17, 27, 22
-CONFIG = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S,
-                       led_pin=LED, buzzer_pin=0)
+CONFIG = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S, led_pin=LED, buzzer_pin=0)
 
 
 @pytest.fixture
@@ -170,8 +169,9 @@ def test_led_states(factory):
 
 
 def test_retake_blinks_and_double_beeps(factory):
-    config = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S,
-                           led_pin=LED, buzzer_pin=BUZZER)
+    config = TriggerConfig(
+        enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S, led_pin=LED, buzzer_pin=BUZZER
+    )
     with make(factory, config) as trigger:
         led, buzzer = factory.pin(LED), factory.pin(BUZZER)
         trigger.set_state("retake")
@@ -190,8 +190,9 @@ def test_error_blinks_until_the_next_press(factory):
 
 
 def test_refused_flashes_then_busy_resumes(factory):
-    config = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S,
-                           led_pin=LED, buzzer_pin=BUZZER)
+    config = TriggerConfig(
+        enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S, led_pin=LED, buzzer_pin=BUZZER
+    )
     with make(factory, config) as trigger:
         led, buzzer = factory.pin(LED), factory.pin(BUZZER)
         trigger.set_state("busy")
@@ -203,8 +204,7 @@ def test_refused_flashes_then_busy_resumes(factory):
 
 
 def test_no_led_and_no_buzzer(factory):
-    config = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S,
-                           led_pin=0, buzzer_pin=0)
+    config = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S, led_pin=0, buzzer_pin=0)
     with make(factory, config) as trigger:
         assert trigger.led is None and trigger.buzzer is None
         for state in ("busy", "refused", "done", "retake", "error", "idle"):
@@ -225,8 +225,7 @@ def test_close_releases_the_pins_and_stops_the_worker(factory):
 
 def test_a_pin_in_use_is_a_clear_error_and_leaks_nothing(factory):
     first = make(factory)
-    clash = TriggerConfig(enabled=True, button_pin=BUZZER, bounce_ms=5, long_press_s=HOLD_S,
-                          led_pin=LED, buzzer_pin=0)
+    clash = TriggerConfig(enabled=True, button_pin=BUZZER, bounce_ms=5, long_press_s=HOLD_S, led_pin=LED, buzzer_pin=0)
     with pytest.raises(LeukoCamError, match="pins"):
         make(factory, clash)  # the button on GPIO22 is made, then the LED on GPIO27 clashes
     first.close()
@@ -247,8 +246,7 @@ def test_no_gpio_backend_says_what_to_do(monkeypatch):
 
 def test_importing_the_module_needs_no_gpiozero():
     code = "import sys; sys.modules['gpiozero'] = None; import device.trigger; print('ok')"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -288,8 +286,9 @@ class FakeService:
 
 
 def test_wiring_press_captures_and_a_press_while_busy_is_refused(factory):
-    config = TriggerConfig(enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S,
-                           led_pin=LED, buzzer_pin=BUZZER)
+    config = TriggerConfig(
+        enabled=True, button_pin=BUTTON, bounce_ms=5, long_press_s=HOLD_S, led_pin=LED, buzzer_pin=BUZZER
+    )
     service = FakeService()
     service.trigger = Trigger(config, service._button_pressed, service._button_held, pin_factory=factory)
     with service.trigger:

@@ -63,11 +63,16 @@ def test_capture_button_queues_and_refuses_while_busy(app_and_client):
 def test_upload_good_and_bad(app_and_client):
     appliance, client = app_and_client
     cell = appliance.bundle.golden.crops[0]
-    ok = client.post("/api/upload", data={"image": (io.BytesIO(encode_image(cell, "PNG")), "c.png"), "single_cell": "1"},
-                     content_type="multipart/form-data")
+    ok = client.post(
+        "/api/upload",
+        data={"image": (io.BytesIO(encode_image(cell, "PNG")), "c.png"), "single_cell": "1"},
+        content_type="multipart/form-data",
+    )
     assert ok.status_code == 201 and ok.get_json()["status"] == "ok"
     for payload in (b"", b"GIF89a garbage", b"\xff\xd8\xff\xe0 truncated"):
-        resp = client.post("/api/upload", data={"image": (io.BytesIO(payload), "x.jpg")}, content_type="multipart/form-data")
+        resp = client.post(
+            "/api/upload", data={"image": (io.BytesIO(payload), "x.jpg")}, content_type="multipart/form-data"
+        )
         assert resp.status_code == 400 and resp.get_json()["error"]
     assert client.post("/api/upload", data={}).status_code == 400
     health = client.get("/api/health")  # the capture worker is not started in these tests: unhealthy
@@ -80,8 +85,9 @@ def test_oversized_upload_is_413(config):
     cfg = dataclasses.replace(config, web=dataclasses.replace(config.web, max_upload_mb=1))
     with Appliance(cfg) as appliance:
         client = create_app(appliance).test_client()
-        resp = client.post("/api/upload", data={"image": (io.BytesIO(b"0" * 2_000_000), "big.jpg")},
-                           content_type="multipart/form-data")
+        resp = client.post(
+            "/api/upload", data={"image": (io.BytesIO(b"0" * 2_000_000), "big.jpg")}, content_type="multipart/form-data"
+        )
         assert resp.status_code == 413
 
 
@@ -103,7 +109,7 @@ def test_preview_is_a_small_jpeg_of_the_camera(app_and_client):
 
 
 def test_bench_dashboard_runs_small():
-    from device.web.bench import bench_dashboard
+    from device.web.load_bench import bench_dashboard
 
     result = bench_dashboard(n_captures=30, clients=3, seconds=2.0, requests_alone=3, max_requests_per_client=6)
     assert result["n_errors"] == 0, result["errors"]
@@ -114,8 +120,16 @@ def test_bench_dashboard_runs_small():
 def test_every_page_renders_offline_and_responsive(app_and_client):
     appliance, client = app_and_client
     slide = appliance.slide_id
-    for path in ("/", "/captures", "/captures/1", "/slides", f"/slides/{slide}", "/status", "/upload",
-                 "/fragments/latest"):
+    for path in (
+        "/",
+        "/captures",
+        "/captures/1",
+        "/slides",
+        f"/slides/{slide}",
+        "/status",
+        "/upload",
+        "/fragments/latest",
+    ):
         resp = client.get(path)
         assert resp.status_code == 200, path
         html = resp.get_data(as_text=True)
@@ -164,8 +178,14 @@ def test_openapi_documents_the_api(app_and_client):
     _, client = app_and_client
     spec = client.get("/api/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/api/captures", "/api/cells/{cell_id}/review", "/api/export/dataset.zip",
-                 "/api/slides/{slide_id}/reviewed", "/login", "/images/{kind}/{item_id}"):
+    for path in (
+        "/api/captures",
+        "/api/cells/{cell_id}/review",
+        "/api/export/dataset.zip",
+        "/api/slides/{slide_id}/reviewed",
+        "/login",
+        "/images/{kind}/{item_id}",
+    ):
         assert path in spec["paths"]
     # Generated from the routes: every API route is there, each with a summary from its docstring.
     app = client.application

@@ -19,7 +19,9 @@ def synth():
 
 @synth.command("cells")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--subjects", default=10, show_default=True, help="Number of synthetic subjects (half ALL, half healthy).")
+@click.option(
+    "--subjects", default=10, show_default=True, help="Number of synthetic subjects (half ALL, half healthy)."
+)
 @click.option("--cells-per-subject", default=20, show_default=True)
 @click.option("--size", default=450, show_default=True, help="Image side in pixels (C-NMC uses 450).")
 @click.option("--seed", default=0, show_default=True)
@@ -28,7 +30,11 @@ def synth_cells(out, subjects, cells_per_subject, size, seed):
     from training.synth import write_cell_dataset
 
     summary = write_cell_dataset(out, n_subjects=subjects, cells_per_subject=cells_per_subject, size=size, seed=seed)
-    click.echo(json.dumps({k: v for k, v in summary.items() if k in ("n_images", "per_class", "seed", "um_per_px", "synthetic")}))
+    click.echo(
+        json.dumps(
+            {k: v for k, v in summary.items() if k in ("n_images", "per_class", "seed", "um_per_px", "synthetic")}
+        )
+    )
 
 
 @synth.command("fields")
@@ -53,31 +59,61 @@ def training_options(f):
     """The options train and cv share."""
     options = [
         click.option("--input-size", default=300, show_default=True),
-        click.option("--um-per-px", type=float, default=None,
-                     help="Pixel size of the training images in µm (C-NMC: about 0.045, see docs/scale.md); "
-                          "lets the device crop cells at the trained scale."),
+        click.option(
+            "--um-per-px",
+            type=float,
+            default=None,
+            help="Pixel size of the training images in µm (C-NMC: about 0.045, see docs/scale.md); "
+            "lets the device crop cells at the trained scale.",
+        ),
         click.option("--epochs", default=20, show_default=True, help="Maximum epochs (stage 2 when --stages 2)."),
         click.option("--batch-size", default=16, show_default=True),
         click.option("--learning-rate", default=1e-3, show_default=True, help="Head / one-stage learning rate."),
         click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="efficientnetb3", show_default=True),
-        click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file."),
-        click.option("--bn-momentum", type=float, default=None,
-                     help="BatchNorm momentum override (0.9 for short from-scratch runs)."),
-        click.option("--stages", type=click.IntRange(1, 2), default=2, show_default=True,
-                     help="2: head on cached embeddings, then fine-tune; 1: everything at once."),
-        click.option("--balance", type=click.Choice(["smote", "class-weight", "oversample", "none"]), default="smote",
-                     show_default=True),
+        click.option(
+            "--weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file."
+        ),
+        click.option(
+            "--bn-momentum",
+            type=float,
+            default=None,
+            help="BatchNorm momentum override (0.9 for short from-scratch runs).",
+        ),
+        click.option(
+            "--stages",
+            type=click.IntRange(1, 2),
+            default=2,
+            show_default=True,
+            help="2: head on cached embeddings, then fine-tune; 1: everything at once.",
+        ),
+        click.option(
+            "--balance",
+            type=click.Choice(["smote", "class-weight", "oversample", "none"]),
+            default="smote",
+            show_default=True,
+        ),
         click.option("--fine-tune-layers", default=20, show_default=True),
         click.option("--fine-tune-lr", default=1e-5, show_default=True),
-        click.option("--target-sensitivity", default=0.95, show_default=True,
-                     help="Threshold chosen on validation for this sensitivity."),
+        click.option(
+            "--target-sensitivity",
+            default=0.95,
+            show_default=True,
+            help="Threshold chosen on validation for this sensitivity.",
+        ),
         click.option("--test-fraction", default=0.3, show_default=True),
-        click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default",
-                     show_default=True),
+        click.option(
+            "--strategy",
+            type=click.Choice(["default", "mirrored", "multiworker"]),
+            default="default",
+            show_default=True,
+        ),
         click.option("--mixed-precision", is_flag=True, help="mixed_float16 (only when a GPU is present)."),
         click.option("--no-augment", is_flag=True),
-        click.option("--nondeterministic", is_flag=True,
-                     help="Allow TensorFlow's faster non-deterministic kernels (the same seed may then differ)."),
+        click.option(
+            "--nondeterministic",
+            is_flag=True,
+            help="Allow TensorFlow's faster non-deterministic kernels (the same seed may then differ).",
+        ),
         click.option("--seed", default=0, show_default=True),
     ]
     for option in reversed(options):
@@ -88,13 +124,27 @@ def training_options(f):
 def _options(kw: dict):
     from training.train import TrainOptions
 
-    return TrainOptions(input_size=kw["input_size"], um_per_px=kw["um_per_px"], epochs=kw["epochs"], batch_size=kw["batch_size"],
-                        learning_rate=kw["learning_rate"], backbone=kw["backbone"], weights=kw["weights"],
-                        bn_momentum=kw["bn_momentum"], stages=kw["stages"], balance=kw["balance"],
-                        fine_tune_layers=kw["fine_tune_layers"], fine_tune_lr=kw["fine_tune_lr"],
-                        target_sensitivity=kw["target_sensitivity"], test_fraction=kw["test_fraction"],
-                        strategy=kw["strategy"], mixed_precision=kw["mixed_precision"], augment=not kw["no_augment"], deterministic=not kw["nondeterministic"],
-                        seed=kw["seed"])
+    return TrainOptions(
+        input_size=kw["input_size"],
+        um_per_px=kw["um_per_px"],
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        learning_rate=kw["learning_rate"],
+        backbone=kw["backbone"],
+        weights=kw["weights"],
+        bn_momentum=kw["bn_momentum"],
+        stages=kw["stages"],
+        balance=kw["balance"],
+        fine_tune_layers=kw["fine_tune_layers"],
+        fine_tune_lr=kw["fine_tune_lr"],
+        target_sensitivity=kw["target_sensitivity"],
+        test_fraction=kw["test_fraction"],
+        strategy=kw["strategy"],
+        mixed_precision=kw["mixed_precision"],
+        augment=not kw["no_augment"],
+        deterministic=not kw["nondeterministic"],
+        seed=kw["seed"],
+    )
 
 
 def _guard(fn, *args, **kwargs):
@@ -131,8 +181,9 @@ def data_inspect(root, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{report['root']}: {report['images']} labelled images {report['per_class']}, "
-               f"{report['subjects']} subjects")
+    click.echo(
+        f"{report['root']}: {report['images']} labelled images {report['per_class']}, {report['subjects']} subjects"
+    )
     if report["per_subject"]:
         counts = sorted(report["per_subject"].values())
         click.echo(f"images per subject: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
@@ -142,7 +193,9 @@ def data_inspect(root, as_json):
     for line in report["unreadable"]:
         click.echo(f"unreadable, skipped: {line}")
     if report["unlabelled"]:
-        click.echo(f"{len(report['unlabelled'])} image files without a label were ignored, e.g. {report['unlabelled'][0]}")
+        click.echo(
+            f"{len(report['unlabelled'])} image files without a label were ignored, e.g. {report['unlabelled'][0]}"
+        )
     for problem in report["problems"]:
         click.secho(problem, fg="yellow", err=True)
 
@@ -160,10 +213,13 @@ def train(data, out, **kw):
     metrics = _guard(run_training, data, out, _options(kw))
     t = metrics["test"]
     lo, hi = t["accuracy"]["ci95"]
-    click.echo(f"held-out test: accuracy {fmt(t['accuracy']['value'])} (95% CI {fmt(lo)}-{fmt(hi)}), "
-               f"sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])}, "
-               f"weighted F1 {fmt(t['f1_weighted'])}, AUC {fmt(t['auc'])} "
-               f"on {t['n']} images at threshold {t['threshold']:.3f}" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
+    click.echo(
+        f"held-out test: accuracy {fmt(t['accuracy']['value'])} (95% CI {fmt(lo)}-{fmt(hi)}), "
+        f"sensitivity {fmt(t['sensitivity']['value'])}, specificity {fmt(t['specificity']['value'])}, "
+        f"weighted F1 {fmt(t['f1_weighted'])}, AUC {fmt(t['auc'])} "
+        f"on {t['n']} images at threshold {t['threshold']:.3f}"
+        + (" [SYNTHETIC data]" if metrics["synthetic_data"] else "")
+    )
     click.echo(f"model and report in {out}")
 
 
@@ -181,8 +237,10 @@ def cv(data, out, folds, **kw):
     summary = _guard(run_cv, data, out, _options(kw), folds)
     for key, s in summary["mean_sd"].items():
         click.echo(f"{key}: {fmt(s['mean'])} +- {fmt(s['sd'])} over {s['n']} folds")
-    click.echo(f"fold assignments in {Path(out) / 'folds.csv'}, per-fold runs and cv.json in {out}"
-               + (" [SYNTHETIC data]" if summary["synthetic_data"] else ""))
+    click.echo(
+        f"fold assignments in {Path(out) / 'folds.csv'}, per-fold runs and cv.json in {out}"
+        + (" [SYNTHETIC data]" if summary["synthetic_data"] else "")
+    )
 
 
 @click.command()
@@ -196,6 +254,8 @@ def evaluate(model, data_dir, out):
 
     metrics = _guard(run_evaluate, model, data_dir, out)
     t = metrics["test"]
-    click.echo(f"test: accuracy {fmt(t['accuracy']['value'])}, weighted F1 {fmt(t['f1_weighted'])}, "
-               f"AUC {fmt(t['auc'])} on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else ""))
+    click.echo(
+        f"test: accuracy {fmt(t['accuracy']['value'])}, weighted F1 {fmt(t['f1_weighted'])}, "
+        f"AUC {fmt(t['auc'])} on {t['n']} images" + (" [SYNTHETIC data]" if metrics["synthetic_data"] else "")
+    )
     click.echo(f"report in {metrics['report']}")

@@ -28,8 +28,11 @@ def _value(metrics: dict, key: str) -> float | None:
 
 def mean_sd(values: list[float | None]) -> dict:
     vals = [v for v in values if v is not None]
-    return {"mean": float(np.mean(vals)) if vals else None,
-            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals)}
+    return {
+        "mean": float(np.mean(vals)) if vals else None,
+        "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+        "n": len(vals),
+    }
 
 
 def run_cv(data_dir: str | Path, out_dir: str | Path, opts, k: int = 5, progress: bool = True) -> dict:
@@ -47,23 +50,31 @@ def run_cv(data_dir: str | Path, out_dir: str | Path, opts, k: int = 5, progress
         val = [s for s, name in zip(samples, splits, strict=True) if name == f"fold{i}"]
         train = [s for s, name in zip(samples, splits, strict=True) if name not in ("test", f"fold{i}")]
         fold_opts = dataclasses.replace(opts, report=False, seed=opts.seed + i)
-        m = run_training(data_dir, out / f"fold{i}", fold_opts, progress=progress,
-                         parts={"train": train, "val": val, "test": test})
-        per_fold.append({"fold": i, "val": {key: _value(m["val"], key) for key in SUMMARY_KEYS},
-                         "test": {key: _value(m["test"], key) for key in SUMMARY_KEYS},
-                         "threshold": m["operating_point"]["threshold"]})
+        m = run_training(
+            data_dir, out / f"fold{i}", fold_opts, progress=progress, parts={"train": train, "val": val, "test": test}
+        )
+        per_fold.append(
+            {
+                "fold": i,
+                "val": {key: _value(m["val"], key) for key in SUMMARY_KEYS},
+                "test": {key: _value(m["test"], key) for key in SUMMARY_KEYS},
+                "threshold": m["operating_point"]["threshold"],
+            }
+        )
     summary = {
         "synthetic_data": any(Path(data_dir).rglob("SYNTHETIC_README.txt")) if Path(data_dir).is_dir() else False,
         "folds": k,
-        "subjects_per_split": {name: len({s.subject or str(s.path) for s, n in zip(samples, splits, strict=True)
-                                          if n == name}) for name in sorted(set(splits))},
+        "subjects_per_split": {
+            name: len({s.subject or str(s.path) for s, n in zip(samples, splits, strict=True) if n == name})
+            for name in sorted(set(splits))
+        },
         "per_fold": per_fold,
         # Only the held-out test rows are evidence. Each fold's threshold is chosen on its own validation
         # fold (for the target sensitivity), so validation sensitivity is fixed by construction: tuning data.
         "mean_sd": {f"test {key}": mean_sd([f["test"][key] for f in per_fold]) for key in SUMMARY_KEYS},
         "tuning_val_mean_sd": {f"val {key}": mean_sd([f["val"][key] for f in per_fold]) for key in SUMMARY_KEYS},
         "note": "mean_sd is over the folds' held-out test results; tuning_val_mean_sd is the validation folds "
-                "the thresholds were chosen on (their sensitivity is set by construction, not measured)",
+        "the thresholds were chosen on (their sensitivity is set by construction, not measured)",
     }
     (out / "cv.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -78,7 +78,9 @@ def read_manifest(csv_path: str | Path) -> list[Sample]:
         if label is None:
             raise DatasetError(f"{csv_path} line {n}: label {row['label']!r} is not one of {sorted(MANIFEST_LABELS)}")
         path = Path(row["path"])
-        samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, label, row.get("subject") or None))
+        samples.append(
+            Sample(path if path.is_absolute() else csv_path.parent / path, label, row.get("subject") or None)
+        )
     return samples
 
 
@@ -155,8 +157,10 @@ def subject_warning(samples: list[Sample]) -> str | None:
     missing = sum(s.subject is None for s in samples)
     if not missing:
         return None
-    return (f"WARNING: {missing} of {len(samples)} images have no subject ID: those are split by IMAGE, so cells "
-            "of one patient can land in both training and test and the scores will be optimistic")
+    return (
+        f"WARNING: {missing} of {len(samples)} images have no subject ID: those are split by IMAGE, so cells "
+        "of one patient can land in both training and test and the scores will be optimistic"
+    )
 
 
 def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
@@ -212,8 +216,9 @@ def summarize(samples: list[Sample]) -> dict:
     }
 
 
-def load_images(samples: list[Sample], contract: PreprocessContract, progress: bool = True,
-                um_per_px: float | None = None) -> tuple[np.ndarray, np.ndarray, list[Sample], list[str]]:
+def load_images(
+    samples: list[Sample], contract: PreprocessContract, progress: bool = True, um_per_px: float | None = None
+) -> tuple[np.ndarray, np.ndarray, list[Sample], list[str]]:
     """Decode and prepare images. Unreadable files are skipped and listed, never fatal.
 
     `um_per_px` is the images' pixel size: with the contract's crop_um, every image is brought to that

@@ -10,8 +10,9 @@ import numpy as np
 from training.datasets import DatasetError, load_images, read_dataset, subject_groups
 
 
-def run_evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
-                 progress: bool = True) -> dict:
+def run_evaluate(
+    model_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, progress: bool = True
+) -> dict:
     """Score the model on the test split recorded in its training.json; write metrics.json and report.md."""
     import keras
 
@@ -32,8 +33,9 @@ def run_evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Pa
     test = [by_path[p] for p in info.get("split_files", {}).get("test", []) if p in by_path]
     if not test:
         raise DatasetError(f"{data_dir}: none of the model's test images are here; pass the dataset it was trained on")
-    x, y, kept, _ = load_images(test, PreprocessContract.from_dict(info["preprocess"]), progress=progress,
-                                um_per_px=info.get("data_um_per_px"))
+    x, y, kept, _ = load_images(
+        test, PreprocessContract.from_dict(info["preprocess"]), progress=progress, um_per_px=info.get("data_um_per_px")
+    )
     model = keras.models.load_model(model_path, compile=False)
     logits = predict_logits(model, x)
     prob = 1 / (1 + np.exp(-logits))
@@ -41,8 +43,11 @@ def run_evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Pa
     metrics = {
         "synthetic_data": _is_synthetic(data_dir),
         "test": binary_metrics(y, prob, float(info["threshold"]), groups=subject_groups(kept)),
-        "calibration": {"temperature": t, "val_ece": {"before": None, "after": None},
-                        "test_ece": {"before": ece(y, prob), "after": ece(y, 1 / (1 + np.exp(-logits / t)))}},
+        "calibration": {
+            "temperature": t,
+            "val_ece": {"before": None, "after": None},
+            "test_ece": {"before": ece(y, prob), "after": ece(y, 1 / (1 + np.exp(-logits / t)))},
+        },
         "model": str(model_path),
     }
     metrics["report"] = str(write_report(out, model, x, y, prob, metrics, info, [str(s.path) for s in kept]))

@@ -154,11 +154,7 @@ def evaluate_folder(
     seconds = 0.0
     for xml in xmls:
         image_path = next(
-            (
-                p
-                for ext in (".jpg", ".jpeg", ".png", ".JPG")
-                if (p := images_dir / (xml.stem + ext)).exists()
-            ),
+            (p for ext in (".jpg", ".jpeg", ".png", ".JPG") if (p := images_dir / (xml.stem + ext)).exists()),
             None,
         )
         if image_path is None:
@@ -196,9 +192,7 @@ def evaluate_folder(
         print(f"{'image':<24}{'true':>6}{'found':>6}{'tp':>5}{'fp':>5}{'fn':>5}")
         for r in rows:
             flag = "" if r["fp"] == r["fn"] == 0 else "  <-"
-            print(
-                f"{r['name']:<24}{r['n_true']:>6}{r['n_found']:>6}{r['tp']:>5}{r['fp']:>5}{r['fn']:>5}{flag}"
-            )
+            print(f"{r['name']:<24}{r['n_true']:>6}{r['n_found']:>6}{r['tp']:>5}{r['fp']:>5}{r['fn']:>5}{flag}")
         print(
             f"\n{result['images']} images, {n_true} white cells, {n_found} found: "
             f"TP {tp}  FP {fp}  FN {fn}\n"
@@ -363,17 +357,39 @@ def crop_gallery(
 
 
 @click.command("finder-eval")
-@click.option("--corpus", "corpus_dir", default="runs/finder-corpus", show_default=True,
-              type=click.Path(file_okay=False), help="Stress corpus folder (built there when missing or with --build).")
+@click.option(
+    "--corpus",
+    "corpus_dir",
+    default="runs/finder-corpus",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Stress corpus folder (built there when missing or with --build).",
+)
 @click.option("--build", is_flag=True, help="(Re)build the corpus first.")
-@click.option("--bccd", "bccd_dir", default=str(DEFAULT_BCCD), show_default=True, type=click.Path(file_okay=False),
-              help="BCCD-layout folder (JPEGImages/ + Annotations/) of real annotated fields to transform.")
+@click.option(
+    "--bccd",
+    "bccd_dir",
+    default=str(DEFAULT_BCCD),
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="BCCD-layout folder (JPEGImages/ + Annotations/) of real annotated fields to transform.",
+)
 @click.option("--synth-fields", default=20, show_default=True, help="SYNTHETIC fields per synthetic condition.")
-@click.option("--training-cells", default=str(DEFAULT_CNMC), show_default=True, type=click.Path(file_okay=False),
-              help="Folder of training cells (C-NMC style) for the crop gallery.")
+@click.option(
+    "--training-cells",
+    default=str(DEFAULT_CNMC),
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of training cells (C-NMC style) for the crop gallery.",
+)
 @click.option("--out", "out_dir", default="runs/finder-eval", show_default=True, type=click.Path(file_okay=False))
-@click.option("--bundle", "bundle_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Also run the field-path parity check with this model bundle (training path vs device field path).")
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Also run the field-path parity check with this model bundle (training path vs device field path).",
+)
 def finder_eval_command(corpus_dir, build, bccd_dir, synth_fields, training_cells, out_dir, bundle_dir):
     """Score the white-cell finder per stress condition (stains, scales, JPEG, density) and draw the crop gallery."""
     from training.stress import build_corpus
@@ -428,9 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="pixel size of the images (default: estimate from red cells)",
     )
     args = parser.parse_args(argv)
-    return evaluate_folder(
-        args.images_dir, args.annotations_dir, FinderParams(um_per_px=args.um_per_px)
-    )
+    return evaluate_folder(args.images_dir, args.annotations_dir, FinderParams(um_per_px=args.um_per_px))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, groups=None,
-                   n_boot: int = 1000, seed: int = 0) -> dict:
+def binary_metrics(
+    y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, groups=None, n_boot: int = 1000, seed: int = 0
+) -> dict:
     """Accuracy, sensitivity, specificity, PPV, NPV, F1 and AUC, each with a 95% CI.
 
     Args:
@@ -56,15 +57,21 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
         return {"value": k / n, "ci95": ci, "n": n}
 
     sens, ppv = prop("sensitivity", tp, tp + fn), prop("ppv", tp, tp + fp)
-    f1 = (2 * sens["value"] * ppv["value"] / (sens["value"] + ppv["value"])
-          if sens["value"] is not None and ppv["value"] is not None and (sens["value"] + ppv["value"]) > 0 else None)
+    f1 = (
+        2 * sens["value"] * ppv["value"] / (sens["value"] + ppv["value"])
+        if sens["value"] is not None and ppv["value"] is not None and (sens["value"] + ppv["value"]) > 0
+        else None
+    )
     n_subjects = len(set(groups)) if groups is not None else None
     return {
         "threshold": threshold,
         "n": int(len(y)),
         "subjects": n_subjects,
-        "ci_method": (f"percentile bootstrap over {n_subjects} subjects ({n_boot} resamples)" if by_subject else
-                      "Wilson score (cells treated as independent); AUC: bootstrap over cells"),
+        "ci_method": (
+            f"percentile bootstrap over {n_subjects} subjects ({n_boot} resamples)"
+            if by_subject
+            else "Wilson score (cells treated as independent); AUC: bootstrap over cells"
+        ),
         "confusion": {"tp": tp, "tn": tn, "fp": fp, "fn": fn},
         "accuracy": prop("accuracy", tp + tn, len(y)),
         "sensitivity": sens,
@@ -85,8 +92,9 @@ def _subject_bootstrap(y, prob, pred, groups, n_boot: int, seed: int) -> dict:
     n_sub = len(subjects)
     # Per-subject counts, so each resample is a sum over drawn subjects.
     counts = np.zeros((n_sub, 4))
-    for j, (cond) in enumerate(((pred == 1) & (y == 1), (pred == 0) & (y == 0), (pred == 1) & (y == 0),
-                                (pred == 0) & (y == 1))):
+    for j, (cond) in enumerate(
+        ((pred == 1) & (y == 1), (pred == 0) & (y == 0), (pred == 1) & (y == 0), (pred == 0) & (y == 1))
+    ):
         counts[:, j] = np.bincount(inverse, weights=cond.astype(float), minlength=n_sub)
     members = [np.flatnonzero(inverse == s) for s in range(n_sub)]
     rng = np.random.default_rng(seed)
@@ -94,8 +102,13 @@ def _subject_bootstrap(y, prob, pred, groups, n_boot: int, seed: int) -> dict:
     for _ in range(n_boot):
         draw = rng.integers(0, n_sub, n_sub)
         tp, tn, fp, fn = counts[draw].sum(axis=0)
-        for name, k, n in (("accuracy", tp + tn, tp + tn + fp + fn), ("sensitivity", tp, tp + fn),
-                           ("specificity", tn, tn + fp), ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+        for name, k, n in (
+            ("accuracy", tp + tn, tp + tn + fp + fn),
+            ("sensitivity", tp, tp + fn),
+            ("specificity", tn, tn + fp),
+            ("ppv", tp, tp + fp),
+            ("npv", tn, tn + fn),
+        ):
             if n:
                 stats[name].append(k / n)
         idx = np.concatenate([members[s] for s in draw])
@@ -172,9 +185,15 @@ def reliability(y_true: np.ndarray, prob: np.ndarray, bins: int = 10) -> list[di
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(prob, dtype=np.float64)
     idx = np.minimum((p * bins).astype(int), bins - 1)
-    return [{"lo": b / bins, "n": int((idx == b).sum()),
-             "mean_prob": float(p[idx == b].mean()) if (idx == b).any() else None,
-             "frac_pos": float(y[idx == b].mean()) if (idx == b).any() else None} for b in range(bins)]
+    return [
+        {
+            "lo": b / bins,
+            "n": int((idx == b).sum()),
+            "mean_prob": float(p[idx == b].mean()) if (idx == b).any() else None,
+            "frac_pos": float(y[idx == b].mean()) if (idx == b).any() else None,
+        }
+        for b in range(bins)
+    ]
 
 
 def nll(y_true: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> float:
@@ -225,8 +244,9 @@ def threshold_for_specificity(y_true: np.ndarray, prob: np.ndarray, target: floa
     return float(min(1.0, np.nextafter(neg[m - 1], np.inf)))
 
 
-def operating_point(y_true: np.ndarray, prob: np.ndarray, target_sensitivity: float = 0.95,
-                    band_level: float = 0.99) -> tuple[float, list[float]]:
+def operating_point(
+    y_true: np.ndarray, prob: np.ndarray, target_sensitivity: float = 0.95, band_level: float = 0.99
+) -> tuple[float, list[float]]:
     """(threshold, review band) chosen on validation.
 
     Threshold: the largest with sensitivity >= target_sensitivity. Review band:

@@ -55,6 +55,8 @@ def input_preprocessing(backbone: str, x):
         conv.set_weights([swap, -np.array(CAFFE_MEAN_BGR, dtype=np.float32)])
         return y
     return x
+
+
 GAP_LAYER = "gap"
 LOGIT_LAYER = "logit"
 
@@ -94,8 +96,13 @@ def match_imagenet_normalization(base: keras.Model) -> None:
     norm.finalize_state()  # Normalization caches mean and variance as tensors; refresh them from the weights
 
 
-def build_model(input_size: int, backbone: str = "efficientnetb3", weights: str | None = None,
-                dropout: float = 0.3, bn_momentum: float | None = None) -> keras.Model:
+def build_model(
+    input_size: int,
+    backbone: str = "efficientnetb3",
+    weights: str | None = None,
+    dropout: float = 0.3,
+    bn_momentum: float | None = None,
+) -> keras.Model:
     """Build backbone + GAP + Dropout + Dense(1) returning the pre-activation logit.
 
     Args:
@@ -110,8 +117,7 @@ def build_model(input_size: int, backbone: str = "efficientnetb3", weights: str 
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     inp = keras.Input((input_size, input_size, 3), name="image")
     resolved = resolve_weights(weights)
-    base = BACKBONES[backbone](include_top=False, weights=resolved,
-                               input_tensor=input_preprocessing(backbone, inp))
+    base = BACKBONES[backbone](include_top=False, weights=resolved, input_tensor=input_preprocessing(backbone, inp))
     if backbone.startswith("efficientnet") and resolved not in (None, "imagenet"):
         match_imagenet_normalization(base)
     if bn_momentum is not None:
@@ -151,8 +157,13 @@ def embedding_model(model: keras.Model) -> keras.Model:
 
 
 def backbone_layers(model: keras.Model) -> list:
-    return [layer for layer in model.layers if layer.name not in HEAD_LAYERS and layer.name != "preprocess"
-            and not isinstance(layer, keras.layers.InputLayer)]
+    return [
+        layer
+        for layer in model.layers
+        if layer.name not in HEAD_LAYERS
+        and layer.name != "preprocess"
+        and not isinstance(layer, keras.layers.InputLayer)
+    ]
 
 
 def freeze_backbone(model: keras.Model) -> None:

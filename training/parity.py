@@ -81,8 +81,9 @@ def field_parity(
     dprob = []
     for _ in range(n_fields):
         masks: list[np.ndarray] = []
-        field, cells = synth.render_field(rng, width, height, cells_per_field, um_per_px=um_per_px,
-                                          stain=synth.random_stain(rng), masks=masks)
+        field, cells = synth.render_field(
+            rng, width, height, cells_per_field, um_per_px=um_per_px, stain=synth.random_stain(rng), masks=masks
+        )
         train_crops = []
         for c, m in zip(cells, masks, strict=True):
             x0, y0, x1, y1 = c["box"]
@@ -93,8 +94,9 @@ def field_parity(
         found = find_white_cells(field, FinderParams(um_per_px=um_per_px))
         pairs = _pair(found, cells)
         extra += len(found) - len(pairs)
-        field_crops = {j: crop_cell(field, found[i].box, found[i].mask, contract, um_per_px=um_per_px)
-                       for i, j in pairs.items()}
+        field_crops = {
+            j: crop_cell(field, found[i].box, found[i].mask, contract, um_per_px=um_per_px) for i, j in pairs.items()
+        }
         probs_train = [p.probability for p in classifier.classify(np.stack(train_crops))]
         probs_field = {}
         if field_crops:
@@ -185,6 +187,8 @@ def parity_markdown(r: dict) -> str:
         "",
     ]
     if r["mean_abs_dprob"] is not None:
-        lines.append(f"Per found cell, |p(field) − p(training)|: mean {r['mean_abs_dprob']:.3f}, "
-                     f"max {r['max_abs_dprob']:.3f}. {r['reason']}: {'passed' if r['passed'] else 'FAILED'}.")
+        lines.append(
+            f"Per found cell, |p(field) − p(training)|: mean {r['mean_abs_dprob']:.3f}, "
+            f"max {r['max_abs_dprob']:.3f}. {r['reason']}: {'passed' if r['passed'] else 'FAILED'}."
+        )
     return "\n".join(lines) + "\n"

@@ -67,8 +67,14 @@ def plot_confusion(confusion: dict, path: Path, synthetic: bool) -> None:
     plt.close(fig)
 
 
-def plot_reliability(y: np.ndarray, prob: np.ndarray, path: Path, synthetic: bool, temperature: float | None = None,
-                     logits: np.ndarray | None = None) -> None:
+def plot_reliability(
+    y: np.ndarray,
+    prob: np.ndarray,
+    path: Path,
+    synthetic: bool,
+    temperature: float | None = None,
+    logits: np.ndarray | None = None,
+) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -87,8 +93,16 @@ def plot_reliability(y: np.ndarray, prob: np.ndarray, path: Path, synthetic: boo
     plt.close(fig)
 
 
-def plot_gradcam_grid(model, images: np.ndarray, y: np.ndarray, prob: np.ndarray, threshold: float, path: Path,
-                      synthetic: bool, per_kind: int = 3) -> dict:
+def plot_gradcam_grid(
+    model,
+    images: np.ndarray,
+    y: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    path: Path,
+    synthetic: bool,
+    per_kind: int = 3,
+) -> dict:
     """Up to per_kind TP, FP, TN, FN test crops with their Grad-CAM (of the predicted class) overlaid."""
     from training.gradcam import grad_cam
 
@@ -107,8 +121,9 @@ def plot_gradcam_grid(model, images: np.ndarray, y: np.ndarray, prob: np.ndarray
             if col < len(idx):
                 ax.imshow(images[idx[col]])
                 cam = cams[col]
-                ax.imshow(cam / (cam.max() + 1e-9), cmap="jet", alpha=0.4,
-                          extent=(0, images.shape[2], images.shape[1], 0))
+                ax.imshow(
+                    cam / (cam.max() + 1e-9), cmap="jet", alpha=0.4, extent=(0, images.shape[2], images.shape[1], 0)
+                )
                 ax.set_title(f"{kind} p={prob[idx[col]]:.2f}", fontsize=8)
             elif col == 0:
                 ax.set_title(f"{kind}: none", fontsize=8)
@@ -119,8 +134,16 @@ def plot_gradcam_grid(model, images: np.ndarray, y: np.ndarray, prob: np.ndarray
     return shown
 
 
-def write_report(out: str | Path, model, images: np.ndarray, y: np.ndarray, prob: np.ndarray, metrics: dict,
-                 info: dict, paths: list[str] | None = None) -> Path:
+def write_report(
+    out: str | Path,
+    model,
+    images: np.ndarray,
+    y: np.ndarray,
+    prob: np.ndarray,
+    metrics: dict,
+    info: dict,
+    paths: list[str] | None = None,
+) -> Path:
     """Write report.md and its PNGs into out; returns the report path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +182,8 @@ def write_report(out: str | Path, model, images: np.ndarray, y: np.ndarray, prob
         *[prop(k) for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")],
         f"| F1 (blast) | {fmt(t.get('f1'))} | |",
         f"| weighted F1 (C-NMC metric) | {fmt(t.get('f1_weighted'))} | |",
-        f"| ROC AUC | {fmt(t.get('auc'))}" + (f" (95% CI {fmt(auc_ci[0])}-{fmt(auc_ci[1])})" if auc_ci else "")
+        f"| ROC AUC | {fmt(t.get('auc'))}"
+        + (f" (95% CI {fmt(auc_ci[0])}-{fmt(auc_ci[1])})" if auc_ci else "")
         + " | |",
         "",
         f"Confusion: {t['confusion']}.",
@@ -171,15 +195,24 @@ def write_report(out: str | Path, model, images: np.ndarray, y: np.ndarray, prob
     if op:
         lines += [f"Operating point: {op.get('rule')}.", ""]
     if cal:
-        lines += [f"Calibration: temperature {fmt(cal.get('temperature'))}; validation ECE "
-                  f"{fmt(cal['val_ece']['before'])} -> {fmt(cal['val_ece']['after'])}, test ECE "
-                  f"{fmt(cal['test_ece']['before'])} -> {fmt(cal['test_ece']['after'])} (10 bins). The threshold "
-                  "and review band apply to the uncalibrated probability the device computes.", ""]
+        lines += [
+            f"Calibration: temperature {fmt(cal.get('temperature'))}; validation ECE "
+            f"{fmt(cal['val_ece']['before'])} -> {fmt(cal['val_ece']['after'])}, test ECE "
+            f"{fmt(cal['test_ece']['before'])} -> {fmt(cal['test_ece']['after'])} (10 bins). The threshold "
+            "and review band apply to the uncalibrated probability the device computes.",
+            "",
+        ]
     bal = metrics.get("balance")
     if bal:
         lines += [f"Balancing: {bal}.", ""]
-    lines += ["![training curves](training_curves.png)", "![ROC](roc.png)", "![confusion](confusion_matrix.png)",
-              "![reliability](reliability.png)", "![Grad-CAM](gradcam_grid.png)", ""]
+    lines += [
+        "![training curves](training_curves.png)",
+        "![ROC](roc.png)",
+        "![confusion](confusion_matrix.png)",
+        "![reliability](reliability.png)",
+        "![Grad-CAM](gradcam_grid.png)",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -65,9 +65,7 @@ LOOKS: dict[str, StainLook] = {
 }
 
 
-BCCD_STAINS = stain_model.StainVectors(
-    nuclear=(0.486, 0.874, 0.020), red_cell=(0.364, 0.737, 0.570), estimated=True
-)
+BCCD_STAINS = stain_model.StainVectors(nuclear=(0.486, 0.874, 0.020), red_cell=(0.364, 0.737, 0.570), estimated=True)
 """The BCCD lab's stain, measured once: the two-population estimate on the OD of all 87 `val`
 fields pooled (20,000 pixels of each). It is a constant on purpose: the corpus is the finder's
 ground truth, so it must not move when the stain estimator under test changes."""
@@ -143,12 +141,20 @@ def burn_in_labels(rgb: np.ndarray, um_per_px: float) -> np.ndarray:
     cv2.rectangle(out, (x0, y0), (x0 + bar, y0 + thick), (0, 0, 0), -1)
     scale = max(0.3, h / 900)
     cv2.putText(out, "10 um", (x0, y0 - thick), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(1, thick // 2))
-    cv2.putText(out, "LAB-2 100x oil 2024-03-11", (w // 40, h // 14), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (20, 20, 20), max(1, thick // 2))
+    cv2.putText(
+        out,
+        "LAB-2 100x oil 2024-03-11",
+        (w // 40, h // 14),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (20, 20, 20),
+        max(1, thick // 2),
+    )
     return out
 
 
 # --------------------------------------------------------------------------- conditions
+
 
 @dataclass(frozen=True)
 class Transform:
@@ -222,8 +228,14 @@ def synth_field(condition: str, seed: int) -> tuple[np.ndarray, list, float]:
     if condition == "synth-mgg-dense":
         # The synthetic drawing is not Beer-Lambert, so it is not re-stained by deconvolution:
         # its own stain model draws the pale lilac nuclei and bluish light of May-Grünwald-Giemsa.
-        stain = synth.Stain(nucleus_hue_deg=12.0, cytoplasm_hue_deg=-10.0, intensity=0.6,
-                            gain=1.05, cast=(0.93, 0.97, 1.05), blur_um=stain.blur_um)
+        stain = synth.Stain(
+            nucleus_hue_deg=12.0,
+            cytoplasm_hue_deg=-10.0,
+            intensity=0.6,
+            gain=1.05,
+            cast=(0.93, 0.97, 1.05),
+            blur_um=stain.blur_um,
+        )
     if condition == "synth-sparse":
         um = float(rng.choice([0.08, 0.12, 0.2]))
         n, labels, gap = int(rng.integers(1, 4)), None, 1.0
@@ -240,8 +252,13 @@ def synth_field(condition: str, seed: int) -> tuple[np.ndarray, list, float]:
     for count in range(n, 0, -1):
         try:
             rgb, cells = synth.render_field(
-                rng, *size, n_white=count, um_per_px=um,
-                labels=labels[:count] if labels else None, stain=stain, gap_um=gap,
+                rng,
+                *size,
+                n_white=count,
+                um_per_px=um,
+                labels=labels[:count] if labels else None,
+                stain=stain,
+                gap_um=gap,
             )
             break
         except ValueError:

@@ -253,12 +253,8 @@ def _white_cell_patch(
 
     m = morph.blastness
     nuc_tone = float(np.clip(m + rng.normal(0.0, 0.08), 0.0, 1.0))
-    nuc_col = _shift_colour(
-        _lerp(_NUC_DENSE, _NUC_OPEN, nuc_tone), stain.nucleus_hue_deg, stain.intensity
-    )
-    cyto_col = _shift_colour(
-        _lerp(_CYTO_PALE, _CYTO_BASO, m), stain.cytoplasm_hue_deg, stain.intensity
-    )
+    nuc_col = _shift_colour(_lerp(_NUC_DENSE, _NUC_OPEN, nuc_tone), stain.nucleus_hue_deg, stain.intensity)
+    cyto_col = _shift_colour(_lerp(_CYTO_PALE, _CYTO_BASO, m), stain.cytoplasm_hue_deg, stain.intensity)
     nucleolus_col = _shift_colour(_NUCLEOLUS, stain.nucleus_hue_deg, stain.intensity)
 
     # Chromatin: coarse clumps (dark blobs with light gaps) for lymphocytes,
@@ -285,10 +281,7 @@ def _white_cell_patch(
         w = (0.8 * morph.nucleoli_visibility * np.clip(spots, 0, 1) * nucleus)[..., None]
         nuc_rgb = nuc_rgb * (1.0 - w) + nucleolus_col[None, None, :] * w
 
-    cyto_rgb = (
-        cyto_col[None, None, :]
-        * (1.0 + 0.04 * _smooth_noise(rng, n, n, max(1.5, radius / 5)))[..., None]
-    )
+    cyto_rgb = cyto_col[None, None, :] * (1.0 + 0.04 * _smooth_noise(rng, n, n, max(1.5, radius / 5)))[..., None]
     nw = nucleus[..., None]
     rgb = cyto_rgb * (1.0 - nw) + nuc_rgb * nw
     return rgb.astype(np.float32), cell
@@ -307,9 +300,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_cell(
-    rng: np.random.Generator, label: str, size: int = 450, stain: Stain | None = None
-) -> np.ndarray:
+def render_cell(rng: np.random.Generator, label: str, size: int = 450, stain: Stain | None = None) -> np.ndarray:
     """Render one segmented white cell centred on black, C-NMC 2019 style.
 
     Args:
@@ -391,9 +382,7 @@ def _draw_red_cells(rng: np.random.Generator, h: int, w: int, um_per_px: float) 
     return thickness
 
 
-def _draw_platelets(
-    rng: np.random.Generator, h: int, w: int, um_per_px: float, n_rbc_area: float
-) -> np.ndarray:
+def _draw_platelets(rng: np.random.Generator, h: int, w: int, um_per_px: float, n_rbc_area: float) -> np.ndarray:
     """Platelet coverage mask (float32 HxW): small purple granular dots, 2-3 um."""
     mask = np.zeros((h, w), dtype=np.uint8)
     r_rbc = 0.5 * _RBC_DIAMETER_UM / um_per_px
@@ -445,9 +434,7 @@ def render_field(
         ValueError: on bad arguments or when the white cells do not fit the field.
     """
     if width < 32 or height < 32 or um_per_px <= 0:
-        raise ValueError(
-            f"need width, height >= 32 and um_per_px > 0, got {width}x{height}, {um_per_px}"
-        )
+        raise ValueError(f"need width, height >= 32 and um_per_px > 0, got {width}x{height}, {um_per_px}")
     if labels is None:
         labels = [LABELS[int(i)] for i in rng.integers(0, 2, size=n_white)]
     elif len(labels) != n_white:
@@ -494,17 +481,12 @@ def render_field(
             y0 = int(rng.integers(-by0, height - by1 + 1))
             box = [x0 + bx0, y0 + by0, x0 + bx1, y0 + by1]
             if all(
-                box[2] + margin <= q[0]
-                or q[2] + margin <= box[0]
-                or box[3] + margin <= q[1]
-                or q[3] + margin <= box[1]
+                box[2] + margin <= q[0] or q[2] + margin <= box[0] or box[3] + margin <= q[1] or q[3] + margin <= box[1]
                 for q in placed
             ):
                 break
         else:
-            raise ValueError(
-                f"could not place {len(labels)} white cells in a {width}x{height} field"
-            )
+            raise ValueError(f"could not place {len(labels)} white cells in a {width}x{height} field")
         placed.append(tuple(box))
         _paste(field, rgb, alpha, x0, y0)
         cells.append({"box": box, "label": label})

@@ -119,8 +119,13 @@ def augment_one(image, seed, jitter: bool):
     # Output pixel (u, v) samples input (a0 u + a1 v + a2, b0 u + b1 v + b2): rotate and scale about the centre.
     transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
     x = tf.raw_ops.ImageProjectiveTransformV3(
-        images=x[None], transforms=transform[None], output_shape=tf.shape(x)[:2], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+        images=x[None],
+        transforms=transform[None],
+        output_shape=tf.shape(x)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
     if jitter:
         mask = tf.cast(tf.reduce_max(x, axis=-1, keepdims=True) > 0, x.dtype)
         y = x / 255.0
@@ -132,8 +137,15 @@ def augment_one(image, seed, jitter: bool):
     return x
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, augment: bool, seed: int,
-                 jitter: bool = False):
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+    jitter: bool = False,
+):
     """tf.data pipeline: cast (cached), shuffle, per-image augmentation with its own stateless seed, batch, prefetch.
 
     The seeds come from `Dataset.random(seed)`, which draws a new but reproducible stream each epoch, so
@@ -148,15 +160,19 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffl
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (augment_one(xy[0], s, jitter), xy[1]), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
+            lambda xy, s: (augment_one(xy[0], s, jitter), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     ds = ds.batch(batch_size)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def predict_logits(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The model's pre-activation logits, in inference mode."""
-    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0), dtype=np.float64)[:, 0]
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0), dtype=np.float64)[
+        :, 0
+    ]
 
 
 def predict_proba(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -208,20 +224,40 @@ def _fit_head_on_embeddings(model, xtr, ytr, xva, yva, opts: TrainOptions, strat
     eva = np.asarray(emb.predict(xva.astype(np.float32), batch_size=opts.batch_size, verbose=0))
     etr_b, ytr_b, balance = balance_embeddings(etr, ytr, opts.balance, opts.seed)
     with strategy.scope():
-        head = keras.Sequential([keras.Input((etr.shape[1],)), keras.layers.Dropout(opts.dropout),
-                                 keras.layers.Dense(1, name="head_logit", dtype="float32")])
-        head.compile(optimizer=keras.optimizers.Adam(opts.learning_rate),
-                     loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                     metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+        head = keras.Sequential(
+            [
+                keras.Input((etr.shape[1],)),
+                keras.layers.Dropout(opts.dropout),
+                keras.layers.Dense(1, name="head_logit", dtype="float32"),
+            ]
+        )
+        head.compile(
+            optimizer=keras.optimizers.Adam(opts.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
+        )
     cw = class_weights(ytr_b) if opts.balance == "class-weight" else None
-    hist = head.fit(etr_b, ytr_b.astype(np.float32)[:, None], validation_data=(eva, yva.astype(np.float32)[:, None]),
-                    epochs=opts.head_epochs, batch_size=max(opts.batch_size, 32), class_weight=cw, verbose=0,
-                    callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(opts.patience, 10),
-                                                             restore_best_weights=True)])
+    hist = head.fit(
+        etr_b,
+        ytr_b.astype(np.float32)[:, None],
+        validation_data=(eva, yva.astype(np.float32)[:, None]),
+        epochs=opts.head_epochs,
+        batch_size=max(opts.batch_size, 32),
+        class_weight=cw,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=max(opts.patience, 10), restore_best_weights=True
+            )
+        ],
+    )
     model.get_layer(LOGIT_LAYER).set_weights(head.get_layer("head_logit").get_weights())
     if verbose:
-        print(f"stage 1 (head on cached embeddings): {len(hist.history['loss'])} epochs, best val_loss "
-              f"{min(hist.history['val_loss']):.4f}; balance {balance}", file=sys.stderr)
+        print(
+            f"stage 1 (head on cached embeddings): {len(hist.history['loss'])} epochs, best val_loss "
+            f"{min(hist.history['val_loss']):.4f}; balance {balance}",
+            file=sys.stderr,
+        )
     return hist.history, balance
 
 
@@ -312,8 +348,9 @@ class _LastStage:
     history: dict[str, list]
 
 
-def run_training(data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True,
-                 parts: dict | None = None) -> dict:
+def run_training(
+    data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True, parts: dict | None = None
+) -> dict:
     """Train and evaluate; returns the metrics dict that is also written to metrics.json.
 
     Args:
@@ -346,8 +383,7 @@ def start_run(out_dir: str | Path, opts: TrainOptions) -> Path:
     return out
 
 
-def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress: bool,
-                   parts: dict | None) -> Splits:
+def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress: bool, parts: dict | None) -> Splits:
     """Read the dataset, split it by subject (unless `parts` gives the split) and load each split's images.
 
     Takes the dataset folder, the run folder, the options, whether to print progress and warnings, and the
@@ -361,18 +397,26 @@ def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress
     if warning and progress:
         print(warning, file=sys.stderr)
     if parts is None:
-        parts = split_by_subject(samples, {"train": 1 - opts.test_fraction - opts.val_fraction,
-                                           "val": opts.val_fraction, "test": opts.test_fraction}, seed=opts.seed)
+        parts = split_by_subject(
+            samples,
+            {"train": 1 - opts.test_fraction - opts.val_fraction, "val": opts.val_fraction, "test": opts.test_fraction},
+            seed=opts.seed,
+        )
     loaded: dict[str, Part] = {}
     problems: list[str] = []
     for name, part in parts.items():
         if not part:
-            raise DatasetError(f"the {name} split is empty: the dataset has too few subjects or images for these fractions")
+            raise DatasetError(
+                f"the {name} split is empty: the dataset has too few subjects or images for these fractions"
+            )
         x, y, kept, bad = load_images(part, contract, progress=progress, um_per_px=opts.um_per_px)
         loaded[name] = Part(x, y, kept)
         problems += bad
-    write_folds_csv(out / "folds.csv", [s for p in loaded.values() for s in p.kept],
-                    [name for name, p in loaded.items() for _ in p.kept])
+    write_folds_csv(
+        out / "folds.csv",
+        [s for p in loaded.values() for s in p.kept],
+        [name for name, p in loaded.items() for _ in p.kept],
+    )
     return Splits(contract, summary, problems, loaded)
 
 
@@ -401,8 +445,14 @@ def fit_stages(splits: Splits, out: Path, opts: TrainOptions, progress: bool) ->
     keras.mixed_precision.set_global_policy("float32")
     model.save(out / "model.keras")
     (out / "best.weights.h5").unlink(missing_ok=True)
-    return FittedModel(model=model, history={**stage.history, **last}, balance=stage.balance,
-                       epochs_run=len(last["loss"]), train_seconds=train_s, train_images=len(stage.x))
+    return FittedModel(
+        model=model,
+        history={**stage.history, **last},
+        balance=stage.balance,
+        epochs_run=len(last["loss"]),
+        train_seconds=train_s,
+        train_images=len(stage.x),
+    )
 
 
 def score_splits(model, splits: Splits) -> Scores:
@@ -416,9 +466,14 @@ def choose_operating_point(y_val: np.ndarray, val_prob: np.ndarray, opts: TrainO
     when that is set and validation holds both classes, else `opts.threshold` and `opts.review_band`."""
     if opts.target_sensitivity is not None and _has_both_classes(y_val):
         threshold, band = operating_point(y_val, val_prob, opts.target_sensitivity, opts.band_level)
-        return OperatingPoint(threshold, band, (
-            f"validation: largest threshold with sensitivity >= {opts.target_sensitivity}; review band = "
-            f"[threshold at sensitivity {opts.band_level}, threshold at specificity {opts.band_level}]"))
+        return OperatingPoint(
+            threshold,
+            band,
+            (
+                f"validation: largest threshold with sensitivity >= {opts.target_sensitivity}; review band = "
+                f"[threshold at sensitivity {opts.band_level}, threshold at specificity {opts.band_level}]"
+            ),
+        )
     return OperatingPoint(opts.threshold, list(opts.review_band), "fixed by options")
 
 
@@ -432,13 +487,23 @@ def calibrate(splits: Splits, scores: Scores) -> dict:
         "temperature": temperature,
         "val_nll": {"before": nll(yva, scores.val_logits), "after": nll(yva, scores.val_logits, temperature)},
         "val_ece": {"before": ece(yva, scores.val_prob), "after": ece(yva, _sigmoid(scores.val_logits / temperature))},
-        "test_ece": {"before": ece(yte, scores.test_prob),
-                     "after": ece(yte, _sigmoid(scores.test_logits / temperature))},
+        "test_ece": {
+            "before": ece(yte, scores.test_prob),
+            "after": ece(yte, _sigmoid(scores.test_logits / temperature)),
+        },
     }
 
 
-def write_run(data_dir: str | Path, out: Path, opts: TrainOptions, splits: Splits, fitted: FittedModel,
-              scores: Scores, point: OperatingPoint, calibration: dict) -> dict:
+def write_run(
+    data_dir: str | Path,
+    out: Path,
+    opts: TrainOptions,
+    splits: Splits,
+    fitted: FittedModel,
+    scores: Scores,
+    point: OperatingPoint,
+    calibration: dict,
+) -> dict:
     """Write out/training.json (what `convert` needs), out/metrics.json, the training-curve plot and, when
     `opts.report`, the report; returns the metrics dict."""
     synthetic = _is_synthetic(data_dir)
@@ -450,8 +515,16 @@ def write_run(data_dir: str | Path, out: Path, opts: TrainOptions, splits: Split
     if opts.report:
         from training.report import write_report
 
-        write_report(out, fitted.model, splits.test.x, splits.test.y, scores.test_prob, metrics, info,
-                     [str(s.path) for s in splits.test.kept])
+        write_report(
+            out,
+            fitted.model,
+            splits.test.x,
+            splits.test.y,
+            scores.test_prob,
+            metrics,
+            info,
+            [str(s.path) for s in splits.test.kept],
+        )
     return metrics
 
 
@@ -459,8 +532,11 @@ def _preprocess_contract(samples: list, opts: TrainOptions, progress: bool) -> P
     """The input size and, when the pixel size is known, the physical crop; warns when it is not."""
     crop_um = None if opts.um_per_px is None else round(largest_side(samples) * opts.um_per_px, 3)
     if crop_um is None and progress:
-        print("warning: --um-per-px not given: the bundle cannot crop cells at the trained scale on the device, "
-              "which then scales each cell to the input and loses its size (see docs/scale.md)", file=sys.stderr)
+        print(
+            "warning: --um-per-px not given: the bundle cannot crop cells at the trained scale on the device, "
+            "which then scales each cell to the input and loses its size (see docs/scale.md)",
+            file=sys.stderr,
+        )
     return PreprocessContract(input_size=opts.input_size, crop_um=crop_um)
 
 
@@ -504,29 +580,45 @@ def _one_stage(train: Part, opts: TrainOptions) -> _LastStage:
     return _LastStage(x, y, opts.learning_rate, None, balance, {})
 
 
-def _fit_last_stage(model, stage: _LastStage, val: Part, out: Path, opts: TrainOptions, strategy,
-                    verbose: int) -> dict[str, list]:
+def _fit_last_stage(
+    model, stage: _LastStage, val: Part, out: Path, opts: TrainOptions, strategy, verbose: int
+) -> dict[str, list]:
     """Compile and fit the model on augmented batches, stopping early on validation loss with the best weights
     restored (checkpointed to out/best.weights.h5 meanwhile); returns the fit's per-epoch history."""
     import keras
 
     with strategy.scope():
-        model.compile(optimizer=keras.optimizers.Adam(stage.learning_rate),
-                      loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                      metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
-                 keras.callbacks.ModelCheckpoint(str(out / "best.weights.h5"), monitor="val_loss",
-                                                 save_best_only=True, save_weights_only=True)]
+        model.compile(
+            optimizer=keras.optimizers.Adam(stage.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
+        )
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(
+            str(out / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
+    ]
     fit = model.fit(
         make_dataset(stage.x, stage.y, opts.batch_size, True, opts.augment, opts.seed, opts.color_jitter),
         validation_data=make_dataset(val.x, val.y, opts.batch_size, False, False, opts.seed),
-        epochs=opts.epochs, class_weight=stage.class_weight, callbacks=callbacks, verbose=verbose,
+        epochs=opts.epochs,
+        class_weight=stage.class_weight,
+        callbacks=callbacks,
+        verbose=verbose,
     )
     return fit.history
 
 
-def _metrics(opts: TrainOptions, splits: Splits, fitted: FittedModel, scores: Scores, point: OperatingPoint,
-             calibration: dict, synthetic: bool) -> dict:
+def _metrics(
+    opts: TrainOptions,
+    splits: Splits,
+    fitted: FittedModel,
+    scores: Scores,
+    point: OperatingPoint,
+    calibration: dict,
+    synthetic: bool,
+) -> dict:
     """The metrics.json dict: test and validation metrics at the threshold, the operating point, calibration,
     balancing and training time."""
     va, te = splits.val, splits.test
@@ -544,8 +636,15 @@ def _metrics(opts: TrainOptions, splits: Splits, fitted: FittedModel, scores: Sc
     }
 
 
-def _training_info(data_dir: str | Path, opts: TrainOptions, splits: Splits, fitted: FittedModel,
-                   point: OperatingPoint, calibration: dict, synthetic: bool) -> dict:
+def _training_info(
+    data_dir: str | Path,
+    opts: TrainOptions,
+    splits: Splits,
+    fitted: FittedModel,
+    point: OperatingPoint,
+    calibration: dict,
+    synthetic: bool,
+) -> dict:
     """The training.json dict: options, labels, preprocessing contract, operating point, temperature, feature
     layer, data summary, split by subject and by file, history and versions."""
     import keras
@@ -563,13 +662,25 @@ def _training_info(data_dir: str | Path, opts: TrainOptions, splits: Splits, fit
         "review_band": point.review_band,
         "temperature": calibration["temperature"],
         "feature_layer": feature_layer_name(fitted.model),
-        "data": {**summary, "root": str(Path(data_dir).resolve()), "unreadable": splits.problems, "synthetic": synthetic,
-                 "split_by": "subject" if summary["subject_ids_known"] else "image (no subject IDs: scores may be optimistic)"},
+        "data": {
+            **summary,
+            "root": str(Path(data_dir).resolve()),
+            "unreadable": splits.problems,
+            "synthetic": synthetic,
+            "split_by": "subject"
+            if summary["subject_ids_known"]
+            else "image (no subject IDs: scores may be optimistic)",
+        },
         "splits": {name: sorted({s.subject or str(s.path) for s in p.kept}) for name, p in splits.parts.items()},
         "split_files": {name: [str(s.path) for s in p.kept] for name, p in splits.parts.items()},
         "history": {k: [float(v) for v in vals] for k, vals in fitted.history.items()},
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "numpy": np.__version__, "git_commit": _git_commit()},
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "git_commit": _git_commit(),
+        },
     }
 
 
@@ -602,8 +713,9 @@ def _is_synthetic(data_dir: str | Path) -> bool:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -52,8 +52,9 @@ def build_camera(config: Config) -> Camera:
     if backend == "replay":
         from device.camera.replay import ReplayCamera
 
-        return ReplayCamera(config.replay_dir, max_pixels=config.store.max_image_pixels,
-                            preview_width=config.camera.preview_width)
+        return ReplayCamera(
+            config.replay_dir, max_pixels=config.store.max_image_pixels, preview_width=config.camera.preview_width
+        )
     if backend == "opencv":
         from device.camera.uvc import OpenCVCamera
 

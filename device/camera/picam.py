@@ -203,7 +203,12 @@ class PiCamera:
         return Frame(
             image=image,
             source=f"picamera2 camera {self.camera_num}",
-            metadata={"backend": self.name, "preview": True, "width": int(image.shape[1]), "height": int(image.shape[0])},
+            metadata={
+                "backend": self.name,
+                "preview": True,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+            },
         )
 
     def _require_open(self):

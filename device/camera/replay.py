@@ -19,8 +19,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 class ReplayCamera:
     name = "replay"
 
-    def __init__(self, folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, loop: bool = True,
-                 preview_width: int = 640):
+    def __init__(
+        self, folder: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, loop: bool = True, preview_width: int = 640
+    ):
         self.folder = Path(folder)
         self.preview_width = preview_width
         self.max_pixels = max_pixels
@@ -28,7 +29,9 @@ class ReplayCamera:
         self._index = 0
         self._lock = threading.Lock()
         if not self.folder.is_dir():
-            raise CameraError(f"replay camera: folder {self.folder} not found; set [camera] replay_dir to a folder of images")
+            raise CameraError(
+                f"replay camera: folder {self.folder} not found; set [camera] replay_dir to a folder of images"
+            )
         if not self._files():
             raise CameraError(f"replay camera: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {self.folder}")
 

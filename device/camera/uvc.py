@@ -15,7 +15,9 @@ class OpenCVCamera:
         self.device = int(device) if device.isdigit() else device
         self._cap = cv2.VideoCapture(self.device)
         if not self._cap.isOpened():
-            raise CameraError(f"opencv camera: cannot open {device!r}; check the USB cable or the file path in [camera] opencv_device")
+            raise CameraError(
+                f"opencv camera: cannot open {device!r}; check the USB cable or the file path in [camera] opencv_device"
+            )
 
     def capture(self) -> Frame:
         # UVC cameras buffer a few frames; grab and drop them so the still is taken after the press.
@@ -38,8 +40,11 @@ class OpenCVCamera:
         h, w = bgr.shape[:2]
         if w > width:
             bgr = cv2.resize(bgr, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-        return Frame(image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), source=str(self.device),
-                     metadata={"backend": "opencv", "preview": True})
+        return Frame(
+            image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+            source=str(self.device),
+            metadata={"backend": "opencv", "preview": True},
+        )
 
     def close(self) -> None:
         self._cap.release()

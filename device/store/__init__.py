@@ -30,8 +30,15 @@ from device.store.slides import SlideQueries
 from device.store.upkeep import Upkeep
 
 __all__ = [
-    "DB_FILE", "IMAGES_DIR", "MIGRATIONS", "REVIEW_LABELS", "SCHEMA_VERSION",
-    "CaptureRecord", "CellRecord", "ReconcileReport", "Store",
+    "DB_FILE",
+    "IMAGES_DIR",
+    "MIGRATIONS",
+    "REVIEW_LABELS",
+    "SCHEMA_VERSION",
+    "CaptureRecord",
+    "CellRecord",
+    "ReconcileReport",
+    "Store",
 ]
 
 

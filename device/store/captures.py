@@ -34,16 +34,32 @@ class CaptureQueries:
         files = write_capture_files(self.images_dir, rel_dir, rec.field_jpeg, rec.cells)
         try:
             with self.connect() as conn:
-                conn.execute("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
-                             (rec.slide_id, now.isoformat(timespec="milliseconds")))
+                conn.execute(
+                    "INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
+                    (rec.slide_id, now.isoformat(timespec="milliseconds")),
+                )
                 cur = conn.execute(
                     """INSERT INTO captures (uid, created_at, slide_id, source, trigger, status, message, width, height,
                        um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file, bytes)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
-                        uid, now.isoformat(timespec="milliseconds"), rec.slide_id, rec.source, rec.trigger, rec.status,
-                        rec.message, rec.width, rec.height, rec.um_per_px, rec.model_sha256, int(rec.model_synthetic),
-                        json.dumps(rec.qc), "{}", json.dumps(rec.camera), str(files.field_file), files.bytes,
+                        uid,
+                        now.isoformat(timespec="milliseconds"),
+                        rec.slide_id,
+                        rec.source,
+                        rec.trigger,
+                        rec.status,
+                        rec.message,
+                        rec.width,
+                        rec.height,
+                        rec.um_per_px,
+                        rec.model_sha256,
+                        int(rec.model_synthetic),
+                        json.dumps(rec.qc),
+                        "{}",
+                        json.dumps(rec.camera),
+                        str(files.field_file),
+                        files.bytes,
                     ),
                 )
                 capture_id = int(cur.lastrowid)
@@ -51,8 +67,18 @@ class CaptureQueries:
                     """INSERT INTO cells (capture_id, idx, x0, y0, x1, y1, probability, logit, label, positive,
                        needs_review, crop_file, heatmap_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     [
-                        (capture_id, i, *map(int, c.box), float(c.probability), float(c.logit), c.label,
-                         int(c.positive), int(c.needs_review), str(crop), str(heat))
+                        (
+                            capture_id,
+                            i,
+                            *map(int, c.box),
+                            float(c.probability),
+                            float(c.logit),
+                            c.label,
+                            int(c.positive),
+                            int(c.needs_review),
+                            str(crop),
+                            str(heat),
+                        )
                         for i, (c, (crop, heat)) in enumerate(zip(rec.cells, files.cell_files, strict=True))
                     ],
                 )
@@ -62,7 +88,9 @@ class CaptureQueries:
         except sqlite3.Error as exc:
             remove_folder(self.images_dir / rel_dir)
             if "full" in str(exc).lower():
-                raise StoreFullError("disk full while committing the capture; it was refused, nothing else changed") from None
+                raise StoreFullError(
+                    "disk full while committing the capture; it was refused, nothing else changed"
+                ) from None
             raise
         return capture_id
 
@@ -140,8 +168,11 @@ class CaptureQueries:
 
     def image_file(self, kind: str, item_id: int) -> Path | None:
         """Resolve a stored image by id: kind is 'field' (capture id), 'crop' or 'heatmap' (cell id)."""
-        column, table = {"field": ("field_file", "captures"), "crop": ("crop_file", "cells"),
-                         "heatmap": ("heatmap_file", "cells")}.get(kind, (None, None))
+        column, table = {
+            "field": ("field_file", "captures"),
+            "crop": ("crop_file", "cells"),
+            "heatmap": ("heatmap_file", "cells"),
+        }.get(kind, (None, None))
         if column is None:
             return None
         with self.connect() as conn:
@@ -151,9 +182,17 @@ class CaptureQueries:
         path = (self.images_dir / row[0]).resolve()
         return path if path.is_relative_to(self.images_dir.resolve()) else None
 
-    def search_captures(self, *, slide_id: str | None = None, label: str | None = None,
-                        needs_review: bool | None = None, date_from: str | None = None, date_to: str | None = None,
-                        limit: int = 20, offset: int = 0) -> tuple[int, list[dict]]:
+    def search_captures(
+        self,
+        *,
+        slide_id: str | None = None,
+        label: str | None = None,
+        needs_review: bool | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[int, list[dict]]:
         """Filtered captures, newest first: (total matching, one page).
 
         label: captures with at least one cell whose current verdict is that label.
@@ -189,7 +228,8 @@ class CaptureQueries:
                           (SELECT COALESCE(SUM(k.needs_review), 0) FROM cells k WHERE k.capture_id = c.id) AS n_review,
                           (SELECT COUNT(DISTINCT r.cell_id) FROM reviews r WHERE r.capture_id = c.id) AS n_reviewed
                    FROM captures c{where} ORDER BY c.id DESC LIMIT ? OFFSET ?""",  # noqa: S608
-                (*args, limit, offset)).fetchall()
+                (*args, limit, offset),
+            ).fetchall()
         return total, [capture_dict(r) for r in rows]
 
     def recent_timings(self, limit: int = 200) -> list[dict]:
@@ -197,7 +237,6 @@ class CaptureQueries:
         with self.connect() as conn:
             rows = conn.execute("SELECT timings_json FROM captures ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [json.loads(r[0] or "{}") for r in rows]
-
 
 
 def capture_dict(row: sqlite3.Row) -> dict:

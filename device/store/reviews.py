@@ -15,8 +15,11 @@ class ReviewQueries:
     def get_cell(self, cell_id: int) -> dict | None:
         """One cell row with its capture's slide, or None."""
         with self.connect() as conn:
-            row = conn.execute("""SELECT k.*, c.slide_id FROM cells k JOIN captures c ON c.id = k.capture_id
-                                  WHERE k.id = ?""", (cell_id,)).fetchone()
+            row = conn.execute(
+                """SELECT k.*, c.slide_id FROM cells k JOIN captures c ON c.id = k.capture_id
+                                  WHERE k.id = ?""",
+                (cell_id,),
+            ).fetchone()
         return None if row is None else dict(row)
 
     def add_review(self, cell_id: int, label: str, reviewer: str, note: str = "") -> dict:
@@ -34,25 +37,42 @@ class ReviewQueries:
         if cell is None:
             raise NotFoundError(f"no cell {cell_id}")
         row = {
-            "cell_id": cell_id, "capture_id": cell["capture_id"], "slide_id": cell["slide_id"], "label": label,
-            "model_label": cell["label"], "action": "confirm" if label == cell["label"] else "reclassify",
-            "reviewer": reviewer, "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "cell_id": cell_id,
+            "capture_id": cell["capture_id"],
+            "slide_id": cell["slide_id"],
+            "label": label,
+            "model_label": cell["label"],
+            "action": "confirm" if label == cell["label"] else "reclassify",
+            "reviewer": reviewer,
+            "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "note": (note or "")[:500],
         }
         with self.connect() as conn:
-            cur = conn.execute(f"INSERT INTO reviews ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                               tuple(row.values()))
+            cur = conn.execute(
+                f"INSERT INTO reviews ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
             row["id"] = int(cur.lastrowid)
         return row
 
-    def review_history(self, *, cell_id: int | None = None, capture_id: int | None = None,
-                       slide_id: str | None = None, limit: int = 1000) -> list[dict]:
+    def review_history(
+        self,
+        *,
+        cell_id: int | None = None,
+        capture_id: int | None = None,
+        slide_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict]:
         """Review rows (oldest first) of one cell, capture or slide."""
-        where, arg = next((c, a) for c, a in (("cell_id", cell_id), ("capture_id", capture_id),
-                                                ("slide_id", slide_id)) if a is not None)
+        where, arg = next(
+            (c, a)
+            for c, a in (("cell_id", cell_id), ("capture_id", capture_id), ("slide_id", slide_id))
+            if a is not None
+        )
         with self.connect() as conn:
-            rows = conn.execute(f"SELECT * FROM reviews WHERE {where} = ? ORDER BY id LIMIT ?",  # noqa: S608
-                                (arg, limit)).fetchall()
+            rows = conn.execute(
+                f"SELECT * FROM reviews WHERE {where} = ? ORDER BY id LIMIT ?",  # noqa: S608
+                (arg, limit),
+            ).fetchall()
         return [dict(r) for r in rows]
 
     def current_reviews(self, capture_id: int) -> dict[int, dict]:
@@ -60,5 +80,7 @@ class ReviewQueries:
         with self.connect() as conn:
             rows = conn.execute(
                 """SELECT r.* FROM reviews r JOIN (SELECT cell_id, MAX(id) AS mid FROM reviews
-                   WHERE capture_id = ? GROUP BY cell_id) m ON r.id = m.mid""", (capture_id,)).fetchall()
+                   WHERE capture_id = ? GROUP BY cell_id) m ON r.id = m.mid""",
+                (capture_id,),
+            ).fetchall()
         return {int(r["cell_id"]): dict(r) for r in rows}

@@ -15,8 +15,10 @@ class SlideQueries:
     def ensure_slide(self, slide_id: str) -> None:
         """Create the slide row if it does not exist yet (a new slide from the dashboard or a long press)."""
         with self.connect() as conn:
-            conn.execute("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
-                         (slide_id, datetime.now(UTC).isoformat(timespec="milliseconds")))
+            conn.execute(
+                "INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
+                (slide_id, datetime.now(UTC).isoformat(timespec="milliseconds")),
+            )
 
     def slide_summary(self, slide_id: str) -> dict | None:
         """Counts, the blast fraction with its 95% Wilson CI, and how many cells await review."""
@@ -36,10 +38,17 @@ class SlideQueries:
         cells, positive = int(row["cells"]), int(row["positive"])
         lo, hi = wilson_ci(positive, cells) if cells else (None, None)
         return {
-            "id": slide["id"], "created_at": slide["created_at"], "reviewed_at": slide["reviewed_at"],
-            "reviewed_by": slide["reviewed_by"], "captures": int(row["captures"]), "ok_captures": int(row["ok_captures"]),
-            "cells": cells, "positive": positive, "needs_review": int(row["needs_review"]),
-            "blast_fraction": positive / cells if cells else None, "blast_fraction_ci95": [lo, hi] if cells else None,
+            "id": slide["id"],
+            "created_at": slide["created_at"],
+            "reviewed_at": slide["reviewed_at"],
+            "reviewed_by": slide["reviewed_by"],
+            "captures": int(row["captures"]),
+            "ok_captures": int(row["ok_captures"]),
+            "cells": cells,
+            "positive": positive,
+            "needs_review": int(row["needs_review"]),
+            "blast_fraction": positive / cells if cells else None,
+            "blast_fraction_ci95": [lo, hi] if cells else None,
         }
 
     def list_slides(self, limit: int = 50) -> list[dict]:
@@ -50,8 +59,10 @@ class SlideQueries:
     def mark_slide_reviewed(self, slide_id: str, by: str) -> None:
         """Record that a person reviewed the slide (which makes its captures eligible for retention)."""
         with self.connect() as conn:
-            cur = conn.execute("UPDATE slides SET reviewed_at = ?, reviewed_by = ? WHERE id = ?",
-                               (datetime.now(UTC).isoformat(timespec="seconds"), by, slide_id))
+            cur = conn.execute(
+                "UPDATE slides SET reviewed_at = ?, reviewed_by = ? WHERE id = ?",
+                (datetime.now(UTC).isoformat(timespec="seconds"), by, slide_id),
+            )
             if cur.rowcount == 0:
                 raise NotFoundError(f"no slide {slide_id!r}")
 
@@ -90,14 +101,23 @@ class SlideQueries:
     def slide_provenance(self, slide_id: str) -> dict:
         """Which models and cameras made a slide's results, and its quality-check summary."""
         with self.connect() as conn:
-            rows = conn.execute("SELECT model_sha256, model_synthetic, camera_json, qc_json, status FROM captures "
-                                "WHERE slide_id = ?", (slide_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT model_sha256, model_synthetic, camera_json, qc_json, status FROM captures WHERE slide_id = ?",
+                (slide_id,),
+            ).fetchall()
         models = sorted({r["model_sha256"] for r in rows})
         cameras = sorted({json.dumps(json.loads(r["camera_json"] or "{}"), sort_keys=True) for r in rows})
         focus = [json.loads(r["qc_json"] or "{}").get("focus") for r in rows]
         focus = [f for f in focus if isinstance(f, int | float)]
-        return {"model_sha256": models, "synthetic": any(r["model_synthetic"] for r in rows),
-                "cameras": [json.loads(c) for c in cameras],
-                "qc": {"captures": len(rows), "retake": sum(r["status"] == "retake" for r in rows),
-                       "error": sum(r["status"] == "error" for r in rows),
-                       "focus_min": min(focus) if focus else None, "focus_median": sorted(focus)[len(focus) // 2] if focus else None}}
+        return {
+            "model_sha256": models,
+            "synthetic": any(r["model_synthetic"] for r in rows),
+            "cameras": [json.loads(c) for c in cameras],
+            "qc": {
+                "captures": len(rows),
+                "retake": sum(r["status"] == "retake" for r in rows),
+                "error": sum(r["status"] == "error" for r in rows),
+                "focus_min": min(focus) if focus else None,
+                "focus_median": sorted(focus)[len(focus) // 2] if focus else None,
+            },
+        }

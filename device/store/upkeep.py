@@ -34,7 +34,8 @@ class Upkeep:
             with self.connect() as conn:
                 candidates = conn.execute(
                     """SELECT c.id, c.field_file, c.bytes FROM captures c JOIN slides s ON s.id = c.slide_id
-                       WHERE s.reviewed_at IS NOT NULL ORDER BY c.id""").fetchall()
+                       WHERE s.reviewed_at IS NOT NULL ORDER BY c.id"""
+                ).fetchall()
             for row in candidates:
                 if used <= cap:
                     break
@@ -45,7 +46,9 @@ class Upkeep:
                 used -= row["bytes"] or 0
                 deleted.append(int(row["id"]))
         if deleted:
-            log.info("retention: deleted %d capture(s) of reviewed slides to stay under %.0f MB", len(deleted), max_images_mb)
+            log.info(
+                "retention: deleted %d capture(s) of reviewed slides to stay under %.0f MB", len(deleted), max_images_mb
+            )
         return {"deleted": deleted, "images_mb": round(used / 1e6, 1), "cap_mb": max_images_mb, "over_cap": used > cap}
 
     def reconcile(self) -> ReconcileReport:

@@ -5,7 +5,7 @@ app only reads the store and enqueues captures. Images are served by id only,
 never by a path from the client. Served by waitress (see `device.cli serve`),
 never by Flask's debug server, whose reloader would open the camera twice.
 
-Blueprints: `pages` (HTML), `api` (JSON under /api), `auth` (login/logout).
+Blueprints: `pages` (HTML), `api` (JSON under /api), `auth` (login/logout, in `login.py`; accounts in `device.accounts`).
 Security lives here: the login gate, CSRF, rate limits, headers, error pages.
 """
 
@@ -20,7 +20,7 @@ from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from device.auth import login_required_for
+from device.accounts import login_required_for
 from device.errors import (
     BundleError,
     BusyError,
@@ -31,7 +31,7 @@ from device.errors import (
     NotFoundError,
     StoreFullError,
 )
-from device.web import api, auth, pages
+from device.web import api, login, pages
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 # Reachable without a login even when login is required (the login page itself, its assets, liveness).
@@ -52,7 +52,9 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
     if login_required is None:
         login_required = login_required_for(web_cfg.host)
     if secure_cookies is None:
-        secure_cookies = bool(getattr(web_cfg, "secure_cookies", False)) or os.environ.get("LEUKOCAM_SECURE_COOKIES") == "1"
+        secure_cookies = (
+            bool(getattr(web_cfg, "secure_cookies", False)) or os.environ.get("LEUKOCAM_SECURE_COOKIES") == "1"
+        )
     app.config.update(
         MAX_CONTENT_LENGTH=web_cfg.max_upload_mb * 1024 * 1024,
         # A fresh key per process: restarting the appliance logs everyone out, and no key sits on disk.
@@ -74,7 +76,7 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
 
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
-    app.register_blueprint(auth.make_blueprint(limiter))
+    app.register_blueprint(login.make_blueprint(limiter))
 
     @app.before_request
     def gate():
@@ -104,8 +106,11 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
 
     @app.errorhandler(CSRFError)
     def csrf_error(err):
-        return _error(400, f"forged or expired request refused: {err.description} "
-                           "(reload the page; API clients send X-CSRFToken from GET /api/csrf)")
+        return _error(
+            400,
+            f"forged or expired request refused: {err.description} "
+            "(reload the page; API clients send X-CSRFToken from GET /api/csrf)",
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(err):

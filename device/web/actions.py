@@ -57,6 +57,13 @@ def status() -> dict:
     """Health, model card, latency per stage and disk: the status page and GET /api/status."""
     app = appliance()
     disk = shutil.disk_usage(app.store.data_dir)
-    return {"health": app.health(), "model": model_card(), "latency_ms": latency_stats(),
-            "disk": {"free_mb": round(disk.free / 1e6), "total_mb": round(disk.total / 1e6),
-                     "min_free_mb": app.store.min_free_mb}}
+    return {
+        "health": app.health(),
+        "model": model_card(),
+        "latency_ms": latency_stats(),
+        "disk": {
+            "free_mb": round(disk.free / 1e6),
+            "total_mb": round(disk.total / 1e6),
+            "min_free_mb": app.store.min_free_mb,
+        },
+    }

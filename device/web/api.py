@@ -86,9 +86,16 @@ def latest():
     """What the Live page polls: the newest capture id, the worker state and the last outcome."""
     app = appliance()
     rows = store().recent_captures(limit=1)
-    return jsonify({"latest_id": rows[0]["id"] if rows else None, "captures": store().count_captures(),
-                    "busy": app.busy, "last_outcome": None if app.last_outcome is None else app.last_outcome.__dict__,
-                    "last_error": app.last_error, "slide_id": app.slide_id})
+    return jsonify(
+        {
+            "latest_id": rows[0]["id"] if rows else None,
+            "captures": store().count_captures(),
+            "busy": app.busy,
+            "last_outcome": None if app.last_outcome is None else app.last_outcome.__dict__,
+            "last_error": app.last_error,
+            "slide_id": app.slide_id,
+        }
+    )
 
 
 @bp.post("/capture")
@@ -254,20 +261,32 @@ def openapi_spec() -> dict:
         doc = inspect.getdoc(current_app.view_functions[rule.endpoint]) or ""
         summary, _, description = doc.partition("\n")
         path = _PARAM.sub(r"{\2}", rule.rule)
-        params = [{"name": name, "in": "path", "required": True,
-                   "schema": {"type": "integer" if conv == "int" else "string"}}
-                  for conv, name in _PARAM.findall(rule.rule)]
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "integer" if conv == "int" else "string"}}
+            for conv, name in _PARAM.findall(rule.rule)
+        ]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            op = {"operationId": f"{rule.endpoint}.{method.lower()}", "summary": summary.strip(),
-                  "responses": {"200": {"description": "OK"},
-                                "default": {"description": "an error: JSON {error: reason, status}"}}}
+            op = {
+                "operationId": f"{rule.endpoint}.{method.lower()}",
+                "summary": summary.strip(),
+                "responses": {
+                    "200": {"description": "OK"},
+                    "default": {"description": "an error: JSON {error: reason, status}"},
+                },
+            }
             if description.strip():
                 op["description"] = description.strip()
             op_params = list(params)
             if method == "POST":
-                op_params.append({"name": "X-CSRFToken", "in": "header", "required": False,
-                                  "description": "required with the login gate on, and from browsers",
-                                  "schema": {"type": "string"}})
+                op_params.append(
+                    {
+                        "name": "X-CSRFToken",
+                        "in": "header",
+                        "required": False,
+                        "description": "required with the login gate on, and from browsers",
+                        "schema": {"type": "string"},
+                    }
+                )
             if op_params:
                 op["parameters"] = op_params
             if rule.endpoint in PUBLIC_ENDPOINTS:
@@ -275,10 +294,13 @@ def openapi_spec() -> dict:
             paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",
-        "info": {"title": "LeukoCam dashboard API", "version": _version() or "0",
-                 "description": "Research screening aid, not a diagnosis. With the login gate on, every endpoint "
-                                "except the public ones needs the session cookie from POST /login, and every POST "
-                                "needs the X-CSRFToken header."},
+        "info": {
+            "title": "LeukoCam dashboard API",
+            "version": _version() or "0",
+            "description": "Research screening aid, not a diagnosis. With the login gate on, every endpoint "
+            "except the public ones needs the session cookie from POST /login, and every POST "
+            "needs the X-CSRFToken header.",
+        },
         "components": {"securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "leukocam_session"}}},
         "security": [{"session": []}],
         "paths": paths,

@@ -31,8 +31,13 @@ def reviewer(given: str | None) -> str:
 
 def gallery_filters(args) -> dict:
     """Parse and check the gallery filters. Raises InputError with a reason."""
-    out = {"slide_id": args.get("slide") or None, "label": args.get("label") or None, "needs_review": None,
-           "date_from": args.get("from") or None, "date_to": args.get("to") or None}
+    out = {
+        "slide_id": args.get("slide") or None,
+        "label": args.get("label") or None,
+        "needs_review": None,
+        "date_from": args.get("from") or None,
+        "date_to": args.get("to") or None,
+    }
     if out["label"] not in (None, "blast", "normal"):
         raise InputError("label: use blast or normal")
     review = args.get("review")
@@ -67,8 +72,11 @@ def latency_stats(limit: int = 200) -> dict:
 
 def latency_summary(samples: dict[str, list[float]]) -> dict:
     """Count, median and p95 (ms) of each non-empty list of latencies."""
-    return {k: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
-            for k, v in samples.items() if v}
+    return {
+        k: {"n": len(v), "median_ms": round(statistics.median(v), 1), "p95_ms": round(percentile(v, 95), 1)}
+        for k, v in samples.items()
+        if v
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,20 +105,34 @@ def enrich_capture(cap: dict) -> dict:
 def model_card() -> dict:
     """What the status page and /api/model show about the loaded bundle."""
     app = appliance()
-    meta = app.bundle.meta
-    ver = meta.get("verification", {})
-    quant = (meta.get("metrics") or {}).get("quantized") or ver.get("quantized_metrics") or {}
-    def value(m):
-        return m.get("value") if isinstance(m, dict) else m
+    info = app.bundle.info
+    ver = info.verification or {}
     return {
-        "name": meta.get("name", ""), "sha256": app.bundle.sha256, "synthetic": app.bundle.synthetic,
-        "threshold": app.bundle.threshold, "review_band": list(app.bundle.review_band),
-        "quantization": (meta.get("quantization") or {}).get("mode"), "created": meta.get("created"),
-        "input_size": meta.get("input_size"), "runtime": app.classifier.runtime,
-        "metrics": {k: value(quant.get(k)) for k in ("accuracy", "sensitivity", "specificity", "auc", "ppv", "npv")
-                    if k in quant},
-        "verification": {k: ver.get(k) for k in ("n", "label_agreement", "mean_abs_dprob", "max_abs_dprob",
-                                                 "cam_correlation_mean", "delta_sensitivity") if k in ver},
-        "rolled_back": app.bundle_rolled_back, "note": app.bundle_note,
-        "self_test": None if app.self_test is None else {"passed": app.self_test.passed, "message": app.self_test.message},
+        "name": info.name,
+        "sha256": app.bundle.sha256,
+        "synthetic": app.bundle.synthetic,
+        "threshold": app.bundle.threshold,
+        "review_band": list(app.bundle.review_band),
+        "quantization": info.quantization.mode,
+        "created": info.created,
+        "input_size": info.input_size,
+        "runtime": app.classifier.runtime,
+        "metrics": info.headline_metrics(),
+        "verification": {
+            k: ver.get(k)
+            for k in (
+                "n",
+                "label_agreement",
+                "mean_abs_dprob",
+                "max_abs_dprob",
+                "cam_correlation_mean",
+                "delta_sensitivity",
+            )
+            if k in ver
+        },
+        "rolled_back": app.bundle_rolled_back,
+        "note": app.bundle_note,
+        "self_test": None
+        if app.self_test is None
+        else {"passed": app.self_test.passed, "message": app.self_test.message},
     }

@@ -55,9 +55,16 @@ def gallery():
     page = max(1, request.args.get("page", 1, type=int) or 1)
     total, captures = store().search_captures(**filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
     args = {k: v for k, v in request.args.items() if k != "page" and v}
-    return render_template("gallery.html", captures=captures, total=total, page=page,
-                           pages=max(1, -(-total // PER_PAGE)), args=args, slides=store().slide_ids(500),
-                           health=appliance().health())
+    return render_template(
+        "gallery.html",
+        captures=captures,
+        total=total,
+        page=page,
+        pages=max(1, -(-total // PER_PAGE)),
+        args=args,
+        slides=store().slide_ids(500),
+        health=appliance().health(),
+    )
 
 
 @bp.get("/captures/<int:capture_id>")
@@ -66,8 +73,12 @@ def capture_page(capture_id: int):
     if cap is None:
         raise NotFoundError(f"no capture with id {capture_id}")
     field = store().image_file("field", capture_id)
-    return render_template("capture.html", cap=enrich_capture(cap), health=appliance().health(),
-                           field_on_disk=field is not None and field.is_file())
+    return render_template(
+        "capture.html",
+        cap=enrich_capture(cap),
+        health=appliance().health(),
+        field_on_disk=field is not None and field.is_file(),
+    )
 
 
 @bp.post("/capture")
@@ -84,8 +95,9 @@ def new_slide_form():
 
 @bp.get("/slides")
 def slides():
-    return render_template("slides.html", slides=store().list_slides(200), current=appliance().slide_id,
-                           health=appliance().health())
+    return render_template(
+        "slides.html", slides=store().list_slides(200), current=appliance().slide_id, health=appliance().health()
+    )
 
 
 @bp.get("/slides/<slide_id>")
@@ -96,11 +108,21 @@ def slide_report(slide_id: str):
     verdict_blasts = sum(c["verdict"] == "blast" for c in cells)
     from device.stats import wilson_ci
 
-    verdict = {"cells": len(cells), "reviewed": len(reviewed), "blast": verdict_blasts,
-               "fraction": verdict_blasts / len(cells) if cells else None,
-               "ci95": list(wilson_ci(verdict_blasts, len(cells))) if cells else None}
-    return render_template("slide.html", s=summary, verdict=verdict, prov=store().slide_provenance(slide_id),
-                           reviews=store().review_history(slide_id=slide_id), health=appliance().health())
+    verdict = {
+        "cells": len(cells),
+        "reviewed": len(reviewed),
+        "blast": verdict_blasts,
+        "fraction": verdict_blasts / len(cells) if cells else None,
+        "ci95": list(wilson_ci(verdict_blasts, len(cells))) if cells else None,
+    }
+    return render_template(
+        "slide.html",
+        s=summary,
+        verdict=verdict,
+        prov=store().slide_provenance(slide_id),
+        reviews=store().review_history(slide_id=slide_id),
+        health=appliance().health(),
+    )
 
 
 @bp.post("/slides/<slide_id>/reviewed")
@@ -118,8 +140,7 @@ def review_form(cell_id: int):
 @bp.get("/status")
 def status():
     s = actions.status()
-    return render_template("status.html", health=s["health"], model=s["model"], latency=s["latency_ms"],
-                           disk=s["disk"])
+    return render_template("status.html", health=s["health"], model=s["model"], latency=s["latency_ms"], disk=s["disk"])
 
 
 @bp.route("/upload", methods=["GET", "POST"])
@@ -140,7 +161,12 @@ def image(kind: str, item_id: int):
     path = store().image_file(kind, item_id)
     if path is None or not path.is_file():
         if path is not None and kind == "field":
-            abort(404, description=(f"the field image of capture {item_id} is not on disk: it is written just after "
-                                    "the result (reload in a moment), or it was lost in a power cut or a full disk"))
+            abort(
+                404,
+                description=(
+                    f"the field image of capture {item_id} is not on disk: it is written just after "
+                    "the result (reload in a moment), or it was lost in a power cut or a full disk"
+                ),
+            )
         abort(404, description=f"no {kind} image with id {item_id}")
     return send_file(path, max_age=3600)

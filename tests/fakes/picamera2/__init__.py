@@ -124,8 +124,14 @@ class Picamera2:
         stream["size"] = tuple(stream["size"])
         if stream["size"][0] % 2 or stream["size"][1] % 2:
             raise RuntimeError("width and height should be even")
-        return {"use_case": kind, "buffer_count": buffer_count, "main": stream, "lores": None,
-                "raw": {"size": stream["size"]}, "controls": dict(controls or {})}
+        return {
+            "use_case": kind,
+            "buffer_count": buffer_count,
+            "main": stream,
+            "lores": None,
+            "raw": {"size": stream["size"]},
+            "controls": dict(controls or {}),
+        }
 
     def create_preview_configuration(self, main=None, lores=None, raw=None, buffer_count=4, controls=None, **_):
         return self._make_config("preview", main, controls, (640, 480), "XBGR8888", buffer_count)

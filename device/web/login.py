@@ -1,4 +1,4 @@
-"""Login and logout. Accounts live in `auth.json` (see device.auth); logins are rate-limited."""
+"""Login and logout. Accounts live in `auth.json` (see device.accounts); logins are rate-limited."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flask import (
     url_for,
 )
 
-from device import auth as accounts
+from device import accounts
 
 LOGIN_RATE = "5/minute"
 
@@ -37,18 +37,23 @@ def make_blueprint(limiter) -> Blueprint:
         data_dir = appliance.store.data_dir
         no_accounts = not accounts.load_users(data_dir)
         if request.method == "GET":
-            return render_template("login.html", no_accounts=no_accounts, next=request.args.get("next", ""),
-                                   error=None, health=None)
+            return render_template(
+                "login.html", no_accounts=no_accounts, next=request.args.get("next", ""), error=None, health=None
+            )
         wants_json = request.is_json
         body = (request.get_json(silent=True) or {}) if wants_json else request.form
         username, password = str(body.get("username", "")), str(body.get("password", ""))
         if not accounts.verify(data_dir, username, password):
-            message = ("no account yet: run `leukocam set-password USER` on the appliance" if no_accounts
-                       else "wrong user name or password")
+            message = (
+                "no account yet: run `leukocam set-password USER` on the appliance"
+                if no_accounts
+                else "wrong user name or password"
+            )
             if wants_json:
                 return jsonify({"error": message}), 401
-            return render_template("login.html", no_accounts=no_accounts, next=body.get("next", ""),
-                                   error=message, health=None), 401
+            return render_template(
+                "login.html", no_accounts=no_accounts, next=body.get("next", ""), error=message, health=None
+            ), 401
         session.clear()  # a new session on login: no fixation
         session["user"] = username
         if wants_json:

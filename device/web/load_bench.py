@@ -31,18 +31,22 @@ def _fill(store, n_captures: int, n_slides: int = 50) -> None:
         cap = dict(conn.execute("SELECT * FROM captures WHERE id = 1").fetchone())
         cells = [dict(r) for r in conn.execute("SELECT * FROM cells WHERE capture_id = 1")]
         slides = [f"bench-{i:03d}" for i in range(n_slides)]
-        conn.executemany("INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)",
-                         [(s, cap["created_at"]) for s in slides])
+        conn.executemany(
+            "INSERT OR IGNORE INTO slides (id, created_at) VALUES (?, ?)", [(s, cap["created_at"]) for s in slides]
+        )
         cap_cols = [c for c in cap if c != "id"]
         cell_cols = [c for c in cells[0] if c not in ("id", "capture_id")] if cells else []
         for i in range(2, n_captures + 1):
             row = {**cap, "uid": f"bench{i:08d}", "slide_id": slides[i % n_slides]}
-            cid = conn.execute(f"INSERT INTO captures ({', '.join(cap_cols)}) VALUES ({', '.join('?' * len(cap_cols))})",
-                               [row[c] for c in cap_cols]).lastrowid
+            cid = conn.execute(
+                f"INSERT INTO captures ({', '.join(cap_cols)}) VALUES ({', '.join('?' * len(cap_cols))})",
+                [row[c] for c in cap_cols],
+            ).lastrowid
             if cells:
                 conn.executemany(
                     f"INSERT INTO cells (capture_id, {', '.join(cell_cols)}) VALUES (?, {', '.join('?' * len(cell_cols))})",
-                    [(cid, *[c[k] for k in cell_cols]) for c in cells])
+                    [(cid, *[c[k] for k in cell_cols]) for c in cells],
+                )
 
 
 def _client(base_port: int, paths, deadline: float, max_requests: int, out: dict, errors: list) -> None:
@@ -71,9 +75,14 @@ def _client(base_port: int, paths, deadline: float, max_requests: int, out: dict
         conn.close()
 
 
-def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float = 20.0,
-                    requests_alone: int = 50, max_requests_per_client: int = 200,
-                    data_dir: str | Path | None = None) -> dict:
+def bench_dashboard(
+    n_captures: int = 10_000,
+    clients: int = 20,
+    seconds: float = 20.0,
+    requests_alone: int = 50,
+    max_requests_per_client: int = 200,
+    data_dir: str | Path | None = None,
+) -> dict:
     """Measure the dashboard under a big store. Returns a dict with a 'markdown' table."""
     from waitress import create_server
 
@@ -83,9 +92,12 @@ def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float 
     with tempfile.TemporaryDirectory(prefix="leukocam-bench-") as tmp:
         cfg = Config()
         cfg = dataclasses.replace(
-            cfg, store=dataclasses.replace(StoreConfig(), data_dir=str(data_dir or Path(tmp) / "store"), min_free_mb=1),
-            service=ServiceConfig(startup_captures=0), model=dataclasses.replace(cfg.model, threads=1),
-            web=dataclasses.replace(cfg.web, host="127.0.0.1", port=0))
+            cfg,
+            store=dataclasses.replace(StoreConfig(), data_dir=str(data_dir or Path(tmp) / "store"), min_free_mb=1),
+            service=ServiceConfig(startup_captures=0),
+            model=dataclasses.replace(cfg.model, threads=1),
+            web=dataclasses.replace(cfg.web, host="127.0.0.1", port=0),
+        )
         with Appliance(cfg) as appliance:
             t0 = time.perf_counter()
             if appliance.capture_now("bench").capture_id is None:
@@ -121,8 +133,12 @@ def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float 
                 loaded: dict[str, list[float]] = {}
                 per_thread = [dict() for _ in range(clients)]
                 deadline = time.monotonic() + seconds
-                workers = [threading.Thread(target=_client, args=(port, PAGES, deadline, max_requests_per_client,
-                                                                  per_thread[i], errors)) for i in range(clients)]
+                workers = [
+                    threading.Thread(
+                        target=_client, args=(port, PAGES, deadline, max_requests_per_client, per_thread[i], errors)
+                    )
+                    for i in range(clients)
+                ]
                 started = time.perf_counter()
                 for w in workers:
                     w.start()
@@ -138,21 +154,35 @@ def bench_dashboard(n_captures: int = 10_000, clients: int = 20, seconds: float 
             finally:
                 server.close()
                 thread.join(10)
-    result = {"n_captures": n_captures, "clients": clients, "fill_s": round(fill_s, 2),
-              "alone": latency_summary(alone), "loaded": latency_summary(loaded), "loaded_wall_s": round(wall, 1),
-              "loaded_requests": sum(len(v) for v in loaded.values()), "captures_during_load": captured,
-              "errors": errors[:20], "n_errors": len(errors)}
-    lines = ["| page | alone median ms | alone p95 ms | loaded median ms | loaded p95 ms | loaded n |",
-             "|---|---|---|---|---|---|"]
+    result = {
+        "n_captures": n_captures,
+        "clients": clients,
+        "fill_s": round(fill_s, 2),
+        "alone": latency_summary(alone),
+        "loaded": latency_summary(loaded),
+        "loaded_wall_s": round(wall, 1),
+        "loaded_requests": sum(len(v) for v in loaded.values()),
+        "captures_during_load": captured,
+        "errors": errors[:20],
+        "n_errors": len(errors),
+    }
+    lines = [
+        "| page | alone median ms | alone p95 ms | loaded median ms | loaded p95 ms | loaded n |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in PAGES:
         a, b = result["alone"].get(p, {}), result["loaded"].get(p, {})
-        lines.append(f"| {p} | {a.get('median_ms', '-')} | {a.get('p95_ms', '-')} | {b.get('median_ms', '-')} | "
-                     f"{b.get('p95_ms', '-')} | {b.get('n', 0)} |")
-    lines.append(f"\n{n_captures} captures in the store; {clients} client threads for {result['loaded_wall_s']} s "
-                 f"while {captured} capture(s) ran; {len(errors)} error(s).")
+        lines.append(
+            f"| {p} | {a.get('median_ms', '-')} | {a.get('p95_ms', '-')} | {b.get('median_ms', '-')} | "
+            f"{b.get('p95_ms', '-')} | {b.get('n', 0)} |"
+        )
+    lines.append(
+        f"\n{n_captures} captures in the store; {clients} client threads for {result['loaded_wall_s']} s "
+        f"while {captured} capture(s) ran; {len(errors)} error(s)."
+    )
     result["markdown"] = "\n".join(lines)
     return result
 
 
-if __name__ == "__main__":  # python -m device.web.bench
+if __name__ == "__main__":  # python -m device.web.load_bench
     print(bench_dashboard()["markdown"])

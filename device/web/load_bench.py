@@ -109,7 +109,16 @@ def bench_dashboard(
             port = server.effective_port
             # 20 clients on a few threads queue by design; waitress would log every queued task.
             logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-            thread = threading.Thread(target=server.run, name="bench-waitress", daemon=True)
+            closing = threading.Event()
+
+            def serve():
+                try:
+                    server.run()
+                except OSError:  # select() on the listening socket that close() just shut (EBADF)
+                    if not closing.is_set():
+                        raise
+
+            thread = threading.Thread(target=serve, name="bench-waitress", daemon=True)
             thread.start()
             errors: list[str] = []
             try:
@@ -152,6 +161,7 @@ def bench_dashboard(
                         loaded.setdefault(p, []).extend(v)
                 captured = appliance.captures_done - before
             finally:
+                closing.set()
                 server.close()
                 thread.join(10)
     result = {

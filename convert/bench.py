@@ -344,7 +344,7 @@ def bench_finder(
         bundle_dir: a 300 px int8 bundle: the finder and the model on the found cells' crops are then
             timed turn about (find, classify, find, ...), so that a noisy machine slows both alike.
     """
-    from device.cells import FinderParams, check_scale, estimate_um_per_px, find_white_cells
+    from device.cells import FinderParams, check_scale, estimate_um_per_px, find_white_cells, working_copy
     from training.finder_eval import DEFAULT_BCCD, corpus_markdown, evaluate_corpus
     from training.stress import build_corpus
     from training.synth import render_field
@@ -371,7 +371,10 @@ def bench_finder(
         find_ms, model_ms_5 = statistics.median(find_times), statistics.median(model_times)
     else:
         find_ms = median_ms(lambda: find_white_cells(field, options), repeats, warmup=1)
-    check_ms = median_ms(lambda: check_scale(field, um_per_px), repeats, warmup=1)
+    # As the appliance runs it: on the finder's working copy, after the result.
+    small = working_copy(field, um_per_px)
+    factor = small.shape[1] / field.shape[1]
+    check_ms = median_ms(lambda: check_scale(small, um_per_px, factor=factor), repeats, warmup=1)
     estimate_ms = median_ms(lambda: estimate_um_per_px(field), 3, warmup=1)
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:

@@ -71,6 +71,9 @@ class FieldAnalysis:
     """Milliseconds per stage: qc, find, crop, classify, cam."""
     width: int
     height: int
+    working: np.ndarray | None = None
+    """The field shrunk to the finder's working scale (shared by QC and the finder), for the scale
+    check that follows the result; None for single cells and fields that were refused."""
 
 
 class Analyzer:
@@ -161,7 +164,9 @@ class Analyzer:
         message = "; ".join(problems) if problems else f"{len(results)} white cell(s) classified"
         if notes:
             message += " (" + "; ".join(notes) + ")"
-        return FieldAnalysis(status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0])
+        return FieldAnalysis(
+            status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0], working=small
+        )
 
     def _quality(self, image: np.ndarray, single_cell: bool) -> tuple[QualityReport, float]:
         """(focus and exposure report, milliseconds). `image` is the working copy on a calibrated rig
@@ -213,7 +218,6 @@ def _refused(message: str) -> FieldAnalysis:
 
 def to_record(
     analysis: FieldAnalysis,
-    field: np.ndarray,
     *,
     slide_id: str,
     source: str,
@@ -222,13 +226,12 @@ def to_record(
     model_synthetic: bool,
     camera: dict | None = None,
     extra_timings: dict | None = None,
-    archive_later: bool = False,
 ) -> CaptureRecord:
-    """Encode images and package an analysis for `Store.save_capture`.
+    """Encode the cells' images and package an analysis for `Store.save_capture`.
 
-    With `archive_later` the record carries no field JPEG: the caller stores the result first and
-    attaches the field image when it is encoded (`Store.attach_field_image`), so encoding a 12 MP
-    JPEG never holds the result back.
+    The record carries no field JPEG: the caller stores the result first and attaches the field
+    image when it is encoded (`encode_field`, `Store.attach_field_image`), so encoding a 12 MP JPEG
+    never holds the result back.
     """
     t = time.perf_counter()
     cells = tuple(
@@ -244,7 +247,6 @@ def to_record(
         )
         for c in analysis.cells
     )
-    field_jpeg = None if archive_later else encode_field(field)
     timings = dict(extra_timings or {}, **analysis.timings_ms, encode=_ms(t))
     qc = analysis.quality.to_dict()
     qc["skipped_cells"] = analysis.skipped
@@ -259,7 +261,7 @@ def to_record(
         um_per_px=analysis.um_per_px,
         model_sha256=model_sha256,
         model_synthetic=model_synthetic,
-        field_jpeg=field_jpeg,
+        field_jpeg=None,
         qc=qc,
         timings=timings,
         camera=camera or {},

@@ -246,7 +246,6 @@ class Appliance:
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
                     analysis,
-                    image,
                     slide_id=self.slide_id,
                     source=source,
                     trigger=trigger,
@@ -254,16 +253,14 @@ class Appliance:
                     model_synthetic=self.bundle.synthetic,
                     camera=camera,
                     extra_timings=extra,
-                    archive_later=True,
                 )
                 capture_id = self.store.save_capture(record)  # records its own "store" time
                 # The result is stored; the 12 MP archival JPEG and the scale check follow in the background.
-                check = (
-                    (self.config.finder.um_per_px or None)
-                    if (self.config.finder.scale_check and not single_cell and analysis.status == "ok")
-                    else None
+                calibrated = self.config.finder.um_per_px or None
+                check = calibrated is not None and self.config.finder.scale_check and analysis.status == "ok"
+                self._archiving = self._encoder.submit(
+                    self._after_result, capture_id, image, analysis.working if check else None, calibrated
                 )
-                self._archiving = self._encoder.submit(self._after_result, capture_id, image, check)
                 if self.config.store.max_images_mb:
                     self.retention = self.store.apply_retention(self.config.store.max_images_mb)
                 log.info("capture %d (%s): %s", capture_id, trigger, analysis.message)
@@ -280,9 +277,9 @@ class Appliance:
         self.last_outcome = outcome
         return outcome
 
-    def _after_result(self, capture_id: int, image, calibrated: float | None) -> None:
-        """What follows a stored result, on the encoder thread: the archival field JPEG, then the
-        cheap check of the calibrated pixel size against the red cells (a warning on the capture)."""
+    def _after_result(self, capture_id: int, image, working, calibrated: float | None) -> None:
+        """What follows a stored result, on the encoder thread: the archival field JPEG, then (given the
+        analysis' working copy) the cheap check of the calibrated pixel size against the red cells."""
         t = time.perf_counter()
         try:
             self.store.attach_field_image(capture_id, encode_field(image))
@@ -290,10 +287,10 @@ class Appliance:
         except (LeukoCamError, OSError) as exc:
             self.last_error = f"capture {capture_id}: field image not saved: {exc}"
             log.error(self.last_error)
-        if calibrated is None:
+        if working is None or calibrated is None:
             return
         t = time.perf_counter()
-        warning = check_scale(image, calibrated)
+        warning = check_scale(working, calibrated, factor=working.shape[1] / image.shape[1])
         self.store.add_timing(capture_id, "scale_check", (time.perf_counter() - t) * 1000)
         if warning:
             log.warning("capture %d: %s", capture_id, warning)

@@ -8,6 +8,7 @@ condition. The full corpus (87 real fields per condition) is scored by `make fin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ from device.cells import (
     estimate_um_per_px,
     field_problem,
     find_white_cells,
+    working_copy,
 )
 from device.imaging import as_rgb8, decode_image
 from device.preprocess import PreprocessContract, crop_cell, prepare_cell
@@ -186,6 +188,15 @@ def test_cheap_scale_check_warns_only_when_the_objective_changed():
     assert check_scale(rgb, full) is None
     warning = check_scale(rgb, full * 2)
     assert warning and "calibrate" in warning
+    # On the finder's working copy (what the appliance checks after each result) the verdict and the
+    # reported pixel size are the field's own.
+    small = working_copy(rgb, full)
+    factor = small.shape[1] / rgb.shape[1]
+    assert factor < 1 and check_scale(small, full, factor=factor) is None
+    on_copy = check_scale(small, full * 2, factor=factor)
+    assert on_copy and "calibrate" in on_copy
+    suggested = float(re.search(r"suggest ([0-9.]+) µm/px", on_copy).group(1))
+    assert suggested == pytest.approx(full, rel=0.1)  # in the field's pixels, not the copy's
 
 
 def test_calibrate_command_prints_the_config_line():

@@ -74,13 +74,31 @@ Research use only: not a diagnosis.
 """
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet takes a cell starting with one of these as a formula (CSV injection)."""
+
+
+def csv_safe(value):
+    """A text cell that a spreadsheet would run as a formula gets a leading ' (shown as text); others unchanged.
+
+    Only str values: numbers (a negative float included) stay numbers.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _safe_row(row: dict) -> dict:
+    return {k: csv_safe(v) for k, v in row.items()}
+
+
 def _result_row(cell: dict) -> dict:
     x0, y0, x1, y1 = cell["box"]
-    return {**{k: cell.get(k) for k in RESULT_FIELDS}, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+    return _safe_row({**{k: cell.get(k) for k in RESULT_FIELDS}, "x0": x0, "y0": y0, "x1": x1, "y1": y1})
 
 
 def slide_results_csv(store, slide_id: str) -> str:
-    """One row per cell of the slide: the model's result and the current review."""
+    """One row per cell of the slide: the model's result and the current review (text cells made formula-safe)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -132,16 +150,20 @@ def export_dataset(
             zf.writestr(name, encode_image(decode_image(crop), "BMP"))
             counts[c["reviewed_label"]] += 1
             writer.writerow(
-                {
-                    "file": name,
-                    "label": c["reviewed_label"],
-                    "subject": subject[c["slide_id"]],
-                    **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")},
-                }
+                _safe_row(
+                    {
+                        "file": name,
+                        "label": c["reviewed_label"],
+                        "subject": subject[c["slide_id"]],
+                        **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")},
+                    }
+                )
             )
         zf.writestr("manifest.csv", manifest.getvalue())
         sub = io.StringIO()
-        csv.writer(sub, lineterminator="\n").writerows([("subject", "slide_id"), *((v, k) for k, v in subject.items())])
+        csv.writer(sub, lineterminator="\n").writerows(
+            [("subject", "slide_id"), *((v, csv_safe(k)) for k, v in subject.items())]
+        )
         zf.writestr("subjects.csv", sub.getvalue())
         text = README.format(
             version=version,

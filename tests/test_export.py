@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
 import zipfile
+
+import pytest
 
 from device import export
 from device.service import Appliance
@@ -77,3 +80,54 @@ def test_export_over_http(config):
         js = client.get(f"/api/slides/{appliance.slide_id}/results.json").get_json()
         assert js["cells"][0]["reviewed_label"] == "blast"
         assert client.get("/api/slides/NOPE/results.csv").status_code == 404
+
+
+FORMULAS = ['=HYPERLINK("http://x","y")', "+SUM(1,2)", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd"]
+
+
+def _formula_cells(text: str) -> list[str]:
+    """Cells a spreadsheet would run as formulas: starting with = + - @ tab CR, and not a plain number."""
+    out = []
+    for row in csv.reader(io.StringIO(text, newline="")):
+        for cell in row:
+            if cell.startswith(export.FORMULA_START):
+                try:
+                    float(cell)
+                except ValueError:
+                    out.append(cell)
+    return out
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
+    store = Store(tmp_path)
+    rec = record("-S1", [True, False])
+    rec = dataclasses.replace(rec, cells=(dataclasses.replace(rec.cells[0], box=(-5, -3, 10, 10)), *rec.cells[1:]))
+    cells = store.get_capture(store.save_capture(rec))["cells"]
+    for i, name in enumerate(FORMULAS[:2]):
+        store.add_review(cells[i]["id"], "normal", name, note="=cmd|'/c calc'!A1")
+
+    text = export.slide_results_csv(store, "-S1")
+    assert _formula_cells(text) == []
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [r["reviewer"] for r in rows] == ["'" + FORMULAS[0], "'" + FORMULAS[1]]
+    assert rows[0]["slide_id"] == "'-S1"
+    assert (rows[0]["x0"], rows[0]["y0"]) == ("-5", "-3")  # numbers stay numbers
+    assert float(rows[0]["probability"]) == pytest.approx(0.9)
+
+    fh, n = export.export_dataset(store)
+    assert n == 2
+    with zipfile.ZipFile(fh) as zf:
+        manifest, subjects = zf.read("manifest.csv").decode(), zf.read("subjects.csv").decode()
+    assert _formula_cells(manifest) == [] and _formula_cells(subjects) == []
+    assert {r["reviewer"] for r in csv.DictReader(io.StringIO(manifest))} == {"'" + f for f in FORMULAS[:2]}
+    assert list(csv.DictReader(io.StringIO(subjects))) == [{"subject": "1", "slide_id": "'-S1"}]
+    # the JSON export is data, not a spreadsheet: unchanged
+    data = json.loads(export.results_json_bytes(store, "-S1"))
+    assert {r["reviewer"] for r in data["reviews"]} == set(FORMULAS[:2])
+
+
+@pytest.mark.parametrize("text", FORMULAS)
+def test_csv_safe_escapes_formula_text_only(text):
+    assert export.csv_safe(text) == "'" + text
+    assert export.csv_safe("alice") == "alice" and export.csv_safe("") == ""
+    assert export.csv_safe(-0.5) == -0.5 and export.csv_safe(-3) == -3 and export.csv_safe(None) is None

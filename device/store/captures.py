@@ -9,9 +9,9 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from device.errors import NotFoundError, StoreFullError
+from device.errors import NotFoundError, StoreError, StoreFullError
 from device.imaging import atomic_write_bytes, fsync_dir
-from device.store.files import is_disk_full, remove_folder, write_capture_files
+from device.store.files import FULL_ADVICE, disk_full_error, is_disk_full, remove_folder, write_capture_files
 from device.store.records import CaptureRecord
 
 
@@ -22,7 +22,8 @@ class CaptureQueries:
         """Write a capture's files, then commit its rows (with its "store" time) in one transaction.
 
         Returns the capture id. Raises StoreFullError, before anything is written, when the
-        capture would leave less than min_free_mb free.
+        capture would leave less than min_free_mb free, and also when the disk fills up while
+        writing (then nothing of the capture is kept).
         """
         t0 = time.perf_counter()
         # A field JPEG still to come is reserved at a generous bits-per-pixel of a smear at quality 90.
@@ -85,11 +86,18 @@ class CaptureQueries:
                 # The store stage's own time goes in with the rows (all but the commit's fsync).
                 timings = dict(rec.timings, store=round((time.perf_counter() - t0) * 1000, 2))
                 conn.execute("UPDATE captures SET timings_json = ? WHERE id = ?", (json.dumps(timings), capture_id))
-        except sqlite3.Error as exc:
+                # This transaction holds the write lock now, as reconcile does while it moves leftovers into
+                # quarantine: if another process's start-up took our not-yet-committed files, do not commit.
+                if not (self.images_dir / rel_dir).is_dir():
+                    raise StoreError(
+                        "capture refused: its image files were moved into quarantine (by a LeukoCam starting up "
+                        "at the same time) before it was stored; capture again"
+                    )
+        except (sqlite3.Error, StoreError, StoreFullError) as exc:
             remove_folder(self.images_dir / rel_dir)
-            if "full" in str(exc).lower():
-                raise StoreFullError(
-                    "disk full while committing the capture; it was refused, nothing else changed"
+            if isinstance(exc, StoreFullError):
+                raise disk_full_error(
+                    self.data_dir, "committing the capture", "its files removed, " + FULL_ADVICE
                 ) from None
             raise
         return capture_id
@@ -110,7 +118,7 @@ class CaptureQueries:
             StoreFullError: the disk filled up; the capture keeps its cells, without a field image.
             NotFoundError: no such capture.
         """
-        with self.connect() as conn:
+        with self.read() as conn:
             row = conn.execute("SELECT field_file FROM captures WHERE id = ?", (capture_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no capture {capture_id} to attach a field image to")
@@ -120,9 +128,11 @@ class CaptureQueries:
             fsync_dir(path.parent)
         except OSError as exc:
             if is_disk_full(exc):
-                raise StoreFullError(
-                    f"disk full while writing the field image of capture {capture_id}: its cells are stored, the "
-                    "field image is not. Free some space (export and delete old results)"
+                raise disk_full_error(
+                    self.data_dir,
+                    f"writing the field image of capture {capture_id}",
+                    "its cells are stored, the field image is not; export and delete old results or use a "
+                    "larger SD card",
                 ) from None
             raise
         with self.connect() as conn:
@@ -130,7 +140,7 @@ class CaptureQueries:
 
     def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
         """Newest captures first, each with its cell count, blast count and review count."""
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 """SELECT c.*, COUNT(k.id) AS n_cells,
                           COALESCE(SUM(k.positive), 0) AS n_positive,
@@ -142,12 +152,12 @@ class CaptureQueries:
         return [capture_dict(r) for r in rows]
 
     def count_captures(self) -> int:
-        with self.connect() as conn:
+        with self.read() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
 
     def get_capture(self, capture_id: int) -> dict | None:
         """One capture with its cells, or None."""
-        with self.connect() as conn:
+        with self.read() as conn:
             row = conn.execute("SELECT * FROM captures WHERE id = ?", (capture_id,)).fetchone()
             if row is None:
                 return None
@@ -175,7 +185,7 @@ class CaptureQueries:
         }.get(kind, (None, None))
         if column is None:
             return None
-        with self.connect() as conn:
+        with self.read() as conn:
             row = conn.execute(f"SELECT {column} FROM {table} WHERE id = ?", (item_id,)).fetchone()  # noqa: S608 (fixed names)
         if row is None:
             return None
@@ -220,7 +230,7 @@ class CaptureQueries:
                           WHERE k.capture_id = c.id AND k.needs_review = 1 AND m.mid IS NULL)"""
             clauses.append(pending if needs_review else f"NOT {pending}")
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self.connect() as conn:
+        with self.read() as conn:
             total = int(conn.execute(f"SELECT COUNT(*) FROM captures c{where}", args).fetchone()[0])  # noqa: S608
             rows = conn.execute(
                 f"""SELECT c.*, (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id) AS n_cells,
@@ -234,7 +244,7 @@ class CaptureQueries:
 
     def recent_timings(self, limit: int = 200) -> list[dict]:
         """Stage timings (ms) of the newest captures, newest first."""
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute("SELECT timings_json FROM captures ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [json.loads(r[0] or "{}") for r in rows]
 

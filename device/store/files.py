@@ -27,8 +27,25 @@ class WrittenFiles:
     bytes: int
 
 
+FULL_ADVICE = "nothing was stored; export and delete old results or use a larger SD card"
+
+
 def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_text(folder: Path) -> str:
+    """How much space is free where folder lives, for messages."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e6:.1f} MB free" if free >= 1e6 else f"{free // 1024} KB free"
+
+
+def disk_full_error(folder: Path, doing: str, advice: str = FULL_ADVICE) -> StoreFullError:
+    """The StoreFullError for a full disk met while `doing` something: the free space and what to do."""
+    return StoreFullError(f"disk full while {doing} ({free_text(folder)} on {folder}): {advice}")
 
 
 def write_capture_files(images_dir: Path, rel_dir: Path, field_jpeg: bytes | None, cells) -> WrittenFiles:
@@ -55,9 +72,8 @@ def write_capture_files(images_dir: Path, rel_dir: Path, field_jpeg: bytes | Non
     except OSError as exc:
         remove_folder(folder)
         if is_disk_full(exc):
-            raise StoreFullError(
-                "disk full while writing the capture; it was refused and its partial files removed. "
-                "Free some space (export and delete old results)"
+            raise disk_full_error(
+                images_dir, "writing the capture's images", "partial files removed, " + FULL_ADVICE
             ) from None
         raise
     return WrittenFiles(field_file, tuple(cell_files), total)

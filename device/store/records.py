@@ -45,22 +45,49 @@ class CaptureRecord:
 
 @dataclass(frozen=True)
 class ReconcileReport:
+    """What the start-up check found, and which crash leftovers it moved into quarantine (never deleted)."""
+
     orphan_dirs: tuple[str, ...]
-    """Image folders with no capture row (e.g. a power cut between files and commit). Kept, not deleted."""
+    """Image folders with no capture row (e.g. a power cut between files and commit), relative to images/."""
     missing_files: tuple[str, ...]
-    """Files that rows point to but that are not on disk."""
+    """Files that rows point to but that are not on disk (reported only: nothing can bring them back)."""
     temp_files: tuple[str, ...]
     """Half-written temp files from an interrupted write; never counted as results."""
+    quarantined: tuple[str, ...] = ()
+    """What was moved (folders and temp files, relative to images/) into `quarantine_dir`."""
+    quarantine_dir: str = ""
+    """The folder they were moved to (`<data_dir>/quarantine/<UTC time>/`), "" when nothing was moved."""
+    left_in_place: tuple[str, ...] = ()
+    """Leftovers found but not moved (`note` says why); a later start-up moves them."""
+    note: str = ""
 
     @property
     def clean(self) -> bool:
         return not (self.orphan_dirs or self.missing_files or self.temp_files)
 
     def summary(self) -> str:
+        """One line for the log and the status page."""
         if self.clean:
             return "store consistent"
-        return (
-            f"store reconcile: {len(self.orphan_dirs)} image folder(s) without a capture row, "
-            f"{len(self.missing_files)} missing file(s), {len(self.temp_files)} interrupted temp file(s); "
-            "nothing was deleted (see the status page)"
-        )
+        parts = []
+        if self.orphan_dirs or self.temp_files:
+            found = (
+                f"{len(self.orphan_dirs)} image folder(s) without a capture row and "
+                f"{len(self.temp_files)} interrupted temp file(s)"
+            )
+            restore = "README.txt there says how to restore them"
+            if self.quarantined and not self.left_in_place:
+                parts.append(f"moved {found} to {self.quarantine_dir} ({restore}); nothing was deleted")
+            elif self.quarantined:
+                parts.append(
+                    f"found {found}: moved {len(self.quarantined)} to {self.quarantine_dir} ({restore}), left "
+                    f"{len(self.left_in_place)} in place ({self.note}) for a later start-up; nothing was deleted"
+                )
+            else:
+                parts.append(
+                    f"found {found}, left in place ({self.note or 'not moved'}) for a later start-up; "
+                    "nothing was deleted"
+                )
+        if self.missing_files:
+            parts.append(f"{len(self.missing_files)} missing file(s) that stored results point to")
+        return "store reconcile: " + "; ".join(parts)

@@ -14,7 +14,7 @@ class ReviewQueries:
 
     def get_cell(self, cell_id: int) -> dict | None:
         """One cell row with its capture's slide, or None."""
-        with self.connect() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 """SELECT k.*, c.slide_id FROM cells k JOIN captures c ON c.id = k.capture_id
                                   WHERE k.id = ?""",
@@ -68,7 +68,7 @@ class ReviewQueries:
             for c, a in (("cell_id", cell_id), ("capture_id", capture_id), ("slide_id", slide_id))
             if a is not None
         )
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 f"SELECT * FROM reviews WHERE {where} = ? ORDER BY id LIMIT ?",  # noqa: S608
                 (arg, limit),
@@ -77,7 +77,7 @@ class ReviewQueries:
 
     def current_reviews(self, capture_id: int) -> dict[int, dict]:
         """The newest review of each reviewed cell of a capture, by cell id."""
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 """SELECT r.* FROM reviews r JOIN (SELECT cell_id, MAX(id) AS mid FROM reviews
                    WHERE capture_id = ? GROUP BY cell_id) m ON r.id = m.mid""",

@@ -87,20 +87,23 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(db_path: Path) -> None:
-    """Bring the database at db_path to SCHEMA_VERSION (creating it), or raise StoreError if it is newer."""
-    # BEGIN IMMEDIATE takes the write lock before reading the version, so two processes
-    # opening a new database at once cannot both run the same migration.
+    """Bring the database at db_path to SCHEMA_VERSION (creating it, in WAL mode), or raise StoreError if it is newer.
+
+    Writes nothing when the database is already current: a full disk must not stop the store from opening.
+    """
     conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _refuse_newer(db_path, conn.execute("PRAGMA user_version").fetchone()[0])
+        # WAL is set once, here: the journal mode is stored in the database file, so connections need not set it.
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        # BEGIN IMMEDIATE takes the write lock before reading the version again, so two processes
+        # opening a new database at once cannot both run the same migration.
         conn.execute("BEGIN IMMEDIATE")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            conn.execute("ROLLBACK")
-            raise StoreError(
-                f"{db_path}: database schema {version} is newer than this LeukoCam ({SCHEMA_VERSION}); "
-                "upgrade LeukoCam, or point [store] data_dir at another folder"
-            )
+        _refuse_newer(db_path, version)
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step].split(";"):
                 if statement.strip():
@@ -114,3 +117,11 @@ def migrate(db_path: Path) -> None:
         raise
     finally:
         conn.close()
+
+
+def _refuse_newer(db_path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{db_path}: database schema {version} is newer than this LeukoCam ({SCHEMA_VERSION}); "
+            "upgrade LeukoCam, or point [store] data_dir at another folder"
+        )

@@ -22,7 +22,7 @@ class SlideQueries:
 
     def slide_summary(self, slide_id: str) -> dict | None:
         """Counts, the blast fraction with its 95% Wilson CI, and how many cells await review."""
-        with self.connect() as conn:
+        with self.read() as conn:
             slide = conn.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone()
             if slide is None:
                 return None
@@ -52,7 +52,7 @@ class SlideQueries:
         }
 
     def list_slides(self, limit: int = 50) -> list[dict]:
-        with self.connect() as conn:
+        with self.read() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM slides ORDER BY created_at DESC LIMIT ?", (limit,))]
         return [self.slide_summary(i) for i in ids]
 
@@ -82,7 +82,7 @@ class SlideQueries:
             clauses.append("r.id IS NOT NULL")
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute(sql + " ORDER BY k.capture_id, k.idx", args).fetchall()
         out = []
         for r in rows:
@@ -95,12 +95,12 @@ class SlideQueries:
 
     def slide_ids(self, limit: int = 500) -> list[str]:
         """Slide IDs, newest first (cheap: for pickers that need no counts)."""
-        with self.connect() as conn:
+        with self.read() as conn:
             return [r[0] for r in conn.execute("SELECT id FROM slides ORDER BY created_at DESC LIMIT ?", (limit,))]
 
     def slide_provenance(self, slide_id: str) -> dict:
         """Which models and cameras made a slide's results, and its quality-check summary."""
-        with self.connect() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 "SELECT model_sha256, model_synthetic, camera_json, qc_json, status FROM captures WHERE slide_id = ?",
                 (slide_id,),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,23 +130,33 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path=path, meta=meta, contract=info.contract, golden=golden, info=info)
 
 
+# What a damaged .npz raises on opening or reading a member (a truncated zip, a bad CRC, a broken .npy header).
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+
 def _load_golden(path: Path, info: BundleMeta) -> Golden:
     gpath = path / GOLDEN_FILE
-    try:
-        with np.load(gpath, allow_pickle=False) as npz:
-            crops, probs, cams = npz["crops"], npz["probabilities"], npz["cams"]
-    except FileNotFoundError:
-        raise BundleError(
-            f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`"
-        ) from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"{gpath}: unreadable golden file ({exc}); re-run `leukocam convert`") from None
+    if not gpath.is_file():
+        raise BundleError(f"{path}: no {GOLDEN_FILE} (golden crops for the self-test); re-run `leukocam convert`")
     expected = info.golden.sha256
     if expected and sha256_file(gpath) != expected:
         raise BundleError(f"{gpath}: sha256 does not match model.json; the bundle was altered. Copy it again")
+    if not zipfile.is_zipfile(gpath):  # np.load would read a bare .npy (or a pickle) as something else
+        raise BundleError(f"{gpath}: not a .npz archive (damaged or replaced); re-run `leukocam convert`")
+    try:
+        with np.load(gpath, allow_pickle=False) as npz:
+            crops, probs, cams = npz["crops"], npz["probabilities"], npz["cams"]
+    except _NPZ_ERRORS as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{gpath}: unreadable golden file ({why}); re-run `leukocam convert`") from None
     size = info.input_size
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
         raise BundleError(
             f"{gpath}: golden crops have shape {crops.shape} {crops.dtype}, expected N x {size} x {size} x 3 uint8"
+        )
+    if probs.shape != (len(crops),) or probs.dtype.kind != "f" or not np.all(np.isfinite(probs)):
+        raise BundleError(
+            f"{gpath}: golden probabilities have shape {probs.shape} {probs.dtype}, "
+            f"expected {len(crops)} finite floats (one per crop); re-run `leukocam convert`"
         )
     return Golden(crops=crops, probabilities=probs, cams=cams, tolerance=float(info.golden.tolerance))

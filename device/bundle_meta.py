@@ -18,6 +18,7 @@ back. Importable without TensorFlow.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -93,12 +94,18 @@ class _Fields:
             raise self.fail(key, f"must be a{' non-empty' if nonempty else ''} string, got {value!r}")
         return value
 
-    def number(self, key: str, *, required: bool = False, low: float | None = None):
+    def number(self, key: str, *, required: bool = False, low: float | None = None, high: float | None = None):
         value = self.required(key) if required else self.raw(key)
         if value is None and not required:
             return None
-        if not _is_number(value) or (low is not None and value < low):
-            raise self.fail(key, f"must be a number{f' >= {low}' if low is not None else ''}, got {value!r}")
+        if not _is_number(value) or (low is not None and value < low) or (high is not None and value > high):
+            if low is not None and high is not None:
+                expected = f"a number in {low}..{high}"
+            else:
+                expected = (
+                    f"a number{f' >= {low}' if low is not None else ''}{f' <= {high}' if high is not None else ''}"
+                )
+            raise self.fail(key, f"must be {expected}, got {value!r}")
         return value
 
     def integer(self, key: str, *, required: bool = False, low: int | None = None) -> int | None:
@@ -122,11 +129,14 @@ class _Fields:
         return labels[0], labels[1]
 
     def band(self, key: str, threshold: float) -> tuple[float, float]:
-        band = self.raw(key)
-        if not (isinstance(band, list) and len(band) == 2 and all(_is_number(v) for v in band)):
-            raise self.fail(key, f"must be [low, high], got {band!r}")
-        if not 0.0 <= band[0] <= threshold <= band[1] <= 1.0:
-            raise BundleError(f"{self.source}: need 0 <= review_band[0] <= threshold <= review_band[1] <= 1")
+        band = self.required(key)
+        if (
+            not (isinstance(band, list) and len(band) == 2 and all(_is_number(v) for v in band))
+            or not 0.0 <= band[0] <= band[1] <= 1.0
+        ):
+            raise self.fail(key, f"must be [low, high], two numbers with 0 <= low <= high <= 1, got {band!r}")
+        if not band[0] <= threshold <= band[1]:
+            raise self.fail(key, f"{band!r} must contain threshold {threshold!r} (low <= threshold <= high)")
         return band[0], band[1]
 
     def strings(self, key: str) -> tuple[str, ...] | None:
@@ -159,7 +169,8 @@ class _Fields:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """An int or a finite float (Python's json reads NaN and Infinity; model.json never has them)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -418,7 +429,7 @@ class BundleMeta:
         f.raw("schema_version")
         labels = f.labels("labels")
         contract = cls._contract(f)
-        threshold = f.number("threshold", required=True)
+        threshold = f.number("threshold", required=True, low=0, high=1)
         band = f.band("review_band", threshold)
         sha = f.text("tflite_sha256", required=True)
         if not _SHA256.fullmatch(sha):

@@ -37,6 +37,7 @@ import click
 from device.bundle import META_FILE, MODEL_FILE, Bundle, load_bundle, sha256_file
 from device.classifier import Classifier, SelfTestResult
 from device.cli_base import ReportingGroup
+from device.config import MAX_THREADS
 from device.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,20 @@ def _prune(store: Path, keep: int) -> None:
         _set_link(store, REJECTED, None)
 
 
+def precheck_bundle(path: str | Path) -> None:
+    """Refuse a bad plain bundle folder (model.json fields, hashes, golden file) before anything else starts.
+
+    Cheap next to the self-test: no interpreter is built. A bundle store is left to
+    `resolve_active_bundle`, which may roll back to `previous` instead of refusing.
+
+    Raises:
+        BundleError: what `load_bundle` says.
+    """
+    path = Path(path)
+    if not is_store(path):
+        load_bundle(path)
+
+
 def resolve_active_bundle(path: str | Path, threads: int = 1, self_test: bool = True) -> ActiveBundle:
     """Open the bundle the service should run, rolling a store back to `previous` when needed.
 
@@ -404,7 +419,13 @@ store_option = click.option(
 @click.command("install-bundle")
 @click.argument("src", type=click.Path(file_okay=False))
 @store_option
-@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads for the self-test.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, MAX_THREADS),
+    default=1,
+    show_default=True,
+    help="Interpreter threads for the self-test.",
+)
 @click.option("--keep", type=int, default=DEFAULT_KEEP, show_default=True, help="Installed bundles to keep.")
 def install_bundle_command(src, store_dir, threads, keep):
     """Check a bundle (hash, schema, shapes, self-test) and make it the current one."""

@@ -99,12 +99,12 @@ def serve(config_path, host, port):
     """Run the appliance: capture worker and dashboard in one process."""
     import dataclasses
 
-    from waitress import create_server
-
     from device import sdnotify
+    from device.bundle_store import precheck_bundle
     from device.config import load_config
     from device.service import Appliance
     from device.web import create_app
+    from device.web.server import make_server
 
     cfg = load_config(config_path)
     if host or port is not None:
@@ -113,10 +113,11 @@ def serve(config_path, host, port):
             web=dataclasses.replace(cfg.web, host=host or cfg.web.host, port=cfg.web.port if port is None else port),
         )
         cfg.validate()
+    precheck_bundle(cfg.bundle_path)  # a broken bundle is refused before the data store is opened
     log = logging.getLogger("leukocam")
     from device.accounts import load_users, login_required_for
 
-    if login_required_for(cfg.web.host) and not load_users(cfg.store.data_dir):
+    if login_required_for(cfg.web.host, cfg.web.login) and not load_users(cfg.store.data_dir):
         log.warning(
             "dashboard on %s requires a login but no account exists: run `leukocam set-password USER`", cfg.web.host
         )
@@ -133,7 +134,7 @@ def serve(config_path, host, port):
         log.info(appliance.self_test.message)
     log.info(appliance.reconcile.summary())
     app = create_app(appliance)
-    server = create_server(app, host=cfg.web.host, port=cfg.web.port, threads=cfg.web.threads)
+    server = make_server(app, cfg.web)
     stopping = threading.Event()
 
     def shutdown(signum, _frame):
@@ -280,13 +281,20 @@ def set_password(config_path, username, password):
     from device.accounts import AuthError
     from device.accounts import set_password as write_password
     from device.config import load_config
+    from device.web.sessions import DB_FILE, SessionRegistry
 
     cfg = load_config(config_path)
     try:
         path = write_password(cfg.store.data_dir, username, password)
     except AuthError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"password for {username!r} stored (scrypt hash, mode 0600) in {path}; no restart needed")
+    ended = 0
+    if (path.parent / DB_FILE).is_file():  # a changed password logs that user out everywhere
+        ended = SessionRegistry(path.parent).end_user(username)
+    click.echo(
+        f"password for {username!r} stored (scrypt hash, mode 0600) in {path}; no restart needed"
+        + (f"; {ended} open session(s) of {username!r} ended" if ended else "")
+    )
 
 
 @cli.command("calibrate-qc")

@@ -9,6 +9,9 @@ sample fields and the shipped demo bundle.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import re
 import tomllib
 import types
 import typing
@@ -20,6 +23,9 @@ from device.errors import ConfigError
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_BUNDLE = PACKAGE_DIR / "demo" / "bundle"
 DEMO_FIELDS = PACKAGE_DIR / "demo" / "fields"
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused unread (it is a few kilobytes of TOML)."""
+MAX_THREADS = 64
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,13 @@ class CameraConfig:
 
     def validate(self) -> None:
         _choice("camera.backend", self.backend, ("replay", "opencv", "picamera2"))
-        _at_least("camera.retries", self.retries, 0)
-        for key in ("width", "height", "exposure_us"):
-            _at_least(f"camera.{key}", getattr(self, key), 0)
-        for key in ("analogue_gain", "awb_red", "awb_blue"):
-            _at_least(f"camera.{key}", getattr(self, key), 0.0)
+        _between("camera.retries", self.retries, 0, 100)
+        for key in ("width", "height"):
+            _between(f"camera.{key}", getattr(self, key), 0, 16384)
+        _between("camera.exposure_us", self.exposure_us, 0, 1_000_000_000)  # the HQ camera's longest is ~670 s
+        _between("camera.analogue_gain", self.analogue_gain, 0.0, 64.0)
+        for key in ("awb_red", "awb_blue"):
+            _between(f"camera.{key}", getattr(self, key), 0.0, 32.0)  # libcamera's ColourGains range
         _between("camera.preview_width", self.preview_width, 64, 4096)
         if (self.awb_red == 0) != (self.awb_blue == 0):
             raise ConfigError(
@@ -97,7 +105,7 @@ class ModelConfig:
     """Run the bundle's golden crops at start-up and refuse a bundle that fails them."""
 
     def validate(self) -> None:
-        _at_least("model.threads", self.threads, 1)
+        _between("model.threads", self.threads, 1, MAX_THREADS)
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,8 @@ class FinderConfig:
     """At most this many white cells are classified per field (the rest are reported as skipped)."""
 
     def validate(self) -> None:
-        _at_least("finder.um_per_px", self.um_per_px, 0.0)
-        _at_least("finder.max_cells", self.max_cells, 1)
+        _between("finder.um_per_px", self.um_per_px, 0.0, 100.0)
+        _between("finder.max_cells", self.max_cells, 1, 10_000)
 
 
 @dataclass(frozen=True)
@@ -136,16 +144,16 @@ class StoreConfig:
     """Where the SQLite database and the image files live (on the Pi: /var/lib/leukocam)."""
     min_free_mb: int = 200
     """A capture is refused, and nothing written, when less disk space than this is free."""
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 16_000_000
     """Images larger than this many pixels are refused (decompression-bomb guard; 12 MP HQ frames fit)."""
     max_images_mb: int = 0
     """Retention cap for stored images; over it, the oldest captures of REVIEWED slides are deleted. 0 = no cap."""
 
     def validate(self) -> None:
-        _at_least("store.min_free_mb", self.min_free_mb, 0)
+        _between("store.min_free_mb", self.min_free_mb, 0, 10**12)  # 1 EB: "more than any disk" stays valid
         # PIL refuses more than its MAX_IMAGE_PIXELS (89.5 MP) as a decompression bomb anyway.
         _between("store.max_image_pixels", self.max_image_pixels, 1, 89_000_000)
-        _at_least("store.max_images_mb", self.max_images_mb, 0)
+        _between("store.max_images_mb", self.max_images_mb, 0, 100_000_000)
 
 
 @dataclass(frozen=True)
@@ -160,11 +168,21 @@ class WebConfig:
     """Largest accepted upload."""
     secure_cookies: bool = False
     """Send the session cookie over HTTPS only (set when a TLS proxy fronts the dashboard)."""
+    login: str = "auto"
+    """"auto": a login is required whenever the dashboard listens beyond this machine; "always": also on loopback."""
+    max_connections: int = 200
+    """Open connections the server keeps at once; more wait in the kernel's queue until one closes."""
+    client_timeout_s: int = 15
+    """A connection that sends nothing for this long (an idle or half-sent request) is closed."""
 
     def validate(self) -> None:
+        _host("web.host", self.host)
         _between("web.port", self.port, 1, 65535)
-        _at_least("web.threads", self.threads, 1)
-        _at_least("web.max_upload_mb", self.max_upload_mb, 1)
+        _between("web.threads", self.threads, 1, 256)
+        _between("web.max_upload_mb", self.max_upload_mb, 1, 1024)
+        _choice("web.login", self.login, ("auto", "always"))
+        _between("web.max_connections", self.max_connections, 10, 1000)
+        _between("web.client_timeout_s", self.client_timeout_s, 2, 600)
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,7 @@ class ServiceConfig:
     """Slide that new captures belong to until the operator starts another; empty = a dated default."""
 
     def validate(self) -> None:
-        _at_least("service.startup_captures", self.startup_captures, 0)
+        _between("service.startup_captures", self.startup_captures, 0, 1000)
 
 
 @dataclass(frozen=True)
@@ -212,13 +230,37 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
+    if not value >= low:  # NaN too
         raise ConfigError(f"{key} = {value!r}: expected a value >= {low}")
 
 
 def _between(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{key} = {value!r}: expected a value between {low} and {high}")
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _host(key: str, value: str) -> None:
+    """An IPv4 or IPv6 address (IPv6 may be in brackets) or a plausible DNS host name; not resolved here."""
+    if _is_ip(value[1:-1] if value.startswith("[") and value.endswith("]") else value):
+        return
+    labels = value.removesuffix(".").split(".")
+    numeric = all(label.isdigit() for label in labels)  # 999.1.1.1 is a bad IPv4 address, not a name
+    if numeric or len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(
+            f"{key} = {value!r}: expected an IP address or a host name "
+            "(127.0.0.1 = this machine only, 0.0.0.0 = the whole lab network, or a name such as leukocam.local)"
+        )
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_ok(expected: object, value: object) -> bool:
@@ -237,9 +279,9 @@ def _build(cls: type, data: dict, prefix: str) -> object:
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"[{prefix}]" if prefix else "the top level"
+        name = unknown[0] if unknown[0].isprintable() else repr(unknown[0])
         raise ConfigError(
-            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
-            f"allowed keys: {', '.join(sorted(known))}"
+            f"unknown key {prefix + '.' if prefix else ''}{name} in {where}; allowed keys: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -254,8 +296,17 @@ def _build(cls: type, data: dict, prefix: str) -> object:
                 f"{key} = {value!r}: expected {getattr(expected, '__name__', expected)}, got {type(value).__name__}"
             )
         else:
+            _value_ok(key, value)
             kwargs[name] = float(value) if expected is float else value
     return cls(**kwargs)
+
+
+def _value_ok(key: str, value: object) -> None:
+    """Checks every key of its type needs, whatever its range: finite floats, no NUL in strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: expected a finite number, not nan or inf")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key} = {value!r}: expected text without NUL characters (\\u0000)")
 
 
 def parse_config(data: dict, source: str = "<dict>") -> Config:
@@ -277,11 +328,24 @@ def load_config(path: str | Path | None = None) -> Config:
         return cfg
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; pass an existing file to --config") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MB, not a LeukoCam config file")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: the file is UTF-16 text; save it as UTF-8 TOML")
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: not a text file (it has NUL bytes: binary or UTF-16); save it as UTF-8 TOML")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is harmless
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8 TOML"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import re
 import shutil
@@ -159,6 +161,20 @@ def test_unknown_and_null_fields_survive_the_round_trip(demo_bundle_dir):
         (lambda m: m["preprocess"].update(interpolation="nearest"), "preprocess"),
         (lambda m: m.update(input_size=128), "input_size"),
         (lambda m: m.update(metrics=[1]), "metrics"),
+        # issue #12: each of these once got past start-up or ended in a traceback
+        (lambda m: m.update(threshold=None), "threshold must be a number in 0..1"),
+        (lambda m: m.update(threshold=[0.1, 0.5, 0.9]), "threshold must be a number in 0..1"),
+        (lambda m: m.update(threshold=1.5), "threshold must be a number in 0..1"),
+        (lambda m: m.update(threshold=float("nan")), "threshold must be a number in 0..1"),
+        (lambda m: m.update(review_band="0.3,0.7"), "review_band must be [low, high]"),
+        (lambda m: m.update(review_band=None), "review_band must be [low, high]"),
+        (lambda m: m.update(review_band=[0.1, 0.5, 0.9]), "review_band must be [low, high]"),
+        (lambda m: m.update(review_band=[0.7, 0.3]), "low <= high"),
+        (lambda m: m.update(review_band=[0.3, float("inf")]), "review_band must be [low, high]"),
+        (lambda m: m.update(review_band=[0.6, 0.9]), "review_band [0.6, 0.9] must contain threshold 0.5"),
+        (lambda m: m.update(golden=[1, 2]), "golden must be a JSON object"),
+        (lambda m: m["golden"].update(tolerance=float("nan")), "golden.tolerance"),
+        (lambda m: m.update(quantization="int8"), "quantization must be a JSON object"),
     ],
 )
 def test_bad_fields_are_named(demo_bundle_dir, edit, field):
@@ -167,6 +183,66 @@ def test_bad_fields_are_named(demo_bundle_dir, edit, field):
     with pytest.raises(BundleError, match=re.escape(field)) as err:
         BundleMeta.from_dict(meta, "bundle/model.json")
     assert str(err.value).startswith("bundle/model.json: ")
+
+
+def _replace_golden(bundle_dir, data: bytes) -> None:
+    """Write golden.npz and record its sha256 in model.json as convert does, so the file's own checks run."""
+    (bundle_dir / "golden.npz").write_bytes(data)
+    meta = json.loads((bundle_dir / "model.json").read_text())
+    meta["golden"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle_dir / "model.json").write_text(json.dumps(meta))
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda good: good[: len(good) // 2], "not a .npz archive"),
+        (lambda good: b"garbage" * 100, "not a .npz archive"),
+        (lambda good: _npz_bytes(crops=np.zeros((1, 96, 96, 3), np.uint8)), "unreadable golden file"),
+        (lambda good: _npz_bytes(crops=np.array([None]), probabilities=np.zeros(1), cams=np.zeros(1)), "unreadable"),
+        (
+            lambda good: _npz_bytes(crops=np.zeros((2, 96, 96, 3), np.uint8), probabilities=np.zeros(3), cams=[0]),
+            "golden probabilities have shape (3,)",
+        ),
+        (
+            lambda good: _npz_bytes(crops=np.zeros((1, 96, 96, 3), np.uint8), probabilities=[np.nan], cams=[0]),
+            "expected 1 finite floats",
+        ),
+    ],
+    ids=["truncated", "garbage", "no-probabilities", "pickled", "wrong-length", "nan"],
+)
+def test_corrupt_golden_is_a_bundle_error(bundle_copy, make, message):
+    _replace_golden(bundle_copy, make((bundle_copy / "golden.npz").read_bytes()))
+    with pytest.raises(BundleError, match=re.escape(message)) as err:
+        load_bundle(bundle_copy)
+    assert str(err.value).startswith(f"{bundle_copy / 'golden.npz'}: ")
+
+
+def test_damaged_golden_is_reported_as_altered_when_its_hash_differs(bundle_copy):
+    data = (bundle_copy / "golden.npz").read_bytes()
+    (bundle_copy / "golden.npz").write_bytes(data[:100])
+    with pytest.raises(BundleError, match="golden.npz: sha256 does not match model.json"):
+        load_bundle(bundle_copy)
+
+
+def test_precheck_refuses_a_bad_folder_and_leaves_a_store_to_roll_back(bundle_copy, tmp_path):
+    from device.bundle_store import precheck_bundle
+
+    precheck_bundle(bundle_copy)  # the good copy
+    meta = json.loads((bundle_copy / "model.json").read_text())
+    meta["threshold"] = "0.5"
+    (bundle_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="threshold must be a number"):
+        precheck_bundle(bundle_copy)
+    store = tmp_path / "store"
+    (store / "bundles").mkdir(parents=True)
+    precheck_bundle(store)  # a store: resolve_active_bundle decides (it may roll back to `previous`)
 
 
 def test_bad_field_stops_load_bundle(bundle_copy):

@@ -160,14 +160,14 @@ def test_wrong_type_names_the_key_and_expected_type(tmp_path, toml, key, expecte
     [
         ({"web": {"port": 70000}}, "web.port", "between 1 and 65535"),
         ({"web": {"port": -1}}, "web.port", "between 1 and 65535"),
-        ({"web": {"threads": 0}}, "web.threads", ">= 1"),
-        ({"model": {"threads": 0}}, "model.threads", ">= 1"),
+        ({"web": {"threads": 0}}, "web.threads", "between 1 and 256"),
+        ({"model": {"threads": 0}}, "model.threads", "between 1 and 64"),
         ({"camera": {"backend": "foo"}}, "camera.backend", "one of replay, opencv"),
-        ({"camera": {"retries": -1}}, "camera.retries", ">= 0"),
+        ({"camera": {"retries": -1}}, "camera.retries", "between 0 and 100"),
         ({"quality": {"max_clipped_fraction": 1.5}}, "quality.max_clipped_fraction", "between 0.0 and 1.0"),
-        ({"finder": {"max_cells": 0}}, "finder.max_cells", ">= 1"),
+        ({"finder": {"max_cells": 0}}, "finder.max_cells", "between 1 and 10000"),
         ({"store": {"max_image_pixels": 0}}, "store.max_image_pixels", "between 1 and 89000000"),
-        ({"service": {"startup_captures": -2}}, "service.startup_captures", ">= 0"),
+        ({"service": {"startup_captures": -2}}, "service.startup_captures", "between 0 and 1000"),
     ],
 )
 def test_out_of_range_names_the_key(data, key, hint):
@@ -255,3 +255,111 @@ def test_cli_reports_a_missing_config(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and "not found" in proc.stderr
+
+
+# -- holes every key of a type shares (issue #12) ---------------------------------------------------
+
+
+def _keys_of(kind: type) -> list[tuple[str, str]]:
+    import typing
+
+    return [
+        (section, f.name)
+        for section in SECTIONS
+        for f in dataclasses.fields(getattr(Config(), section))
+        if typing.get_type_hints(type(getattr(Config(), section)))[f.name] is kind
+    ]
+
+
+@pytest.mark.parametrize(("section", "key"), _keys_of(float))
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_every_float_key_refuses_nan_and_inf(tmp_path, section, key, bad):
+    path = _write(tmp_path, f"[{section}]\n{key} = {bad}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {section}.{key} = ")
+    assert "expected a finite number" in str(info.value)
+
+
+@pytest.mark.parametrize(("section", "key"), _keys_of(int))
+def test_every_int_key_has_an_upper_bound(section, key):
+    with pytest.raises(ConfigError, match=rf"^rig\.toml: {section}\.{key} = 9223372036854775807: expected a value "):
+        parse_config({section: {key: 2**63 - 1}}, source="rig.toml")
+
+
+@pytest.mark.parametrize(("section", "key"), _keys_of(str))
+def test_every_str_key_refuses_nul(section, key):
+    with pytest.raises(ConfigError, match=rf"^rig\.toml: {section}\.{key} = .*without NUL"):
+        parse_config({section: {key: "a\0b"}}, source="rig.toml")
+
+
+def test_nan_set_in_code_is_refused_too():
+    cfg = Config()
+    bad = dataclasses.replace(cfg, quality=dataclasses.replace(cfg.quality, min_focus=float("nan")))
+    with pytest.raises(ConfigError, match="quality.min_focus = nan"):
+        bad.validate()
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "hint"),
+    [
+        ({"model": {"threads": 10**9}}, "model.threads", "between 1 and 64"),
+        ({"model": {"threads": 65}}, "model.threads", "between 1 and 64"),
+        ({"web": {"threads": 10**6}}, "web.threads", "between 1 and 256"),
+        ({"web": {"max_upload_mb": 10**6}}, "web.max_upload_mb", "between 1 and 1024"),
+        ({"camera": {"retries": 10**6}}, "camera.retries", "between 0 and 100"),
+        ({"service": {"startup_captures": 10**6}}, "service.startup_captures", "between 0 and 1000"),
+        ({"finder": {"max_cells": 10**6}}, "finder.max_cells", "between 1 and 10000"),
+        ({"store": {"min_free_mb": 10**13}}, "store.min_free_mb", "between 0 and 1000000000000"),
+    ],
+)
+def test_huge_values_name_the_key_and_the_range(data, key, hint):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="rig.toml")
+    assert str(info.value).startswith(f"rig.toml: {key} = ") and hint in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "0.0.0.0", "::1", "[::1]", "::", "localhost", "leukocam.local", "pi-4.lab.example.org"]
+)
+def test_hosts_that_are_accepted(host):
+    assert parse_config({"web": {"host": host}}).web.host == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["999.1.1.1", "256.0.0.1", "1.2.3", "", " 127.0.0.1", "lab pc", "-pi.local", "a..b", "pi_4", "::g", "x" * 64],
+)
+def test_hosts_that_are_refused(host):
+    with pytest.raises(ConfigError, match=r"^rig\.toml: web\.host = .*expected an IP address or a host name"):
+        parse_config({"web": {"host": host}}, source="rig.toml")
+
+
+@pytest.mark.parametrize(
+    ("raw", "hint"),
+    [
+        (bytes(range(256)), "not a text file"),
+        ("[web]\nport = 9000\n".encode("utf-16"), "UTF-16"),
+        ('[camera]\nreplay_dir = "Präparate"\n'.encode("latin-1"), "not UTF-8 text (byte 0xe4"),
+    ],
+    ids=["binary", "utf16", "latin1"],
+)
+def test_a_file_that_is_not_utf8_says_save_as_utf8(tmp_path, raw, hint):
+    path = tmp_path / "leukocam.toml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ") and hint in str(info.value)
+    assert str(info.value).endswith("save it as UTF-8 TOML")
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path):
+    path = tmp_path / "leukocam.toml"
+    path.write_bytes("[web]\nport = 9000\n".encode("utf-8-sig"))
+    assert load_config(path).web.port == 9000
+
+
+def test_a_huge_file_is_refused_unread(tmp_path):
+    path = _write(tmp_path, "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="larger than 1 MB"):
+        load_config(path)

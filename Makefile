@@ -15,7 +15,7 @@ ARGS ?=
 BCCD ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-train run test lint demo-model inspect train cv evaluate convert deploy bench finder-eval clean
+.PHONY: help install install-train run test soak lint demo-model inspect train cv evaluate convert deploy bench finder-eval clean
 
 help:
 	@echo "LeukoCam — make targets"
@@ -23,6 +23,7 @@ help:
 	@echo "  make test         create .venv, install everything, run the whole test suite"
 	@echo "  make install      .venv with the device side only (no TensorFlow)"
 	@echo "  make install-train .venv with the workstation side too (TensorFlow)"
+	@echo "  make soak         the long hostile tests (100 power cuts, 3000 fuzzed requests, memory) on loopback"
 	@echo "  make lint         ruff: lint rules and formatting (CI runs it)"
 	@echo "  make demo-model   regenerate the shipped synthetic demo bundle and sample fields"
 	@echo "  make inspect      DATA=...                 dataset counts, subjects, duplicates, unreadable files"
@@ -58,6 +59,10 @@ run: $(VENV)/.stamp-device
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long versions of the hostile tests, outside `make test`: bounded counts, loopback only (about 10 minutes).
+soak: $(VENV)/.stamp-test
+	LEUKOCAM_SOAK=1 $(BIN)/python -m pytest -q tests/test_hostile.py tests/test_store.py -k "hostile or fuzz or slow or peak or power_cut" $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check device training convert tests

@@ -7,9 +7,11 @@ dashboard listens beyond this machine (see `login_required_for`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -27,9 +29,9 @@ class AuthError(LeukoCamError):
     """An account cannot be created or read as asked."""
 
 
-def login_required_for(host: str) -> bool:
-    """True unless the server listens on the loopback interface only."""
-    return host.strip().lower() not in LOCAL_HOSTS
+def login_required_for(host: str, login: str = "auto") -> bool:
+    """True unless the server listens on the loopback interface only (and `[web] login` is not "always")."""
+    return login == "always" or host.strip().lower() not in LOCAL_HOSTS
 
 
 def auth_path(data_dir: str | Path) -> Path:
@@ -63,12 +65,19 @@ def set_password(data_dir: str | Path, username: str, password: str) -> Path:
     return path
 
 
+@functools.cache
+def decoy_hash() -> str:
+    """A hash made once, so that checking a password for an unknown user costs one scrypt, like a known one."""
+    return generate_password_hash(secrets.token_hex(16), method="scrypt")
+
+
 def verify(data_dir: str | Path, username: str, password: str) -> bool:
-    """True when the user exists and the password matches (constant-time compare in werkzeug)."""
+    """True when the user exists and the password matches.
+
+    Exactly one scrypt check runs either way (an unknown user is checked against a decoy hash), so the
+    time a login takes does not tell whether the user name exists.
+    """
     users = load_users(data_dir)
     stored = users.get(username or "")
-    if stored is None:
-        # Hash anyway so an unknown user name takes as long as a wrong password.
-        check_password_hash(generate_password_hash("x", method="scrypt"), password or "")
-        return False
-    return check_password_hash(stored, password or "")
+    ok = check_password_hash(stored if stored is not None else decoy_hash(), password or "")
+    return ok and stored is not None

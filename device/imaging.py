@@ -13,6 +13,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,7 @@ def check_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
 def as_rgb8(image) -> tuple[np.ndarray | None, str | None]:
     """Bring an image array to the uint8 RGB contract, or say why it cannot be.
 
-    High bit depth (uint16, int32) is scaled by its own maximum bit depth, float
+    High bit depth (uint16, int32) is scaled by its sensor bit depth (see SENSOR_BITS), float
     in [0, 1] by 255, greyscale is repeated into three channels and an alpha
     channel is dropped; anything else gets a reason instead of an exception.
 
@@ -53,18 +54,33 @@ def as_rgb8(image) -> tuple[np.ndarray | None, str | None]:
         return None, f"not an image of shape HxW, HxWx3 or HxWx4 (got {image.shape})"
     if image.shape[2] == 4:
         image = image[..., :3]
+    # Scale first, then repeat a grey channel: a 16 MP 16-bit frame must not become a float64 RGB copy.
+    image, bad = _to_uint8(image)
+    if bad is not None:
+        return None, bad
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image), None
+
+
+SENSOR_BITS = (8, 10, 12, 14, 16, 24, 32)
+"""Bit depths that cameras and files use: high-depth pixels are scaled by the smallest that holds the
+brightest pixel (12-bit sensor data in a 16-bit TIFF is 0-4095, not a dark 0-65535 picture)."""
+
+
+def _to_uint8(image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """Pixel values to 0-255 (any channel count), or a reason."""
     if image.dtype == np.uint8:
-        return np.ascontiguousarray(image), None
+        return image, None
     if image.dtype == np.bool_:
         return image.astype(np.uint8) * 255, None
     if np.issubdtype(image.dtype, np.integer):
         top = int(image.max()) if image.size else 0
         if int(image.min()) < 0:
             return None, f"image has negative pixel values ({image.dtype}): not a camera image"
-        bits = max(8, int(np.ceil(np.log2(top + 1)))) if top > 0 else 8
-        return (image.astype(np.float64) * (255.0 / (2**bits - 1))).round().astype(np.uint8), None
+        needed = int(np.ceil(np.log2(top + 1))) if top > 0 else 8
+        bits = next((b for b in SENSOR_BITS if b >= needed), needed)
+        return np.rint(image * np.float32(255.0 / (2**bits - 1))).astype(np.uint8), None
     if np.issubdtype(image.dtype, np.floating):
         if not np.isfinite(image).all():
             return None, "image has NaN or infinite pixel values"
@@ -76,18 +92,29 @@ def as_rgb8(image) -> tuple[np.ndarray | None, str | None]:
     return None, f"unsupported pixel type {image.dtype}"
 
 
-def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes | str | Path | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float | None = None,
+    too_big_hint: str = "use a smaller image or raise store.max_image_pixels",
+) -> np.ndarray:
     """Decode an image file or bytes into uint8 RGB.
 
+    Size and shape are checked from the header, before any pixel is decoded, so a small
+    file that claims a huge or absurdly thin picture costs nothing. 16-bit and 32-bit
+    greyscale (PNG, TIFF) is scaled by its bit depth, not clipped (see `as_rgb8`).
+
     Args:
-        data: encoded bytes, or a path to an image file.
-        max_pixels: refuse images with more pixels than this, before decoding them.
+        data: encoded bytes, a path to an image file, or an open binary file (an upload spooled to disk).
+        max_pixels: refuse images with more pixels than this.
+        max_aspect: refuse images whose long side is more than this many times the short side.
+        too_big_hint: what the message about too many pixels tells the user to do.
 
     Returns:
         uint8 array HxWx3 in RGB order.
 
     Raises:
-        ImageError: empty, unreadable, truncated or too large input.
+        ImageError: empty, unreadable, truncated, too large or too thin input.
     """
     label = str(data) if isinstance(data, (str, Path)) else "uploaded image"
     if isinstance(data, (str, Path)):
@@ -95,19 +122,20 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
             data = Path(data).read_bytes()
         except OSError as exc:
             raise ImageError(f"{label}: cannot read file ({exc.strerror})") from None
-    if not data:
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not _has_bytes(source):
         raise ImageError(f"{label}: the file is empty (0 bytes)")
     try:
         # Our own limit is checked from the header, before any pixel is decoded; it is capped
         # below PIL's MAX_IMAGE_PIXELS (config validation), so PIL's bomb check is a second net.
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(
-                f"{label}: {w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit; "
-                "use a smaller image or raise store.max_image_pixels"
-            )
+        img = Image.open(source)
+        _check_size(label, img.size, max_pixels, max_aspect, too_big_hint)
         img.load()
+        if img.mode in HIGH_DEPTH_MODES:
+            rgb8, why = as_rgb8(np.asarray(img))
+            if rgb8 is None:
+                raise ImageError(f"{label}: {why}")
+            return rgb8
         rgb = img if img.mode == "RGB" else img.convert("RGB")
     except ImageError:
         raise
@@ -123,6 +151,28 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     finally:
         img.close()
         rgb.close()
+
+
+HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+"""PIL modes of more than 8 bits a pixel (greyscale): converting them to RGB would clip, not scale."""
+
+
+def _has_bytes(fh) -> bool:
+    pos = fh.tell()
+    first = fh.read(1)
+    fh.seek(pos)
+    return bool(first)
+
+
+def _check_size(label: str, size: tuple[int, int], max_pixels: int, max_aspect: float | None, hint: str) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError(f"{label}: {w}x{h} = {w * h / 1e6:.1f} MP is over the {max_pixels / 1e6:.1f} MP limit; {hint}")
+    if max_aspect is not None and min(w, h) > 0 and max(w, h) / min(w, h) > max_aspect:
+        raise ImageError(
+            f"{label}: {w}x{h} is too thin (sides more than {max_aspect:g} to 1): "
+            "not a microscope field or a cell; upload the photo as the camera took it"
+        )
 
 
 def _rgb_pixels(img: Image.Image) -> np.ndarray:

@@ -54,6 +54,15 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
 
 
 SLIDE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""Slide IDs are file and URL safe; "." and ".." (path names, not IDs) are refused separately."""
+UPLOADS_SLIDE = "uploads"
+"""Where uploads go unless the user adds them to the current slide: they never change a slide's count unasked."""
+CELL_MAX_PIXELS = 4_000_000
+"""A single-cell upload is a crop (C-NMC cells are 450 px; a cell at 0.05 um/px is about 400 px)."""
+CELL_MAX_ASPECT = 3.0
+FIELD_MAX_ASPECT = 4.0
+"""Camera frames are 4:3 to 16:9; anything thinner is no field (and pads to a huge square as one cell)."""
+UPLOAD_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class Appliance:
         self.slide_id = self.new_slide(config.service.slide_id or f"slide-{datetime.now():%Y%m%d}")
         self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
         self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
+        self._upload_slot = threading.Semaphore(1)  # and one upload at a time is decoded (memory)
         # The archival field JPEG is encoded after the result is stored (PIL releases the GIL while
         # it encodes), so it never holds the result back; stop() waits for it.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-encode")
@@ -119,6 +129,7 @@ class Appliance:
         self.camera.close()
         self.classifier.close()
         self._encoder.shutdown(wait=True)
+        self.store.close()
 
     def __enter__(self) -> Appliance:
         return self
@@ -130,8 +141,8 @@ class Appliance:
     def new_slide(self, slide_id: str | None = None) -> str:
         """Start a new slide (dashboard ID or a long press); later captures belong to it."""
         slide_id = (slide_id or f"slide-{datetime.now():%Y%m%d-%H%M%S}").strip()
-        if not SLIDE_ID.fullmatch(slide_id):
-            raise InputError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if not SLIDE_ID.fullmatch(slide_id) or set(slide_id) == {"."}:
+            raise InputError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-', not only dots")
         self.store.ensure_slide(slide_id)
         self.slide_id = slide_id
         log.info("slide %s", slide_id)
@@ -159,15 +170,43 @@ class Appliance:
         """Capture and analyse synchronously in the caller's thread (the CLI's one-shot capture)."""
         return self._capture(trigger)
 
-    def analyse_upload(self, data: bytes, name: str, single_cell: bool = False) -> CaptureOutcome:
-        """Decode an uploaded image and analyse it like a capture. Raises ImageError for bad files."""
+    def analyse_upload(self, data, name: str, single_cell: bool = False, add_to_slide: bool = False) -> CaptureOutcome:
+        """Decode an uploaded image (bytes or an open file) and analyse it like a capture.
+
+        One upload is decoded and analysed at a time (`UPLOAD_WAIT_S` in the queue at most, then
+        BusyError), and its size and shape are checked from the header first, so hostile files cannot
+        add up to more memory than one frame. The result goes to the current slide only when
+        `add_to_slide`; otherwise to the `UPLOADS_SLIDE`, so a stray file never moves a slide's count.
+
+        Raises:
+            ImageError: unreadable, too large or too thin files. BusyError: the queue did not move.
+        """
+        max_pixels = self.config.store.max_image_pixels
+        if single_cell:
+            limits = (min(max_pixels, CELL_MAX_PIXELS), CELL_MAX_ASPECT, "crop the image to the one cell")
+        else:
+            limits = (max_pixels, FIELD_MAX_ASPECT, "use a smaller image or raise store.max_image_pixels")
+        if not self._upload_slot.acquire(timeout=UPLOAD_WAIT_S):
+            raise BusyError("another upload is being analysed; try again in a minute")
         try:
-            image = decode_image(data, max_pixels=self.config.store.max_image_pixels)
-        except ImageError as exc:
-            raise ImageError(f"{name}: {exc}") from None  # the operator sees which file
-        return self._analyse_and_store(
-            image, source=name, trigger="upload", camera={"backend": "upload"}, single_cell=single_cell, decode_ms=None
-        )
+            if not add_to_slide:
+                self.store.ensure_slide(UPLOADS_SLIDE)
+            self.wait_archived()  # the last field's archival copy first: never two big frames at once
+            try:
+                image = decode_image(data, max_pixels=limits[0], max_aspect=limits[1], too_big_hint=limits[2])
+            except ImageError as exc:
+                raise ImageError(f"{name}: {exc}") from None  # the operator sees which file
+            return self._analyse_and_store(
+                image,
+                source=name,
+                trigger="upload",
+                camera={"backend": "upload"},
+                single_cell=single_cell,
+                decode_ms=None,
+                slide_id=self.slide_id if add_to_slide else UPLOADS_SLIDE,
+            )
+        finally:
+            self._upload_slot.release()
 
     # -- the worker --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -238,7 +277,9 @@ class Appliance:
             decode_ms=decode_ms,
         )
 
-    def _analyse_and_store(self, image, *, source, trigger, camera, single_cell, decode_ms) -> CaptureOutcome:
+    def _analyse_and_store(
+        self, image, *, source, trigger, camera, single_cell, decode_ms, slide_id: str | None = None
+    ) -> CaptureOutcome:
         with self._work_lock:
             try:
                 self.store.check_space()
@@ -246,7 +287,7 @@ class Appliance:
                 extra = {"capture": decode_ms} if decode_ms is not None else {}
                 record = to_record(
                     analysis,
-                    slide_id=self.slide_id,
+                    slide_id=slide_id or self.slide_id,
                     source=source,
                     trigger=trigger,
                     model_sha256=self.bundle.sha256,
@@ -303,10 +344,14 @@ class Appliance:
             self._archiving.result(timeout)
 
     # -- status ------------------------------------------------------------------------------
+    def is_ok(self) -> bool:
+        """Liveness: the capture worker runs and the model passed its self-test."""
+        return self.worker_alive and (self.self_test is None or self.self_test.passed)
+
     def health(self) -> dict:
         worker_alive = self.worker_alive
         return {
-            "ok": worker_alive and (self.self_test is None or self.self_test.passed),
+            "ok": self.is_ok(),
             "worker_alive": worker_alive,
             "busy": self.busy,
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -101,13 +101,159 @@ def test_secure_cookie_is_configurable(config):
         assert "Secure" in resp.headers["Set-Cookie"]
 
 
-def test_open_redirect_after_login_is_refused(secured):
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/x",
+        "/\t/evil.example",  # what /login?next=/%09/evil.example decodes to: browsers drop the tab
+        "/\n/x",  # was a 500 (a newline in the Location header)
+        "/\r\n/x",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "https://evil.example/",
+        "javascript:alert(1)",
+        "/ /evil.example",
+        "/\x00/x",
+        "",
+        "/" + "a" * 5000,
+    ],
+)
+def test_open_redirect_after_login_is_refused(secured, target):
     _, _, client = secured
     tok = token_of(client.get("/login").get_data(as_text=True))
-    resp = client.post(
-        "/login", data={"username": "alice", "password": PASSWORD, "csrf_token": tok, "next": "//evil.example/x"}
-    )
-    assert resp.headers["Location"] == "/"
+    resp = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": tok, "next": target})
+    assert resp.status_code == 302 and resp.headers["Location"] == "/"
+
+
+def test_same_site_next_is_kept_after_login(secured):
+    _, _, client = secured
+    tok = token_of(client.get("/login").get_data(as_text=True))
+    target = "/captures?slide=S1&label=blast"
+    resp = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": tok, "next": target})
+    assert resp.headers["Location"] == target
+
+
+def test_logout_ends_the_session_on_the_server(secured):
+    """A copy of the cookie taken before logout is worthless afterwards (it used to still read and write)."""
+    _, app, client = secured
+    login(client)
+    cookie = client.get_cookie("leukocam_session").value
+    tok = token_of(client.get("/status").get_data(as_text=True))
+    assert client.post("/logout", data={"csrf_token": tok}).status_code == 302
+    thief = app.test_client()
+    thief.set_cookie("leukocam_session", cookie)
+    assert thief.get("/api/status").status_code == 401
+    assert thief.post("/api/slides", json={"id": "S-stolen"}, headers={"X-CSRFToken": tok}).status_code == 401
+    assert thief.get_cookie("leukocam_session") is None or "sid" not in thief.get_cookie("leukocam_session").value
+
+
+def test_login_rotates_the_session_and_sessions_expire(secured, monkeypatch):
+    _, app, client = secured
+    from device.web import sessions
+
+    client.get("/login")
+    before = client.get_cookie("leukocam_session")
+    login(client)
+    first = client.get_cookie("leukocam_session").value
+    assert before is None or before.value != first
+    login(client)  # logging in again makes a new session; the old token stops working
+    second = client.get_cookie("leukocam_session").value
+    assert second != first
+    old = app.test_client()
+    old.set_cookie("leukocam_session", first)
+    assert old.get("/api/status").status_code == 401
+    assert client.get("/api/status").status_code == 200
+    now = sessions.time.time()
+    monkeypatch.setattr(sessions.time, "time", lambda: now + sessions.IDLE_S + 1)
+    assert client.get("/api/status").status_code == 401  # idle too long
+    monkeypatch.setattr(sessions.time, "time", lambda: now)
+    login(client)
+    for step in range(1, 14):  # active all shift long, but a login lasts MAX_AGE_S at most
+        monkeypatch.setattr(sessions.time, "time", lambda s=step: now + s * 3600)
+        code = client.get("/api/status").status_code
+        assert code == (200 if step * 3600 <= sessions.MAX_AGE_S else 401), step
+
+
+def test_the_signing_key_persists_so_a_restart_keeps_people_logged_in(secured):
+    appliance, _, client = secured
+    login(client)
+    key_file = appliance.store.data_dir / "session_key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(appliance.store.data_dir / "sessions.sqlite3").st_mode) == 0o600
+    restarted = create_app(appliance, login_required=True).test_client()  # a new process would read the same key
+    restarted.set_cookie("leukocam_session", client.get_cookie("leukocam_session").value)
+    assert restarted.get("/api/status").status_code == 200
+    token = client.get_cookie("leukocam_session").value
+    assert token not in (appliance.store.data_dir / "sessions.sqlite3").read_bytes().decode("latin-1")
+
+
+def test_unknown_and_known_users_cost_the_same_password_work(tmp_path, monkeypatch):
+    """User names could be guessed from timing (0.45 s unknown vs 0.2 s known): count the scrypt checks."""
+    auth.set_password(tmp_path, "alice", PASSWORD)
+    auth.decoy_hash()
+    calls = {"hash": 0, "check": 0}
+    real_check, real_hash = auth.check_password_hash, auth.generate_password_hash
+
+    def check(*a):
+        calls["check"] += 1
+        return real_check(*a)
+
+    def make(*a, **k):
+        calls["hash"] += 1
+        return real_hash(*a, **k)
+
+    monkeypatch.setattr(auth, "check_password_hash", check)
+    monkeypatch.setattr(auth, "generate_password_hash", make)
+    work = []
+    for user in ("alice", "mallory", "alice", "nobody-at-all"):
+        calls.update(hash=0, check=0)
+        assert not auth.verify(tmp_path, user, "wrong password")
+        work.append(dict(calls))
+    assert work == [{"hash": 0, "check": 1}] * 4
+    assert auth.verify(tmp_path, "alice", PASSWORD)
+
+
+def test_public_health_says_only_ok_until_logged_in(secured):
+    appliance, _, client = secured
+    anon = client.get("/api/health")  # (the fixture's worker is not started: not ok, 503)
+    assert anon.status_code == 503 and anon.get_json() == {"ok": False}
+    text = anon.get_data(as_text=True)
+    assert appliance.slide_id not in text and "bundle" not in text and "path" not in text
+    login(client)
+    full = client.get("/api/health").get_json()
+    assert full["slide_id"] == appliance.slide_id and full["model"]["path"]
+    # an error page for a logged-out visitor carries no status either
+    page = create_app(appliance, login_required=True).test_client().get("/login?next=x")
+    assert appliance.slide_id not in page.get_data(as_text=True)
+
+
+def test_results_and_images_are_never_cached_by_others(secured, config):
+    _, _, client = secured
+    login(client)
+    for path in ("/api/captures", "/captures/1", "/api/slides", "/images/field/1", "/images/crop/1"):
+        resp = client.get(path)
+        assert resp.status_code == 200, path
+        assert resp.headers["Cache-Control"] == "private, no-store", path
+    with Appliance(config) as appliance:
+        appliance.capture_now("test")
+        local = create_app(appliance).test_client()  # loopback only, no login: the browser may keep images
+        assert local.get("/images/crop/1").headers["Cache-Control"] == "private, max-age=3600"
+        assert local.get("/api/captures").headers["Cache-Control"] == "private, no-store"
+        assert "public" not in local.get("/images/field/1").headers["Cache-Control"]
+
+
+def test_loopback_mode_refuses_foreign_host_names(config):
+    """DNS rebinding: evil.example resolved to 127.0.0.1 must get no CSRF token and no API."""
+    with Appliance(config) as appliance:
+        client = create_app(appliance).test_client()
+        for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "10.0.0.5"):
+            resp = client.get("/api/csrf", headers={"Host": host})
+            assert resp.status_code == 400 and "not a name this appliance answers to" in resp.get_json()["error"]
+            assert "csrf_token" not in resp.get_data(as_text=True)
+            assert client.post("/api/slides", json={"id": "S-rebound"}, headers={"Host": host}).status_code == 400
+        for host in ("127.0.0.1:8080", "localhost:8080", "localhost", "[::1]:8080", "127.0.0.2"):
+            assert client.get("/api/csrf", headers={"Host": host}).status_code == 200, host
+        assert appliance.store.slide_summary("S-rebound") is None
 
 
 def test_csrf_missing_or_wrong_is_refused_with_a_reason(secured):
@@ -227,8 +373,14 @@ def test_unknown_ids_and_methods(secured):
     for path in ("/api/captures/999", "/api/cells/999", "/api/slides/NOPE", "/api/nothing"):
         resp = client.get(path)
         assert resp.status_code == 404 and resp.get_json()["error"]
-    assert client.get("/api/capture").status_code == 405
-    assert client.get("/api/capture").get_json()["error"]
+    resp = client.get("/api/capture")
+    assert resp.status_code == 405 and resp.get_json()["error"] and resp.headers["Allow"] == "OPTIONS, POST"
+    assert client.delete("/captures/1").headers["Allow"] == "GET, HEAD, OPTIONS"
+    for path in (f"/api/captures/{2**63}", f"/api/cells/{2**64}", f"/captures/{10**30}", f"/images/crop/{2**63}"):
+        assert client.get(path).status_code == 404, path  # was an OverflowError (500)
+    assert client.get(f"/captures?page={2**63}").status_code == 200
+    assert client.get(f"/api/captures?offset={2**70}&limit={2**70}").status_code == 200
+    assert client.get(f"/api/reviews?cell={2**63}").status_code == 400
     assert client.get("/captures?label=purple").status_code == 400
     assert client.get("/api/captures?from=2024-13-45").get_json()["error"].startswith("from")
     assert client.get("/").status_code == 200
@@ -270,3 +422,44 @@ def test_domain_errors_map_to_http_codes_by_type_not_by_message():
     assert http_status(BusyError("x")) == 409
     assert http_status(CameraError("x")) == http_status(BundleError("x")) == 503
     assert http_status(LeukoCamError("disk")) == 500
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/slides", "[1, 2]"),
+        ("/api/slides", '"S1"'),
+        ("/api/slides", '{"id": 5}'),
+        ("/api/slides", '{"id": ["a"]}'),
+        ("/api/slides/S1/reviewed", '{"reviewer": {"x": 1}}'),
+        ("/api/cells/1/review", "[]"),
+        ("/api/cells/1/review", '{"label": 1}'),
+        ("/api/cells/1/review", '{"label": "blast", "note": []}'),
+        ("/api/cells/1/review", "{"),
+        ("/api/capture", "17"),
+        ("/api/slides", "[" * 100_000 + "]" * 100_000),
+        ("/api/cells/1/review", '{"a":' * 50_000 + "1" + "}" * 50_000),
+        ("/login", "[1]"),
+    ],
+)
+def test_json_bodies_of_the_wrong_shape_are_400_not_500(config, path, body):
+    with Appliance(config) as appliance:
+        appliance.capture_now("test")
+        appliance.new_slide("S1")
+        appliance.start()
+        client = create_app(appliance).test_client()
+        resp = client.post(path, data=body, content_type="application/json")
+        assert 400 <= resp.status_code < 500, (resp.status_code, resp.get_data(as_text=True)[:200])
+        assert client.get("/api/health").status_code == 200
+
+
+@pytest.mark.parametrize("slide_id", [".", "..", "...", "a/b", "", " ", "x" * 65])
+def test_dot_and_path_like_slide_ids_are_refused(config, slide_id):
+    with Appliance(config) as appliance:
+        client = create_app(appliance).test_client()
+        resp = client.post("/api/slides", json={"id": slide_id})
+        if slide_id:
+            assert resp.status_code == 400 and "slide ID" in resp.get_json()["error"]
+        else:  # empty: a dated ID, as documented
+            assert resp.status_code == 201 and resp.get_json()["current"].startswith("slide-")
+    assert [s for s in appliance.store.list_slides() if set(s["id"]) == {"."}] == []

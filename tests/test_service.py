@@ -137,6 +137,76 @@ def test_upload_of_single_cell_and_bad_files(config):
         assert app.store.count_captures() == 1
 
 
+def _png(array, mode=None, fmt="PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_single_cell_uploads_get_the_same_checks_as_fields(config):
+    """An all-black image, a 1x1 image and noise were each labelled blast (p 0.97-0.998) and counted."""
+    rng = np.random.default_rng(7)
+    cases = {
+        "black.png": (np.zeros((960, 1280, 3), np.uint8), "black"),
+        "one.png": (np.full((1, 1, 3), 200, np.uint8), "too small"),
+        "noise.png": (rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "noise"),
+        "grey-noise.png": (np.repeat(rng.integers(0, 256, (200, 200, 1), dtype=np.uint8), 3, axis=2), "noise"),
+        "white.png": (np.full((300, 300, 3), 255, np.uint8), "saturated"),
+    }
+    with Appliance(config) as app:
+        for name, (image, reason) in cases.items():
+            outcome = app.analyse_upload(_png(image), name, single_cell=True, add_to_slide=True)
+            assert outcome.status == "retake" and reason in outcome.message, (name, outcome.message)
+            assert app.store.get_capture(outcome.capture_id)["cells"] == []
+        assert app.store.slide_summary(app.slide_id)["cells"] == 0
+
+
+def test_high_bit_depth_cells_are_scaled_not_clipped(config):
+    """16-bit PNG and TIFF used to be clipped to all-white and still labelled."""
+    from tests.conftest import REPO
+
+    real = decode_image(next((REPO / "tests/data/cnmc-sample").rglob("UID_1_3_1_all.png")))
+    grey8 = np.asarray(real.mean(axis=2).round(), np.uint8)
+    with Appliance(config) as app:
+        reference = app.analyse_upload(_png(grey8), "cell8.png", single_cell=True)
+        p8 = app.store.get_capture(reference.capture_id)["cells"][0]["probability"]
+        for name, data in (
+            ("cell16.png", _png(grey8.astype(np.uint16) * 257)),
+            ("cell12.tif", _png(grey8.astype(np.uint16) * 16, fmt="TIFF")),
+        ):
+            outcome = app.analyse_upload(data, name, single_cell=True)
+            assert outcome.status == "ok", (name, outcome.message)
+            cells = app.store.get_capture(outcome.capture_id)["cells"]
+            assert len(cells) == 1 and cells[0]["probability"] == pytest.approx(p8, abs=0.02), name
+
+
+def test_uploads_count_in_a_slide_only_when_asked_and_thin_or_huge_ones_are_refused(config):
+    with Appliance(config) as app:
+        cell = app.bundle.golden.crops[0]
+        plain = app.analyse_upload(encode_image(cell, "PNG"), "cell.png", single_cell=True)
+        assert app.store.get_capture(plain.capture_id)["slide_id"] == "uploads"
+        assert app.store.slide_summary(app.slide_id)["cells"] == 0
+        counted = app.analyse_upload(encode_image(cell, "PNG"), "cell.png", single_cell=True, add_to_slide=True)
+        assert app.store.get_capture(counted.capture_id)["slide_id"] == app.slide_id
+        assert app.store.slide_summary(app.slide_id)["cells"] == 1
+        before = app.store.count_captures()
+        # 162 bytes claiming 1x20000 (padded to a 20000^2 square it took 1.7 GB); a sliver; an oversized crop
+        for data, single, message in (
+            (_png(np.zeros((20000, 1), np.uint8)), True, "too thin"),
+            (_png(np.zeros((20, 2000), np.uint8)), False, "too thin"),
+            (_png(np.zeros((2100, 2100), np.uint8)), True, "crop the image to the one cell"),
+            (_png(np.zeros((3000, 6000), bool)), False, "over the 16.0 MP limit"),
+            (_png(np.zeros((1000, 4100), bool)), False, "too thin"),
+        ):
+            with pytest.raises(ImageError, match=message):
+                app.analyse_upload(data, "hostile.png", single_cell=single)
+        assert app.store.count_captures() == before
+
+
 def test_blurred_field_is_stored_as_retake(config, demo_fields_dir):
     import cv2
 

@@ -11,16 +11,19 @@ Security lives here: the login gate, CSRF, rate limits, headers, error pages.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
-import secrets
 
-from flask import Flask, g, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, current_app, g, jsonify, redirect, render_template, request, url_for
+from flask.json.provider import DefaultJSONProvider
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
-from device.accounts import login_required_for
+from device.accounts import LOCAL_HOSTS, decoy_hash, login_required_for
 from device.errors import (
     BundleError,
     BusyError,
@@ -32,6 +35,7 @@ from device.errors import (
     StoreFullError,
 )
 from device.web import api, login, pages
+from device.web.sessions import SessionRegistry, persistent_key
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 # Reachable without a login even when login is required (the login page itself, its assets, liveness).
@@ -48,17 +52,21 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
             default from `[web] secure_cookies` if the config has it, else env LEUKOCAM_SECURE_COOKIES=1.
     """
     app = Flask(__name__)
+    app.json = BoundedJSONProvider(app)
+    app.url_map.converters["int"] = SQLiteInt
     web_cfg = appliance.config.web
     if login_required is None:
-        login_required = login_required_for(web_cfg.host)
+        login_required = login_required_for(web_cfg.host, web_cfg.login)
+    if login_required:
+        decoy_hash()  # made now, so the first login with an unknown name is not the slow one
     if secure_cookies is None:
         secure_cookies = (
             bool(getattr(web_cfg, "secure_cookies", False)) or os.environ.get("LEUKOCAM_SECURE_COOKIES") == "1"
         )
     app.config.update(
         MAX_CONTENT_LENGTH=web_cfg.max_upload_mb * 1024 * 1024,
-        # A fresh key per process: restarting the appliance logs everyone out, and no key sits on disk.
-        SECRET_KEY=secrets.token_hex(32),
+        # Kept on disk (0600) so a restart logs nobody out; what a cookie means is checked server-side.
+        SECRET_KEY=persistent_key(appliance.store.data_dir),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=secure_cookies,
@@ -71,6 +79,8 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
         RATELIMIT_HEADERS_ENABLED=True,
     )
     app.extensions["leukocam"] = appliance
+    app.extensions["leukocam_sessions"] = SessionRegistry(appliance.store.data_dir)
+    loopback_only = not login_required and web_cfg.host.strip().lower() in LOCAL_HOSTS
     csrf = CSRFProtect(app)
     limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", default_limits=[])
 
@@ -80,12 +90,20 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
 
     @app.before_request
     def gate():
-        g.user = session.get("user")
+        if loopback_only and not _loopback_host(request.host):
+            # DNS rebinding: a page from elsewhere, resolved to 127.0.0.1, must not reach the API.
+            return _error(
+                400,
+                f"Host {request.host!r} is not a name this appliance answers to: it listens on this "
+                f"machine only; open http://127.0.0.1:{web_cfg.port}/",
+            )
+        g.user = login.current_user()
         if app.config["LEUKOCAM_LOGIN_REQUIRED"] and not g.user and request.endpoint not in PUBLIC_ENDPOINTS:
             if request.path.startswith("/api/"):
                 return jsonify({"error": "login required: POST /login with username and password first"}), 401
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
-        if request.method in STATE_CHANGING and _csrf_applies(app):
+        # (A route that does not exist, or not for this method, is refused as a 404 or 405 anyway.)
+        if request.routing_exception is None and request.method in STATE_CHANGING and _csrf_applies(app):
             csrf.protect()  # raises CSRFError (400) with the reason
         return None
 
@@ -100,8 +118,9 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
             "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
             "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
         )
-        if request.endpoint != "static" and resp.mimetype in ("text/html", "application/json"):
-            resp.headers.setdefault("Cache-Control", "no-store")
+        if request.endpoint != "static":
+            # Results, pages and exports are patient data: never kept by a shared cache or the browser.
+            resp.headers.setdefault("Cache-Control", "private, no-store")
         return resp
 
     @app.errorhandler(CSRFError)
@@ -119,6 +138,12 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
     @app.errorhandler(LeukoCamError)
     def domain_error(err):
         return _error(http_status(err), str(err))
+
+    @app.errorhandler(405)
+    def method_not_allowed(err):
+        resp = _error(405, err.description or err.name)
+        allowed = err.valid_methods or []
+        return resp[0], 405, {"Allow": ", ".join(sorted(allowed))}
 
     @app.context_processor
     def globals_for_templates():
@@ -143,6 +168,36 @@ def http_status(err: LeukoCamError) -> int:
     return next((code for kind, code in HTTP_STATUS if isinstance(err, kind)), 500)
 
 
+class SQLiteInt(IntegerConverter):
+    """`<int:...>` ids stop at SQLite's largest integer: a bigger one is a 404, not an OverflowError."""
+
+    def __init__(self, map, *args, **kwargs):  # noqa: A002 (werkzeug's name)
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(map, *args, **kwargs)
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """JSON bodies that nest too deeply are a 400 like any other malformed body, not a RecursionError."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return json.loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+def _loopback_host(host: str) -> bool:
+    """True for a Host header naming this machine's loopback (any port)."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _csrf_applies(app: Flask) -> bool:
     """Which state-changing requests must carry a CSRF token.
 
@@ -161,8 +216,9 @@ def _error(code: int, message: str):
     if request.path.startswith("/api/"):
         return jsonify({"error": message, "status": code}), code
     appliance = pages.appliance_or_none()
+    may_see = g.get("user") or not current_app.config["LEUKOCAM_LOGIN_REQUIRED"]
     try:
-        health = appliance.health() if appliance is not None and code < 500 else None
+        health = appliance.health() if appliance is not None and code < 500 and may_see else None
     except Exception:  # an error page must render even when the status cannot be read
         health = None
     return render_template("message.html", message=message, code=code, health=health), code

@@ -14,11 +14,17 @@ from device.service import CaptureOutcome
 from device.web.common import appliance, latency_stats, model_card, reviewer, store
 
 
-def upload(data: bytes, filename: str, single_cell: bool) -> CaptureOutcome:
-    """Analyse an uploaded image (a field, or one cell) like a capture; ImageError for what cannot be read."""
+def upload(data, filename: str, single_cell: bool, add_to_slide: bool = False) -> CaptureOutcome:
+    """Analyse an uploaded image (bytes or the spooled file) like a capture; ImageError for what cannot be
+    read. It counts in the current slide only with `add_to_slide` (else it goes to the uploads slide)."""
     if not filename:
         raise InputError("choose an image file to upload (multipart form field 'image')")
-    return appliance().analyse_upload(data, filename, single_cell=single_cell)
+    return appliance().analyse_upload(data, filename, single_cell=single_cell, add_to_slide=add_to_slide)
+
+
+def form_flag(form, key: str) -> bool:
+    """A checkbox or a scripted form field: 1, true, on or yes."""
+    return str(form.get(key, "")).strip().lower() in ("1", "true", "on", "yes")
 
 
 def request_capture(trigger: str = "web") -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 
-from flask import Blueprint, current_app, jsonify, request, send_file, url_for
+from flask import Blueprint, current_app, g, jsonify, request, send_file, url_for
 from flask_wtf.csrf import generate_csrf
 
 from device import export
@@ -21,8 +21,11 @@ from device.web.common import (
     appliance,
     enrich_capture,
     gallery_filters,
+    id_value,
     int_arg,
+    json_object,
     store,
+    text_field,
 )
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -44,7 +47,10 @@ def _capture_json(cap: dict) -> dict:
 
 @bp.get("/health")
 def health():
-    """Liveness and state (public; 503 when unhealthy)."""
+    """Liveness (public; 503 when unhealthy). With the login gate on, only {ok} until logged in."""
+    if current_app.config["LEUKOCAM_LOGIN_REQUIRED"] and not g.get("user"):
+        ok = appliance().is_ok()  # slide IDs, counts and paths are for logged-in users only
+        return jsonify({"ok": ok}), (200 if ok else 503)
     h = appliance().health()
     return jsonify(h), (200 if h["ok"] else 503)
 
@@ -102,7 +108,7 @@ def latest():
 def capture_post():
     """Queue a capture (202; 409 while one runs)."""
     # `leukocam capture` asks the running service, which owns the camera; it says so for provenance.
-    trigger = "cli" if (request.get_json(silent=True) or {}).get("trigger") == "cli" else "web"
+    trigger = "cli" if json_object().get("trigger") == "cli" else "web"
     actions.request_capture(trigger)
     return jsonify({"queued": True}), 202
 
@@ -141,16 +147,14 @@ def slide(slide_id: str):
 @bp.post("/slides")
 def new_slide():
     """Start a new slide: JSON {id} (optional; a dated ID otherwise)."""
-    body = request.get_json(silent=True) or {}
-    slide_id = body.get("id") or request.form.get("id") or None
+    slide_id = text_field(json_object(), "id") or request.form.get("id") or None
     return jsonify({"current": actions.new_slide(slide_id)}), 201
 
 
 @bp.post("/slides/<slide_id>/reviewed")
 def slide_reviewed(slide_id: str):
     """Mark the slide reviewed (by the logged-in user)."""
-    body = request.get_json(silent=True) or {}
-    return jsonify(actions.mark_slide_reviewed(slide_id, body.get("reviewer")))
+    return jsonify(actions.mark_slide_reviewed(slide_id, text_field(json_object(), "reviewer")))
 
 
 @bp.get("/slides/<slide_id>/results.csv")
@@ -185,22 +189,19 @@ def cell(cell_id: int):
 @bp.post("/cells/<int:cell_id>/review")
 def review(cell_id: int):
     """Append a review: JSON {label: blast|normal|confirm, note?}."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InputError('send JSON: {"label": "blast" | "normal" | "confirm"}')
-    row = actions.review_cell(cell_id, str(body.get("label")), body.get("reviewer"), str(body.get("note", "")))
+    body = json_object(required='send JSON: {"label": "blast" | "normal" | "confirm"}')
+    row = actions.review_cell(
+        cell_id, text_field(body, "label") or "", text_field(body, "reviewer"), text_field(body, "note") or ""
+    )
     return jsonify(row), 201
 
 
 @bp.get("/reviews")
 def reviews():
     """Review history: ?cell= | ?capture= | ?slide=."""
-    for key, kw, cast in (("cell", "cell_id", int), ("capture", "capture_id", int), ("slide", "slide_id", str)):
+    for key, kw in (("cell", "cell_id"), ("capture", "capture_id"), ("slide", "slide_id")):
         if request.args.get(key):
-            try:
-                value = cast(request.args[key])
-            except ValueError:
-                raise InputError(f"{key}: not a valid id") from None
+            value = request.args[key] if key == "slide" else id_value(request.args[key], key)
             return jsonify({"reviews": store().review_history(**{kw: value})})
     raise InputError("give one of ?cell=, ?capture= or ?slide=")
 
@@ -230,12 +231,17 @@ def _version() -> str:
 
 @bp.post("/upload")
 def upload():
-    """Analyse an uploaded image: multipart 'image'; 'single_cell'=1 for one cell."""
+    """Analyse an uploaded image: multipart 'image'; 'single_cell'=1 for one cell; 'add_to_slide'=1 to count
+    it in the current slide (else it is stored under the slide "uploads")."""
     f = request.files.get("image")
     if f is None:
         raise InputError("send the image as multipart form field 'image'")
-    single = request.form.get("single_cell", "0") in ("1", "true", "on")
-    outcome = actions.upload(f.read(), f.filename or "upload", single)
+    outcome = actions.upload(
+        f.stream,
+        f.filename or "upload",
+        actions.form_flag(request.form, "single_cell"),
+        actions.form_flag(request.form, "add_to_slide"),
+    )
     return jsonify(outcome.__dict__), 201
 
 

@@ -84,10 +84,9 @@ def bench_dashboard(
     data_dir: str | Path | None = None,
 ) -> dict:
     """Measure the dashboard under a big store. Returns a dict with a 'markdown' table."""
-    from waitress import create_server
-
     from device.service import Appliance
     from device.web import create_app
+    from device.web.server import make_server
 
     with tempfile.TemporaryDirectory(prefix="leukocam-bench-") as tmp:
         cfg = Config()
@@ -105,7 +104,7 @@ def bench_dashboard(
             _fill(appliance.store, n_captures)
             fill_s = time.perf_counter() - t0
             app = create_app(appliance, login_required=False)
-            server = create_server(app, host="127.0.0.1", port=0, threads=cfg.web.threads)
+            server = make_server(app, cfg.web, host="127.0.0.1", port=0)
             port = server.effective_port
             # 20 clients on a few threads queue by design; waitress would log every queued task.
             logging.getLogger("waitress.queue").setLevel(logging.ERROR)

@@ -1,6 +1,11 @@
-"""Login and logout. Accounts live in `auth.json` (see device.accounts); logins are rate-limited."""
+"""Login and logout. Accounts live in `auth.json` (see device.accounts); logins are rate-limited.
+
+The session cookie carries only a token; `device.web.sessions` says whose it is, until logout or expiry.
+"""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -16,12 +21,42 @@ from flask import (
 from device import accounts
 
 LOGIN_RATE = "5/minute"
+MAX_NEXT = 2000
 
 
-def _safe_next(target: str | None) -> str:
-    # Only same-site paths: never "//host" or "http://host" (an open redirect).
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
+def registry():
+    return current_app.extensions["leukocam_sessions"]
+
+
+def current_user() -> str | None:
+    """Who this request is logged in as; a cookie whose session ended (logout, expiry) is dropped."""
+    token = session.get("sid")
+    if not token:
+        return None
+    user = registry().user_of(token)
+    if user is None:
+        session.clear()
+    return user
+
+
+def safe_next(target) -> str:
+    """Where to go after login: a path on this site only.
+
+    Browsers drop tabs and newlines from URLs and read a backslash as a slash, so "/\t/evil.example"
+    would become "//evil.example" (another site): any control character, white space or backslash,
+    a leading "//", or anything with a scheme or host sends the user to the start page instead.
+    """
+    if (
+        isinstance(target, str)
+        and 0 < len(target) <= MAX_NEXT
+        and target.startswith("/")
+        and not target.startswith("//")
+        and target.isprintable()
+        and not any(ch.isspace() or ch == "\\" for ch in target)
+    ):
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for("pages.index")
 
 
@@ -41,7 +76,9 @@ def make_blueprint(limiter) -> Blueprint:
                 "login.html", no_accounts=no_accounts, next=request.args.get("next", ""), error=None, health=None
             )
         wants_json = request.is_json
-        body = (request.get_json(silent=True) or {}) if wants_json else request.form
+        body = request.get_json(silent=True) if wants_json else request.form
+        if not hasattr(body, "get"):  # JSON that is not an object
+            body = {}
         username, password = str(body.get("username", "")), str(body.get("password", ""))
         if not accounts.verify(data_dir, username, password):
             message = (
@@ -54,17 +91,19 @@ def make_blueprint(limiter) -> Blueprint:
             return render_template(
                 "login.html", no_accounts=no_accounts, next=body.get("next", ""), error=message, health=None
             ), 401
-        session.clear()  # a new session on login: no fixation
-        session["user"] = username
+        registry().end(session.get("sid"))
+        session.clear()  # a new session (and CSRF token) on every login: no fixation
+        session["sid"] = registry().create(username)
         if wants_json:
             from flask_wtf.csrf import generate_csrf
 
             return jsonify({"user": username, "csrf_token": generate_csrf()})
-        return redirect(_safe_next(body.get("next")))
+        return redirect(safe_next(body.get("next")))
 
     @bp.post("/logout")
     def logout():
-        """Log out (ends the session)."""
+        """Log out: the session ends on the server too, so an old copy of the cookie stops working."""
+        registry().end(session.get("sid"))
         session.clear()
         return redirect(url_for("auth.login"))
 

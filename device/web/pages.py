@@ -20,6 +20,7 @@ from device.web.common import (
     appliance,
     enrich_capture,
     gallery_filters,
+    int_arg,
     store,
 )
 
@@ -52,7 +53,7 @@ def latest_fragment():
 @bp.get("/captures")
 def gallery():
     filters = gallery_filters(request.args)
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = int_arg("page", 1, 1, 10**6)
     total, captures = store().search_captures(**filters, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
     args = {k: v for k, v in request.args.items() if k != "page" and v}
     return render_template(
@@ -150,8 +151,12 @@ def upload():
     f = request.files.get("image")
     if f is None:
         raise InputError("choose an image file to upload")
-    single = request.form.get("single_cell") in ("1", "on", "true")
-    outcome = actions.upload(f.read(), f.filename or "", single)
+    outcome = actions.upload(
+        f.stream,
+        f.filename or "",
+        actions.form_flag(request.form, "single_cell"),
+        actions.form_flag(request.form, "add_to_slide"),
+    )
     return redirect(url_for("pages.capture_page", capture_id=outcome.capture_id))
 
 
@@ -169,4 +174,9 @@ def image(kind: str, item_id: int):
                 ),
             )
         abort(404, description=f"no {kind} image with id {item_id}")
-    return send_file(path, max_age=3600)
+    resp = send_file(path, max_age=3600, conditional=True)
+    # Stored images never change, so the browser may keep them, but never a shared cache; with the
+    # login gate on, not even the browser (they are patient data).
+    login_on = current_app.config["LEUKOCAM_LOGIN_REQUIRED"]
+    resp.headers["Cache-Control"] = "private, no-store" if login_on else "private, max-age=3600"
+    return resp

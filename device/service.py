@@ -53,8 +53,8 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
-SLIDE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-"""Slide IDs are file and URL safe; "." and ".." (path names, not IDs) are refused separately."""
+SLIDE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+"""Slide IDs are file and URL safe, and never start with a dot ("." and ".." are path names, not IDs)."""
 UPLOADS_SLIDE = "uploads"
 """Where uploads go unless the user adds them to the current slide: they never change a slide's count unasked."""
 CELL_MAX_PIXELS = 4_000_000
@@ -141,8 +141,8 @@ class Appliance:
     def new_slide(self, slide_id: str | None = None) -> str:
         """Start a new slide (dashboard ID or a long press); later captures belong to it."""
         slide_id = (slide_id or f"slide-{datetime.now():%Y%m%d-%H%M%S}").strip()
-        if not SLIDE_ID.fullmatch(slide_id) or set(slide_id) == {"."}:
-            raise InputError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-', not only dots")
+        if not SLIDE_ID.fullmatch(slide_id):
+            raise InputError(f"slide ID {slide_id!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'")
         self.store.ensure_slide(slide_id)
         self.slide_id = slide_id
         log.info("slide %s", slide_id)

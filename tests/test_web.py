@@ -172,29 +172,3 @@ def test_live_polling_endpoints(app_and_client):
     assert latest["latest_id"] == 1 and latest["busy"] is False and latest["slide_id"] == appliance.slide_id
     frag = client.get("/fragments/latest").get_data(as_text=True)
     assert 'data-capture-id="1"' in frag and "/images/heatmap/" in frag
-
-
-def test_openapi_documents_the_api(app_and_client):
-    _, client = app_and_client
-    spec = client.get("/api/openapi.json").get_json()
-    assert spec["openapi"].startswith("3.")
-    for path in (
-        "/api/captures",
-        "/api/cells/{cell_id}/review",
-        "/api/export/dataset.zip",
-        "/api/slides/{slide_id}/reviewed",
-        "/login",
-        "/images/{kind}/{item_id}",
-    ):
-        assert path in spec["paths"]
-    # Generated from the routes: every API route is there, each with a summary from its docstring.
-    app = client.application
-    api_rules = {r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith("api.")}
-    documented = {p.replace("{", "<").replace("}", ">") for p in spec["paths"]}
-    assert len(api_rules) == sum(1 for p in spec["paths"] if p.startswith("/api/"))
-    assert all(any(d.split("<")[0] == r.split("<")[0] for d in documented) for r in api_rules)
-    for ops in spec["paths"].values():
-        for op in ops.values():
-            assert op["summary"] and op["operationId"]
-    assert spec["paths"]["/api/health"]["get"]["security"] == []
-    assert spec["paths"]["/api/cells/{cell_id}/review"]["post"]["parameters"][0]["schema"]["type"] == "integer"

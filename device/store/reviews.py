@@ -62,12 +62,21 @@ class ReviewQueries:
         slide_id: str | None = None,
         limit: int = 1000,
     ) -> list[dict]:
-        """Review rows (oldest first) of one cell, capture or slide."""
+        """Review rows (oldest first) of one cell, capture or slide; with none given, the newest `limit`."""
         where, arg = next(
-            (c, a)
-            for c, a in (("cell_id", cell_id), ("capture_id", capture_id), ("slide_id", slide_id))
-            if a is not None
+            (
+                (c, a)
+                for c, a in (("cell_id", cell_id), ("capture_id", capture_id), ("slide_id", slide_id))
+                if a is not None
+            ),
+            (None, None),
         )
+        if where is None:
+            with self.read() as conn:
+                rows = conn.execute(
+                    "SELECT * FROM (SELECT * FROM reviews ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+                ).fetchall()
+            return [dict(r) for r in rows]
         with self.read() as conn:
             rows = conn.execute(
                 f"SELECT * FROM reviews WHERE {where} = ? ORDER BY id LIMIT ?",  # noqa: S608

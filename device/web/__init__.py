@@ -38,8 +38,6 @@ from device.web import api, login, pages
 from device.web.sessions import SessionRegistry, persistent_key
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
-# Reachable without a login even when login is required (the login page itself, its assets, liveness).
-PUBLIC_ENDPOINTS = {"auth.login", "static", "api.health", "api.openapi", "api.csrf"}
 
 
 def create_app(appliance, *, login_required: bool | None = None, secure_cookies: bool | None = None) -> Flask:
@@ -98,12 +96,15 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
                 f"machine only; open http://127.0.0.1:{web_cfg.port}/",
             )
         g.user = login.current_user()
-        if app.config["LEUKOCAM_LOGIN_REQUIRED"] and not g.user and request.endpoint not in PUBLIC_ENDPOINTS:
-            if request.path.startswith("/api/"):
-                return jsonify({"error": "login required: POST /login with username and password first"}), 401
+        if request.routing_exception is not None:
+            return None  # no such route or method: a 404 or 405 (with Allow) tells nothing worth a login
+        if app.config["LEUKOCAM_LOGIN_REQUIRED"] and not g.user and not _public(app):
+            if request.path.startswith("/api/") or "text/html" not in request.headers.get("Accept", ""):
+                # a script, or an <img> of a page: told, not sent to a login form it cannot fill in
+                message = "login required: POST /login with username and password first"
+                return jsonify({"error": message, "status": 401}), 401
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
-        # (A route that does not exist, or not for this method, is refused as a 404 or 405 anyway.)
-        if request.routing_exception is None and request.method in STATE_CHANGING and _csrf_applies(app):
+        if request.method in STATE_CHANGING and _csrf_applies(app):
             csrf.protect()  # raises CSRFError (400) with the reason
         return None
 
@@ -126,7 +127,7 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
     @app.errorhandler(CSRFError)
     def csrf_error(err):
         return _error(
-            400,
+            403,
             f"forged or expired request refused: {err.description} "
             "(reload the page; API clients send X-CSRFToken from GET /api/csrf)",
         )
@@ -198,6 +199,26 @@ def _loopback_host(host: str) -> bool:
         return False
 
 
+def _public(app: Flask) -> bool:
+    """Reachable without a login even with the gate on: the static assets, and what the API declares public
+    (the login itself, liveness, the CSRF token, the API document; see device.web.apidoc)."""
+    if request.endpoint == "static":
+        return True
+    doc = getattr(app.view_functions.get(request.endpoint or ""), "api_doc", None)
+    return bool(doc and doc.public)
+
+
+def _wants_json() -> bool:
+    """A script (it sent JSON, or asks for JSON before HTML) gets JSON errors outside /api too."""
+    if request.is_json:
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return (
+        best == "application/json"
+        and request.accept_mimetypes["application/json"] > request.accept_mimetypes["text/html"]
+    )
+
+
 def _csrf_applies(app: Flask) -> bool:
     """Which state-changing requests must carry a CSRF token.
 
@@ -213,7 +234,7 @@ def _csrf_applies(app: Flask) -> bool:
 
 
 def _error(code: int, message: str):
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") or _wants_json():
         return jsonify({"error": message, "status": code}), code
     appliance = pages.appliance_or_none()
     may_see = g.get("user") or not current_app.config["LEUKOCAM_LOGIN_REQUIRED"]

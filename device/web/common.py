@@ -92,44 +92,6 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else default))
 
 
-MAX_ID = 2**63 - 1
-"""SQLite's largest integer: a bigger id cannot exist."""
-
-
-def id_value(text, key: str) -> int:
-    """A record id given as text; InputError when it is not a whole number SQLite can hold."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise InputError(f"{key}: not a valid id (use a whole number)") from None
-    if not 0 <= value <= MAX_ID:
-        raise InputError(f"{key}: not a valid id (out of range)")
-    return value
-
-
-def json_object(required: str | None = None) -> dict:
-    """The request's JSON body as an object: {} when there is none (unless `required` says what to send).
-
-    A body that is JSON but not an object (a list, a number) is an InputError, as is malformed JSON.
-    """
-    if not request.is_json or not request.get_data(cache=True).strip():
-        if required:
-            raise InputError(required)
-        return {}
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InputError(required or "send a JSON object ({...}) as the request body")
-    return body
-
-
-def text_field(body: dict, key: str) -> str | None:
-    """A JSON field that must be text (or absent/null)."""
-    value = body.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise InputError(f"{key}: expected text, got {type(value).__name__}")
-
-
 def enrich_capture(cap: dict) -> dict:
     """Add each cell's current verdict and the capture's review history."""
     current = store().current_reviews(cap["id"])

@@ -19,6 +19,8 @@ from flask import (
 )
 
 from device import accounts
+from device.web import schemas as S
+from device.web.apidoc import Body, Field, Reply, documented
 
 LOGIN_RATE = "5/minute"
 MAX_NEXT = 2000
@@ -66,6 +68,28 @@ def make_blueprint(limiter) -> Blueprint:
 
     @bp.route("/login", methods=["GET", "POST"])
     @limiter.limit(LOGIN_RATE, methods=["POST"], error_message="too many login attempts; wait a minute")
+    @documented(
+        public=True,
+        body=Body(
+            (
+                Field("username", "str", "the account name", required=True),
+                Field("password", "str", "its password", required=True),
+                Field("next", "str", "where a browser goes after login (same-site path)", nullable=True),
+            ),
+            required=True,
+            description="JSON from scripts; the login form posts the same fields",
+        ),
+        replies={
+            200: Reply(
+                "POST with JSON: logged in (GET: the login page)",
+                S.LOGGED_IN,
+                also={"text/html": {"type": "string"}},
+            ),
+            302: Reply("POST (form): logged in, on to `next`", None, ""),
+        },
+        errors=(401, 429, 507),
+        html_errors=True,
+    )
     def login():
         """Log in: form or JSON {username, password}; the JSON answer has a csrf_token. 5/minute per IP."""
         appliance = current_app.extensions["leukocam"]
@@ -87,7 +111,7 @@ def make_blueprint(limiter) -> Blueprint:
                 else "wrong user name or password"
             )
             if wants_json:
-                return jsonify({"error": message}), 401
+                return jsonify({"error": message, "status": 401}), 401
             return render_template(
                 "login.html", no_accounts=no_accounts, next=body.get("next", ""), error=message, health=None
             ), 401
@@ -101,6 +125,7 @@ def make_blueprint(limiter) -> Blueprint:
         return redirect(safe_next(body.get("next")))
 
     @bp.post("/logout")
+    @documented(public=True, replies={302: Reply("logged out: on to the login page", None, "")}, html_errors=True)
     def logout():
         """Log out: the session ends on the server too, so an old copy of the cookie stops working."""
         registry().end(session.get("sid"))

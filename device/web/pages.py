@@ -15,6 +15,7 @@ from flask import (
 
 from device.errors import InputError, NotFoundError
 from device.web import actions
+from device.web.apidoc import Field, Reply, documented
 from device.web.common import (
     PER_PAGE,
     appliance,
@@ -161,6 +162,16 @@ def upload():
 
 
 @bp.get("/images/<kind>/<int:item_id>")
+@documented(
+    path=(
+        Field("kind", "enum", "field (capture id), crop or heatmap (cell id)", choices=("field", "crop", "heatmap")),
+    ),
+    replies={
+        200: Reply("the image: field and heatmap JPEG, crop PNG", {"type": "string", "format": "binary"}, "image/*"),
+    },
+    errors=(404,),
+    html_errors=True,
+)
 def image(kind: str, item_id: int):
     """A stored image by id: kind is field (capture id), crop or heatmap (cell id)."""
     path = store().image_file(kind, item_id)

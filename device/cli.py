@@ -8,16 +8,19 @@ A user mistake ends in a one-line message and exit code 2, not a stack trace.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 
 import click
 
 from device.cli_base import ReportingGroup
+from device.config import CONFIG_ENV, SYSTEM_CONFIG, resolve_config_path
 
 # name -> ("module:attribute", short help). Imported on first use.
 LAZY_COMMANDS = {
@@ -54,12 +57,13 @@ class LazyGroup(ReportingGroup):
             target, _ = LAZY_COMMANDS[name]
             module, attr = target.split(":")
             try:
-                return getattr(importlib.import_module(module), attr)
+                command = getattr(importlib.import_module(module), attr)
             except ImportError as exc:
                 raise click.ClickException(
                     f"`leukocam {name}` needs the workstation extras ({exc.name} is missing): "
                     "pip install 'leukocam[train]' (or run `make install-train`)"
                 ) from None
+            return _with_config_discovery(command)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx, formatter):
@@ -82,13 +86,93 @@ def cli(verbose: bool) -> None:
     )
 
 
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="TOML config (default: the embedded demo configuration).",
+CONFIG_HELP = (
+    f"TOML config. Default: the file named by ${CONFIG_ENV}, else {SYSTEM_CONFIG} when it exists, "
+    "else the embedded demo configuration."
 )
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help=CONFIG_HELP)
+
+
+def _discovered_config_path(_ctx, _param, value):
+    """A click callback: the --config value after discovery (`device.config.resolve_config_path`)."""
+    path, _ = resolve_config_path(value)
+    return None if path is None else str(path)
+
+
+def _with_config_discovery(command):
+    """Give a lazily registered command's own --config (`leukocam doctor`) the shared discovery order.
+
+    Commands defined in other modules declare their --config themselves; this makes the value that reaches
+    them the discovered one, so every command that takes a config finds the same file.
+    """
+    for param in command.params:
+        if param.name == "config_path" and param.callback is None:
+            param.callback = _discovered_config_path
+            param.help = CONFIG_HELP
+    return command
+
+
+def load_cli_config(config_path):
+    """The config for a command: its --config, else the shared discovery order; logs which file and why."""
+    from device.config import discover_config
+
+    cfg, how = discover_config(config_path)
+    logging.getLogger("leukocam").info("config: %s (%s)", cfg.source, how)
+    return cfg
+
+
+def _listen_error(exc: OSError, host: str, port: int, cfg) -> Exception:
+    """One line for a socket the dashboard cannot listen on, or `exc` itself when it is something else."""
+    from device.config import EMBEDDED
+    from device.errors import ConfigError
+
+    in_file = f" in {cfg.source}" if cfg.source != EMBEDDED else ""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"port {port} on {host} is already in use (another `leukocam serve`, or another program, listens "
+            f"there): stop that, or choose another port with `--port N` or [web] port{in_file}"
+        )
+    if exc.errno == errno.EACCES:
+        return ConfigError(
+            f"port {port} on {host}: permission denied (ports below 1024 need root); "
+            f"choose a port from 1024 up with `--port N` or [web] port{in_file}"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(
+            f"cannot listen on {host}: it is not an address of this machine; set [web] host{in_file} "
+            "to 127.0.0.1 (this machine only), 0.0.0.0 (the whole lab network) or one of this machine's addresses"
+        )
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(
+            f"[web] host {host!r}{in_file}: the name does not resolve to an address ({exc.strerror}); "
+            "use an IP address such as 127.0.0.1 or 0.0.0.0"
+        )
+    return exc
+
+
+def _check_can_listen(host: str, port: int, cfg) -> None:
+    """Bind (and let go of) every address the dashboard will listen on, as waitress will, before anything starts.
+
+    A second `leukocam serve` must stop here, with one line naming the port, before it opens the camera or
+    runs start-up repairs on the store the first one is using.
+    """
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(
+            name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            with socket.socket(family, kind, proto) as probe:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress does: TIME_WAIT is no clash
+                probe.bind(address)
+    except OSError as exc:
+        problem = _listen_error(exc, host, port, cfg)
+        if problem is not exc:
+            raise problem from None
+        # anything else: waitress meets it too and reports it
 
 
 @cli.command()
@@ -101,12 +185,12 @@ def serve(config_path, host, port):
 
     from device import sdnotify
     from device.bundle_store import precheck_bundle
-    from device.config import load_config
+    from device.config import discover_config
     from device.service import Appliance
     from device.web import create_app
     from device.web.server import make_server
 
-    cfg = load_config(config_path)
+    cfg, how = discover_config(config_path)
     if host or port is not None:
         cfg = dataclasses.replace(
             cfg,
@@ -114,15 +198,21 @@ def serve(config_path, host, port):
         )
         cfg.validate()
     precheck_bundle(cfg.bundle_path)  # a broken bundle is refused before the data store is opened
+    _check_can_listen(cfg.web.host, cfg.web.port, cfg)  # a second serve stops here, before the camera and store
     log = logging.getLogger("leukocam")
+    log.info("config: %s (%s)", cfg.source, how)
     from device.accounts import load_users, login_required_for
 
     if login_required_for(cfg.web.host, cfg.web.login) and not load_users(cfg.store.data_dir):
         log.warning(
-            "dashboard on %s requires a login but no account exists: run `leukocam set-password USER`", cfg.web.host
+            "dashboard on %s requires a login but no account exists: run `%s`",
+            cfg.web.host,
+            cfg.command("set-password", "USER"),
         )
+    # "Task queue depth is N" means requests waited for a free worker thread: normal when a browser loads a
+    # page's images at once, so only errors of that logger reach the journal.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     appliance = Appliance(cfg)
-    log.info("config: %s", cfg.source)
     log.info(
         "model: %s (sha256 %s, %s%s)",
         appliance.bundle.path,
@@ -134,7 +224,14 @@ def serve(config_path, host, port):
         log.info(appliance.self_test.message)
     log.info(appliance.reconcile.summary())
     app = create_app(appliance)
-    server = make_server(app, cfg.web)
+    try:
+        server = make_server(app, cfg.web)
+    except OSError as exc:  # the port was taken after the check above
+        appliance.stop()
+        problem = _listen_error(exc, cfg.web.host, cfg.web.port, cfg)
+        if problem is exc:
+            raise
+        raise problem from None
     stopping = threading.Event()
 
     def shutdown(signum, _frame):
@@ -215,20 +312,45 @@ def _capture_via_service(cfg, timeout: float = 120.0) -> dict | None:
     raise click.ClickException(f"the service at {base} did not report a result within {timeout:.0f} s")
 
 
+def capture_summary(result: dict) -> str:
+    """One line for a capture result: id, status, cells, blasts and the message (`leukocam capture`)."""
+    outcome, cap = result["outcome"], result.get("capture") or {}
+    if cap.get("id") is None:
+        return f"capture {outcome['status']}: {outcome['message']}"
+    cells = cap.get("cells") or []
+    n = cap.get("n_cells", len(cells))
+    blasts = sum(c.get("label") == "blast" for c in cells)
+    review = sum(bool(c.get("needs_review")) for c in cells)
+    parts = [
+        f"capture {cap['id']}",
+        f"slide {cap['slide_id']}" if cap.get("slide_id") else None,
+        str(cap.get("status", outcome["status"])),
+        f"{n} cell{'' if n == 1 else 's'}",
+        f"{blasts} blast{'' if blasts == 1 else 's'}",
+        f"{review} to review" if review else None,
+    ]
+    line = ", ".join(p for p in parts if p) + f": {cap.get('message', outcome['message'])}"
+    return line + (" [SYNTHETIC demo model: not clinical]" if cap.get("model_synthetic") else "")
+
+
 @cli.command()
 @config_option
 @click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--single-cell", is_flag=True, help="The image is one cell (C-NMC style), not a field.")
-def capture(config_path, image, single_cell):
-    """Capture one field (or analyse IMAGE), store it and print the result as JSON.
+@click.option(
+    "--json/--summary", "as_json", default=False, help="The full result as JSON (default: one summary line)."
+)
+def capture(config_path, image, single_cell, as_json):
+    """Capture one field (or analyse IMAGE), store it and print the result.
 
     When `leukocam serve` is running it owns the camera, so the capture is asked of it
     (the same as the dashboard's Capture button); otherwise the camera is opened here.
+    It prints one line (capture id, status, cells, blasts, message); --json prints the whole
+    stored result for scripts.
     """
-    from device.config import load_config
     from device.service import Appliance
 
-    cfg = load_config(config_path)
+    cfg = load_cli_config(config_path)
     result = None if image else _capture_via_service(cfg)
     if result is None:
         with Appliance(cfg) as appliance:
@@ -241,7 +363,7 @@ def capture(config_path, image, single_cell):
                 "outcome": outcome.__dict__,
                 "capture": appliance.store.get_capture(outcome.capture_id) if outcome.capture_id else None,
             }
-    click.echo(json.dumps(result, indent=2, default=str))
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else capture_summary(result))
     if result["outcome"]["status"] == "error":
         sys.exit(1)
 
@@ -280,10 +402,9 @@ def set_password(config_path, username, password):
     """Create or change a dashboard login (required when [web] host is not 127.0.0.1)."""
     from device.accounts import AuthError
     from device.accounts import set_password as write_password
-    from device.config import load_config
     from device.web.sessions import DB_FILE, SessionRegistry
 
-    cfg = load_config(config_path)
+    cfg = load_cli_config(config_path)
     try:
         path = write_password(cfg.store.data_dir, username, password)
     except AuthError as exc:
@@ -292,8 +413,8 @@ def set_password(config_path, username, password):
     if (path.parent / DB_FILE).is_file():  # a changed password logs that user out everywhere
         ended = SessionRegistry(path.parent).end_user(username)
     click.echo(
-        f"password for {username!r} stored (scrypt hash, mode 0600) in {path}; no restart needed"
-        + (f"; {ended} open session(s) of {username!r} ended" if ended else "")
+        f"password for {username!r} stored (scrypt hash, mode 0600) in {path} ([store] data_dir of {cfg.source}); "
+        "no restart needed" + (f"; {ended} open session(s) of {username!r} ended" if ended else "")
     )
 
 
@@ -307,11 +428,11 @@ def calibrate_qc(config_path, fields):
     working copy, exactly as each capture measures it: calibrate the pixel size first.
     """
     from device.cells import working_copy
-    from device.config import load_config
     from device.imaging import decode_image
     from device.quality import assess, suggest_thresholds
 
-    um = load_config(config_path).finder.um_per_px or None
+    cfg = load_cli_config(config_path)
+    um = cfg.finder.um_per_px or None
     reports = []
     for path in fields:
         rgb = decode_image(path)
@@ -321,7 +442,7 @@ def calibrate_qc(config_path, fields):
         )
         reports.append(r)
     t = suggest_thresholds(reports)
-    click.echo("\n# paste into the [quality] section of leukocam.toml")
+    click.echo(f"\n# paste into the [quality] section of {_config_file_name(cfg.source)}")
     click.echo(f"[quality]\nmin_focus = {t['min_focus']}\nmax_clipped_fraction = {t['max_clipped_fraction']}")
 
 
@@ -344,7 +465,7 @@ def calibrate(fields):
         try:
             value = estimate_um_per_px(decode_image(path))
         except ImageError as exc:
-            click.echo(f"{path}: skipped ({exc})")
+            click.echo(f"skipped: {exc}")  # the message names the file
             continue
         click.echo(
             f"{path}: "
@@ -362,8 +483,15 @@ def calibrate(fields):
     click.echo(f"\n{len(values)} of {len(fields)} fields measured; median {median:.4f} µm/px, range ±{spread / 2:.0%}")
     if len(values) < 3:
         click.echo("fewer than 3 fields measured: add more fields for a steadier value")
-    click.echo("\n# paste into the [finder] section of leukocam.toml")
+    click.echo(f"\n# paste into the [finder] section of {_config_file_name(resolve_config_path(None)[0])}")
     click.echo(f"[finder]\num_per_px = {median:.4f}")
+
+
+def _config_file_name(source) -> str:
+    """The config file to edit, for "paste into" lines: the one in use, or a generic name for the embedded default."""
+    from device.config import EMBEDDED
+
+    return "leukocam.toml (your config file)" if source in (None, EMBEDDED) else str(source)
 
 
 def main() -> None:

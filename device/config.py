@@ -4,6 +4,10 @@ Validated once at start-up. Unknown keys and wrong types are errors that name
 the file, the key and what was expected. The dataclass defaults are the
 embedded default that `make run` uses: the replay camera over the shipped
 sample fields and the shipped demo bundle.
+
+Every command that takes a config finds it the same way (`resolve_config_path`):
+--config, then $LEUKOCAM_CONFIG, then /etc/leukocam/leukocam.toml when it
+exists, then the embedded default.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import re
+import shlex
 import tomllib
 import types
 import typing
@@ -26,6 +32,12 @@ DEMO_FIELDS = PACKAGE_DIR / "demo" / "fields"
 MAX_CONFIG_BYTES = 1 << 20
 """A config file larger than this is refused unread (it is a few kilobytes of TOML)."""
 MAX_THREADS = 64
+CONFIG_ENV = "LEUKOCAM_CONFIG"
+"""Environment variable naming the config file when a command gets no --config."""
+SYSTEM_CONFIG = Path("/etc/leukocam/leukocam.toml")
+"""The installed rig's config (firmware_config/install.sh writes it): used when neither --config nor
+$LEUKOCAM_CONFIG names one and this file exists."""
+EMBEDDED = "<embedded default>"
 
 
 @dataclass(frozen=True)
@@ -197,6 +209,24 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class SlidesConfig:
+    """The [slides] section: when a slide has enough cells, and what its blast fraction is compared against."""
+
+    target_cells: int = 200
+    """White cells to classify per slide before its blast fraction is read (a 200-cell differential, as by hand)."""
+    decision_threshold: float = 0.20
+    """Blast fraction the slide's 95 % confidence interval is compared against (0.20: the WHO's 20 % blasts)."""
+
+    def validate(self) -> None:
+        _between("slides.target_cells", self.target_cells, 10, 10_000)
+        if not 0.0 < self.decision_threshold < 1.0:  # NaN too
+            raise ConfigError(
+                f"slides.decision_threshold = {self.decision_threshold!r}: expected a fraction between 0 and 1, "
+                "both excluded (0.20 = 20 % blasts)"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     camera: CameraConfig = field(default_factory=CameraConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
@@ -206,7 +236,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     web: WebConfig = field(default_factory=WebConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
-    source: str = "<embedded default>"
+    slides: SlidesConfig = field(default_factory=SlidesConfig)
+    source: str = EMBEDDED
     """Where this configuration came from (for messages and the status page)."""
 
     def validate(self) -> None:
@@ -222,6 +253,17 @@ class Config:
     @property
     def replay_dir(self) -> Path:
         return Path(self.camera.replay_dir) if self.camera.replay_dir else DEMO_FIELDS
+
+    def command(self, *args: str) -> str:
+        """The exact `leukocam` command line that acts on this configuration, for hints shown to people.
+
+        A config read from a file is named with --config (as an absolute path), so the command works from
+        any folder, under sudo and without the environment variable; the embedded default needs none.
+        """
+        words = ["leukocam", args[0]] if args else ["leukocam"]
+        if self.source != EMBEDDED:
+            words += ["--config", str(Path(self.source).absolute())]
+        return shlex.join([*words, *args[1:]])
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -318,6 +360,34 @@ def parse_config(data: dict, source: str = "<dict>") -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
+
+
+def resolve_config_path(explicit: str | Path | None = None) -> tuple[Path | None, str]:
+    """Which config file a command uses, and why: the one discovery order every `leukocam` command shares.
+
+    1. `explicit` (the command's --config), 2. the file named by $LEUKOCAM_CONFIG, 3. SYSTEM_CONFIG
+    (/etc/leukocam/leukocam.toml) when it exists, 4. None: the embedded default. A file named by 1 or 2
+    that does not exist is not skipped: loading it fails and says so.
+
+    Returns:
+        (path or None for the embedded default, how it was chosen: for log lines and messages)
+    """
+    if explicit not in (None, ""):
+        return Path(explicit), "--config"
+    env = os.environ.get(CONFIG_ENV, "")
+    if env.strip():
+        return Path(env), f"${CONFIG_ENV}"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, "the installed system config"
+    return None, f"no --config, ${CONFIG_ENV} or {SYSTEM_CONFIG}"
+
+
+def discover_config(explicit: str | Path | None = None) -> tuple[Config, str]:
+    """Load the config `resolve_config_path` picks; returns it with a phrase saying how it was chosen."""
+    path, how = resolve_config_path(explicit)
+    if path is not None and how == f"${CONFIG_ENV}" and not path.exists():
+        raise ConfigError(f"{path}: config file not found (named by ${CONFIG_ENV}); correct or unset {CONFIG_ENV}")
+    return load_config(path), how
 
 
 def load_config(path: str | Path | None = None) -> Config:

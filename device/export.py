@@ -38,8 +38,11 @@ RESULT_FIELDS = (
     "model_sha256",
     "captured_at",
 )
+# manifest.csv is a `training.datasets.read_manifest` manifest (path,label,subject first: `leukocam data inspect
+# manifest.csv` and `leukocam train manifest.csv` read it); the other columns are provenance. Before issue #13
+# the first column was `file`, which the reader still accepts.
 MANIFEST_FIELDS = (
-    "file",
+    "path",
     "label",
     "subject",
     "slide_id",
@@ -152,10 +155,10 @@ def export_dataset(
             writer.writerow(
                 _safe_row(
                     {
-                        "file": name,
+                        "path": name,
                         "label": c["reviewed_label"],
                         "subject": subject[c["slide_id"]],
-                        **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("label", "subject")},
+                        **{k: c[k] for k in MANIFEST_FIELDS if k in c and k not in ("path", "label", "subject")},
                     }
                 )
             )

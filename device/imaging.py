@@ -125,6 +125,7 @@ def decode_image(
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if not _has_bytes(source):
         raise ImageError(f"{label}: the file is empty (0 bytes)")
+    head = _peek(source, 1024)
     try:
         # Our own limit is checked from the header, before any pixel is decoded; it is capped
         # below PIL's MAX_IMAGE_PIXELS (config validation), so PIL's bomb check is a second net.
@@ -143,7 +144,7 @@ def decode_image(
         raise ImageError(f"{label}: refused as a decompression bomb (too many pixels)") from None
     except Exception as exc:  # PIL raises many types for corrupt or truncated data
         raise ImageError(
-            f"{label}: not a readable image ({type(exc).__name__}: {exc}); "
+            f"{label}: not a readable image: {_unreadable_reason(exc, head)}; "
             "use a JPEG, PNG, BMP or TIFF file that opens in an image viewer"
         ) from None
     try:
@@ -158,10 +159,55 @@ HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 def _has_bytes(fh) -> bool:
+    return bool(_peek(fh, 1))
+
+
+def _peek(fh, n: int) -> bytes:
     pos = fh.tell()
-    first = fh.read(1)
+    first = fh.read(n)
     fh.seek(pos)
-    return bool(first)
+    return first
+
+
+IMAGE_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"GIF8": "GIF",
+}
+"""First bytes of the image formats people upload, to tell a damaged image from a file that is no image."""
+OTHER_SIGNATURES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive"}
+
+
+def _unreadable_reason(exc: Exception, head: bytes) -> str:
+    """Why PIL could not decode a file, in words: what the file is (or is not), never exception names or reprs."""
+    fmt = next((name for sig, name in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+    if "truncated" in str(exc).lower():
+        what = f"the {fmt} file" if fmt else "the file"
+        return f"{what} is truncated (cut short: an incomplete copy or download)"
+    if not isinstance(exc, Image.UnidentifiedImageError):
+        return f"the {fmt + ' ' if fmt else ''}image data is damaged (the decoder could not read it to the end)"
+    other = next((name for sig, name in OTHER_SIGNATURES.items() if head.startswith(sig)), None)
+    if other:
+        return f"it is {other}, not an image"
+    if _looks_like_text(head):  # before the signatures: a note that starts with "BM" is still a note
+        return "it is a text file, not an image"
+    if fmt:
+        return f"it starts like a {fmt} image but is truncated or damaged (an incomplete copy or download?)"
+    return "the file is not in any image format LeukoCam reads"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the peek
+            return False
+        text = head[: exc.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")
+    return bool(text) and all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
 
 
 def _check_size(label: str, size: tuple[int, int], max_pixels: int, max_aspect: float | None, hint: str) -> None:

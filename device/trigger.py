@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 STATES = ("idle", "busy", "done", "retake", "error", "refused")
 """What `Trigger.set_state` accepts; see its docstring for the LED/buzzer pattern of each."""
+DONE_FRESH_S = 300.0
+"""After a stored result the LED stays on (solid) this long at most, unless the next capture starts first: an
+operator who looks up from the eyepieces after moving the stage still sees it, and a light left on over lunch
+does not claim that an old result is the one just taken."""
 
 _PRESS = "press"
 _LONG_PRESS = "long press"
@@ -62,6 +66,7 @@ class Trigger:
         self._state_lock = threading.RLock()
         self._state = "idle"
         self._restore: threading.Timer | None = None
+        self._expire: threading.Timer | None = None
         self._closed = False
         self.button = self.led = self.buzzer = None
 
@@ -163,9 +168,10 @@ class Trigger:
     def set_state(self, state: str) -> None:
         """Show a state on the LED (and buzzer, where fitted). Safe from any thread.
 
-        idle: LED off. busy: LED blinks fast. done: LED on for 2 s, then off.
-        retake: LED blinks slowly for 3 s, double beep. error: LED blinks slowly until the
-        next press. refused: a quick flash and a short buzz, then the busy or error blink resumes.
+        idle: LED off. busy: LED blinks fast. done: LED on (solid) while the stored result is the newest:
+        until the next state (the next press) or DONE_FRESH_S, then off. retake: LED blinks slowly for 3 s,
+        double beep, then off (nothing new was stored). error: LED blinks slowly until the next press.
+        refused: a quick flash and a short buzz, then the busy or error blink (or the done light) resumes.
         """
         if state not in STATES:
             raise ValueError(f"trigger state {state!r}: expected one of {', '.join(STATES)}")
@@ -176,8 +182,14 @@ class Trigger:
             if state == "refused":
                 self._refused()
                 return
+            self._cancel_expire()
             self._state = state
             self._show(state)
+            if state == "done":
+                self._expire = threading.Timer(DONE_FRESH_S, self._expired)
+                self._expire.args = (self._expire,)  # it knows itself: see _expired
+                self._expire.daemon = True
+                self._expire.start()
 
     def _show(self, state: str) -> None:
         led, buzzer = self.led, self.buzzer
@@ -192,7 +204,7 @@ class Trigger:
         elif state == "busy":
             led.blink(on_time=0.1, off_time=0.1)
         elif state == "done":
-            led.blink(on_time=2.0, off_time=0.0, n=1)  # gpiozero ends a counted blink with the LED off
+            led.on()  # stops a blink in progress, then solid
         elif state == "retake":
             led.blink(on_time=0.5, off_time=0.5, n=3)
         elif state == "error":
@@ -203,8 +215,8 @@ class Trigger:
             self.buzzer.beep(on_time=0.3, off_time=0.0, n=1)
         if self.led is not None:
             self.led.blink(on_time=0.05, off_time=0.05, n=3)
-        # Then resume an open-ended pattern (the busy blink, usually); done/retake just end early.
-        if self._state in ("busy", "error"):
+        # Then resume an open-ended pattern (the busy blink, usually, or the done light); a retake just ends early.
+        if self._state in ("busy", "error", "done"):
             self._restore = threading.Timer(0.35, self._resume, args=(self._state,))
             self._restore.daemon = True
             self._restore.start()
@@ -219,6 +231,17 @@ class Trigger:
             self._restore.cancel()
             self._restore = None
 
+    def _expired(self, timer: threading.Timer) -> None:
+        with self._state_lock:  # a timer replaced while it waited for the lock is stale
+            if not self._closed and self._state == "done" and self._expire is timer:
+                self._state = "idle"
+                self._show("idle")
+
+    def _cancel_expire(self) -> None:
+        if self._expire is not None:
+            self._expire.cancel()
+            self._expire = None
+
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Release the pins (LED and buzzer off) and stop the worker. Safe to call twice."""
@@ -227,6 +250,7 @@ class Trigger:
                 return
             self._closed = True
             self._cancel_restore()
+            self._cancel_expire()
         if self.button is not None:
             self.button.close()  # first: no new events
         self._stop.set()

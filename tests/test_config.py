@@ -363,3 +363,91 @@ def test_a_huge_file_is_refused_unread(tmp_path):
     path = _write(tmp_path, "# " + "x" * (1 << 20) + "\n")
     with pytest.raises(ConfigError, match="larger than 1 MB"):
         load_config(path)
+
+
+# -- [slides] (issue #13) ----------------------------------------------------------------------------
+
+
+def test_slides_defaults_and_firmware_values():
+    assert (Config().slides.target_cells, Config().slides.decision_threshold) == (200, 0.20)
+    cfg = parse_config({"slides": {"target_cells": 500, "decision_threshold": 0.05}})
+    assert (cfg.slides.target_cells, cfg.slides.decision_threshold) == (500, 0.05)
+    boundary = parse_config({"slides": {"target_cells": 10}}), parse_config({"slides": {"target_cells": 10_000}})
+    assert [c.slides.target_cells for c in boundary] == [10, 10_000]
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "hint"),
+    [
+        ({"target_cells": 9}, "slides.target_cells", "between 10 and 10000"),
+        ({"target_cells": 10_001}, "slides.target_cells", "between 10 and 10000"),
+        ({"target_cells": 200.0}, "slides.target_cells", "expected int, got float"),
+        ({"target_cells": True}, "slides.target_cells", "expected int, got bool"),
+        ({"decision_threshold": 0}, "slides.decision_threshold", "between 0 and 1, both excluded"),
+        ({"decision_threshold": 1.0}, "slides.decision_threshold", "between 0 and 1, both excluded"),
+        ({"decision_threshold": -0.2}, "slides.decision_threshold", "between 0 and 1, both excluded"),
+        ({"decision_threshold": 20}, "slides.decision_threshold", "between 0 and 1, both excluded"),
+        ({"decision_threshold": "0.2"}, "slides.decision_threshold", "expected float, got str"),
+        ({"threshold": 0.2}, "slides.threshold", "allowed keys: decision_threshold, target_cells"),
+    ],
+)
+def test_slides_values_are_validated(data, key, hint):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"slides": data}, source="rig.toml")
+    assert str(info.value).startswith("rig.toml: ") and key in str(info.value) and hint in str(info.value)
+
+
+def test_slides_threshold_set_in_code_is_validated_too():
+    cfg = Config()
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="slides.decision_threshold"):
+            dataclasses.replace(cfg, slides=dataclasses.replace(cfg.slides, decision_threshold=bad)).validate()
+
+
+# -- which config file (issue #13) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_discovery(monkeypatch, tmp_path):
+    """Neither $LEUKOCAM_CONFIG nor a system config: each test adds the ones it needs."""
+    import device.config
+
+    monkeypatch.delenv("LEUKOCAM_CONFIG", raising=False)
+    monkeypatch.setattr(device.config, "SYSTEM_CONFIG", tmp_path / "etc" / "leukocam.toml")
+    return device.config
+
+
+def test_discovery_order_is_flag_then_env_then_system_then_default(no_discovery, monkeypatch, tmp_path):
+    from device.config import resolve_config_path
+
+    flag, env = _write(tmp_path, "", "flag.toml"), _write(tmp_path, "", "env.toml")
+    system = no_discovery.SYSTEM_CONFIG
+    assert resolve_config_path(None) == (None, "no --config, $LEUKOCAM_CONFIG or " + str(system))
+    system.parent.mkdir()
+    system.write_text("[web]\nport = 9001\n")
+    assert resolve_config_path(None) == (system, "the installed system config")
+    monkeypatch.setenv("LEUKOCAM_CONFIG", str(env))
+    assert resolve_config_path(None) == (env, "$LEUKOCAM_CONFIG")
+    assert resolve_config_path(str(flag)) == (flag, "--config")
+    monkeypatch.setenv("LEUKOCAM_CONFIG", "  ")  # blank is unset
+    assert resolve_config_path(None)[0] == system
+
+
+def test_discover_config_loads_the_file_and_says_how(no_discovery, monkeypatch, tmp_path):
+    from device.config import discover_config
+
+    assert discover_config(None)[0] == Config()
+    env = _write(tmp_path, "[web]\nport = 9002\n", "env.toml")
+    monkeypatch.setenv("LEUKOCAM_CONFIG", str(env))
+    cfg, how = discover_config(None)
+    assert (cfg.web.port, cfg.source, how) == (9002, str(env), "$LEUKOCAM_CONFIG")
+    monkeypatch.setenv("LEUKOCAM_CONFIG", str(tmp_path / "typo.toml"))  # named, so never skipped
+    with pytest.raises(ConfigError, match=r"typo\.toml: config file not found \(named by \$LEUKOCAM_CONFIG\)"):
+        discover_config(None)
+
+
+def test_command_hints_name_the_config_file(tmp_path, monkeypatch):
+    assert Config().command("set-password", "USER") == "leukocam set-password USER"
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path, "", "my rig.toml").name)  # relative, with a space
+    assert cfg.command("set-password", "USER") == f"leukocam set-password --config '{tmp_path / 'my rig.toml'}' USER"

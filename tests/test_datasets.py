@@ -159,3 +159,89 @@ def test_cli_inspect_prints_summary_and_warnings(tmp_path):
     result = CliRunner().invoke(data, ["inspect", str(root)])
     assert result.exit_code == 0, result.output
     assert "3 labelled images" in result.output and "split by IMAGE" in result.output
+
+
+# -- zips and the export's manifest (issue #13) -------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("LEUKOCAM_CACHE", str(folder))
+    return folder
+
+
+def _zip_folder(folder, zip_path, prefix=""):
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, prefix + p.relative_to(folder).as_posix())
+    return zip_path
+
+
+def test_a_zip_reads_as_the_folder_it_unpacks_to(tmp_path, cache):
+    root = _cnmc(tmp_path / "cnmc")
+    (root / "training_data" / "fold_0" / "all" / "UID_1_9_1_all.bmp").write_bytes(b"not an image")
+    zipped = _zip_folder(root, tmp_path / "cnmc.zip", prefix="cnmc/")
+    from_folder, from_zip = read_dataset(root), read_dataset(zipped)
+    key = [(s.path.name, s.label, s.subject) for s in from_folder]
+    assert sorted(key) == sorted((s.path.name, s.label, s.subject) for s in from_zip)
+    assert all(s.path.is_relative_to(cache) and s.path.is_file() for s in from_zip)
+    again = read_dataset(zipped)  # unpacked once: the same paths, so folds.csv stays valid for evaluate
+    assert [s.path for s in again] == [s.path for s in from_zip]
+    report = inspect_dataset(zipped, progress=False)
+    assert report["images"] == len(from_folder) and report["root"] == str(zipped)
+    assert report["unreadable"][0].startswith(f"{zipped}/cnmc/training_data/fold_0/all/UID_1_9_1_all.bmp: ")
+    assert "uploaded image" not in report["unreadable"][0]
+    assert report["unpacked_to"] and str(cache) in report["unpacked_to"]
+
+
+def test_a_changed_zip_unpacks_afresh(tmp_path, cache):
+    import os
+
+    root = _cnmc(tmp_path / "cnmc", subjects=("1", "H1"), cells=2)
+    zipped = _zip_folder(root, tmp_path / "d.zip")
+    assert len(read_dataset(zipped)) == 4
+    _img(root / "training_data" / "fold_0" / "all" / "UID_1_7_1_all.bmp", seed=7)
+    _zip_folder(root, zipped)
+    os.utime(zipped, ns=(1, 2_000_000_000_000_000_000))
+    assert len(read_dataset(zipped)) == 5
+
+
+def test_bad_zips_are_one_clear_error(tmp_path, cache):
+    import zipfile
+
+    fake = tmp_path / "export.zip"
+    fake.write_bytes(b"PK but not really a zip")
+    with pytest.raises(DatasetError, match=r"export\.zip: not a readable zip file"):
+        read_dataset(fake)
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("all/UID_1_1_1_all.bmp", b"x")
+        zf.writestr("../../outside.bmp", b"x")
+    with pytest.raises(DatasetError, match="would unpack outside its folder"):
+        read_dataset(evil)
+    assert not (tmp_path / "outside.bmp").exists() and not list(cache.rglob("*.bmp"))
+    empty = tmp_path / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()
+    with pytest.raises(DatasetError, match=r"empty\.zip: no images"):
+        read_dataset(empty)
+
+
+def test_manifest_accepts_the_old_export_column_name(tmp_path):
+    _img(tmp_path / "cells" / "all" / "a.bmp", 1)
+    _img(tmp_path / "cells" / "hem" / "b.bmp", 2)
+    header = "file,label,subject,slide_id,capture_id,cell_id,model_label,probability\n"
+    (tmp_path / "manifest.csv").write_text(
+        header + "cells/all/a.bmp,blast,1,S1,1,1,normal,0.2\ncells/hem/b.bmp,normal,2,S2,2,2,normal,0.1\n"
+    )
+    samples = read_dataset(tmp_path / "manifest.csv")
+    assert [(s.path, s.label, s.subject) for s in samples] == [
+        (tmp_path / "cells" / "all" / "a.bmp", 1, "1"),
+        (tmp_path / "cells" / "hem" / "b.bmp", 0, "2"),
+    ]
+    (tmp_path / "nopath.csv").write_text("image,label\ncells/all/a.bmp,blast\n")
+    with pytest.raises(DatasetError, match="columns path,label"):
+        read_dataset(tmp_path / "nopath.csv")

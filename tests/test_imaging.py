@@ -154,6 +154,40 @@ def test_decode_text_file_named_jpg(tmp_path):
     assert "notes.jpg" in str(info.value)
 
 
+PYTHON_INTERNALS = ("Error", "0x", "object at", "<_io", "Traceback", "PIL")
+
+
+def _bad_inputs() -> dict[str, tuple[bytes, str]]:
+    png = encode_image(_rgb(64, 64, seed=5), "PNG")
+    return {
+        "garbage": (
+            np.random.default_rng(2).integers(0, 256, size=4096, dtype=np.uint8).tobytes(),
+            "not in any image format",
+        ),
+        "truncated PNG": (png[: len(png) // 2], "PNG file is truncated"),
+        "PNG header only": (png[:40], "starts like a PNG image but is truncated or damaged"),
+        "damaged PNG": (png[:100] + bytes(60) + png[160:], "PNG image data is damaged"),
+        "text file": ("Befund: 3 Blasten / 100 Zellen, µm\n".encode() * 30, "it is a text file, not an image"),
+        "PDF": (b"%PDF-1.7\n" + bytes(range(256)) * 4, "it is a PDF document, not an image"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_unreadable_files_are_explained_without_python_internals(tmp_path, case):
+    """Issue #13: no exception class names or object reprs; what the file is not, and what to use instead."""
+    data, says = _bad_inputs()[case]
+    for source, label in ((data, "uploaded image"), (tmp_path / "field.jpg", "field.jpg")):
+        if isinstance(source, Path):
+            source.write_bytes(data)
+        with pytest.raises(ImageError) as info:
+            decode_image(source)
+        msg = str(info.value)
+        assert label in msg and "not a readable image" in msg and says in msg, msg
+        assert "use a JPEG, PNG, BMP or TIFF file" in msg
+        for internal in PYTHON_INTERNALS:
+            assert internal not in msg, msg
+
+
 def test_decode_missing_path_says_cannot_read(tmp_path):
     missing = tmp_path / "nope" / "field.jpg"
     with pytest.raises(ImageError, match="cannot read file") as info:

@@ -53,7 +53,7 @@ def test_device_classifies_a_field_without_tensorflow(tmp_path):
 def test_cli_capture_and_help_without_tensorflow(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[store]\ndata_dir = "{tmp_path / "s"}"\nmin_free_mb = 1\n[service]\nstartup_captures = 0\n')
-    result = run("from device.cli import main; main()", "capture", "--config", str(cfg))
+    result = run("from device.cli import main; main()", "capture", "--json", "--config", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"status": "ok"' in result.stdout
     helped = run("from device.cli import main; main()", "--help")

@@ -74,7 +74,7 @@ def test_cli_capture_asks_the_running_service(tmp_path):
             except OSError:
                 time.sleep(0.5)
         out = subprocess.run(
-            [sys.executable, "-m", "device.cli", "capture", "--config", str(cfg)],
+            [sys.executable, "-m", "device.cli", "capture", "--json", "--config", str(cfg)],
             cwd=REPO,
             capture_output=True,
             text=True,

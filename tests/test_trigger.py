@@ -159,13 +159,53 @@ def test_led_states(factory):
         trigger.set_state("idle")
         assert led.state is False
 
-        led.clear_states()
-        trigger.set_state("done")
-        assert wait_for(lambda: led.state is True)
-        assert wait_for(lambda: toggles(led) == 2 and led.state is False, timeout=3.0)  # on, then off
-
         with pytest.raises(ValueError, match="expected one of"):
             trigger.set_state("party")
+
+
+def test_done_stays_on_while_the_result_is_the_newest(factory):
+    """Issue #13: a result is shown by a solid light that an operator at the eyepieces cannot miss, not a 2 s flash."""
+    with make(factory) as trigger:
+        led = factory.pin(LED)
+        trigger.set_state("busy")
+        assert wait_for(lambda: toggles(led) >= 2)
+        trigger.set_state("done")
+        assert wait_for(lambda: led.state is True)
+        led.clear_states()
+        time.sleep(2.3)  # past the old 2 s flash
+        assert led.state is True and toggles(led) == 0  # solid: not one change
+        assert trigger.state == "done"
+        trigger.set_state("busy")  # the next press: the light gives way to the busy blink
+        assert wait_for(lambda: toggles(led) >= 4)
+        led.clear_states()
+        trigger.set_state("retake")  # nothing new stored: three slow blinks, then dark
+        assert wait_for(lambda: toggles(led) >= 5 and led.state is False, timeout=4.0)
+
+
+def test_done_goes_dark_once_the_result_is_stale(factory, monkeypatch):
+    monkeypatch.setattr("device.trigger.DONE_FRESH_S", 0.3)
+    with make(factory) as trigger:
+        led = factory.pin(LED)
+        trigger.set_state("done")
+        assert led.state is True
+        assert wait_for(lambda: led.state is False and trigger.state == "idle")
+        trigger.set_state("done")
+        time.sleep(0.2)
+        trigger.set_state("done")  # a second result restarts the clock: the first timer must not end it
+        time.sleep(0.2)
+        assert led.state is True
+        assert wait_for(lambda: led.state is False)
+
+
+def test_refused_during_done_flashes_then_the_light_comes_back(factory):
+    with make(factory) as trigger:
+        led = factory.pin(LED)
+        trigger.set_state("done")
+        led.clear_states()
+        trigger.set_state("refused")
+        assert wait_for(lambda: toggles(led) >= 4)  # the quick flash
+        assert wait_for(lambda: led.state is True)  # then solid again
+        assert trigger.state == "done"
 
 
 def test_retake_blinks_and_double_beeps(factory):

@@ -174,7 +174,11 @@ def data():
 @click.argument("root", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def data_inspect(root, as_json):
-    """Counts per class and subject, image sizes, exact duplicates and unreadable files of ROOT (a folder or CSV)."""
+    """Counts per class and subject, image sizes, exact duplicates and unreadable files of ROOT.
+
+    ROOT is a dataset folder, a CSV manifest (path,label[,subject]) or a .zip of a folder, such as the
+    dashboard's export of reviewed cells as downloaded.
+    """
     from training.datasets import inspect_dataset
 
     report = _guard(inspect_dataset, root)
@@ -184,6 +188,8 @@ def data_inspect(root, as_json):
     click.echo(
         f"{report['root']}: {report['images']} labelled images {report['per_class']}, {report['subjects']} subjects"
     )
+    if report.get("unpacked_to"):
+        click.echo(f"(a zip: read from its copy unpacked in {report['unpacked_to']}; delete that to free the space)")
     if report["per_subject"]:
         counts = sorted(report["per_subject"].values())
         click.echo(f"images per subject: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}")
@@ -205,7 +211,7 @@ def data_inspect(root, as_json):
 @click.option("--out", default="runs/latest", show_default=True, type=click.Path(file_okay=False))
 @training_options
 def train(data, out, **kw):
-    """Train the classifier on DATA (C-NMC, ALL-IDB2, class folders or a CSV manifest)."""
+    """Train the classifier on DATA (C-NMC, ALL-IDB2, class folders, a CSV manifest, or a .zip of a folder)."""
     from training.metrics import fmt
     from training.train import run_training
 

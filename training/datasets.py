@@ -7,8 +7,11 @@ Readers here:
   `Patient_ID,new_names,labels`: Patient_ID holds the original C-NMC file name,
   from which the subject is taken; label 1 = ALL);
 - ALL-IDB2 (`Im001_1.tif`: the suffix after `_` is the label, 1 = blast; no subject IDs);
-- a CSV manifest `path,label[,subject]` (label all/hem/blast/normal/1/0; paths relative to the CSV);
-- plain folder-per-class datasets.
+- a CSV manifest `path,label[,subject]` (label all/hem/blast/normal/1/0; paths relative to the CSV;
+  `file` is accepted for `path`, as in exports made before issue #13);
+- plain folder-per-class datasets;
+- a .zip of any of these folders (the dashboard's export of reviewed cells, as downloaded): read as the
+  folder it unpacks to, unpacked once into a cache folder (`unpack_zip`).
 
 Images are loaded through the device's own decoder and `prepare_cell`, so
 training sees exactly what the Pi will feed the model. `assign_folds` makes the
@@ -20,7 +23,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
+import shutil
+import tempfile
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +74,22 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def read_manifest(csv_path: str | Path) -> list[Sample]:
-    """Samples from a CSV manifest `path,label[,subject]`; paths are relative to the CSV's folder."""
+    """Samples from a CSV manifest `path,label[,subject]`; paths are relative to the CSV's folder.
+
+    Other columns are ignored. A `file` column stands for `path` when there is none: the dashboard's exports
+    before issue #13 named it so, and they stay readable.
+    """
     csv_path = Path(csv_path)
     rows = _read_csv(csv_path)
-    if not rows or not {"path", "label"} <= set(rows[0]):
+    column = "path" if rows and "path" in rows[0] else "file"
+    if not rows or not {column, "label"} <= set(rows[0]):
         raise DatasetError(f"{csv_path}: a manifest needs a header with columns path,label[,subject]")
     samples = []
     for n, row in enumerate(rows, start=2):
         label = MANIFEST_LABELS.get(row["label"].lower())
         if label is None:
             raise DatasetError(f"{csv_path} line {n}: label {row['label']!r} is not one of {sorted(MANIFEST_LABELS)}")
-        path = Path(row["path"])
+        path = Path(row[column])
         samples.append(
             Sample(path if path.is_absolute() else csv_path.parent / path, label, row.get("subject") or None)
         )
@@ -101,16 +113,99 @@ def _prelim_labels(root: Path) -> dict[Path, Sample]:
     return out
 
 
+CACHE_ENV = "LEUKOCAM_CACHE"
+"""Folder for unpacked dataset zips; default $XDG_CACHE_HOME/leukocam or ~/.cache/leukocam."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "leukocam"
+
+
+def unpack_zip(zip_path: str | Path) -> Path:
+    """Unpack a dataset zip once into the cache and return that folder.
+
+    The folder is named after the zip and its size and modification time, so every command (train, cv,
+    evaluate, convert) that reads the same zip sees the same image paths, and folds.csv stays valid across
+    them; a changed zip unpacks afresh. Members that would land outside the folder are refused.
+    """
+    zip_path = Path(zip_path)
+    try:
+        st = zip_path.stat()
+        zf = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{zip_path}: not a readable zip file ({getattr(exc, 'strerror', None) or exc})") from None
+    key = hashlib.sha256(f"{zip_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "datasets" / f"{zip_path.stem}-{key}"
+    with zf:
+        if (target / ".complete").is_file():
+            return target
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        for m in members:
+            parts = Path(m.filename.replace("\\", "/")).parts
+            if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise DatasetError(f"{zip_path}: member {m.filename!r} would unpack outside its folder; refused")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        need = sum(m.file_size for m in members)
+        free = shutil.disk_usage(target.parent).free
+        if need > free:
+            raise DatasetError(
+                f"{zip_path}: unpacking needs {need / 1e9:.1f} GB and {target.parent} has {free / 1e9:.1f} GB free; "
+                f"free space, set {CACHE_ENV} to a bigger disk, or unpack it yourself and pass the folder"
+            )
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for m in members:
+                zf.extract(m, work)
+            (work / ".complete").write_text(str(zip_path.resolve()) + "\n", encoding="utf-8")
+            if target.exists() and not (target / ".complete").is_file():
+                shutil.rmtree(target, ignore_errors=True)  # what an interrupted earlier unpack left
+            os.replace(work, target)
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            if (target / ".complete").is_file():  # another process finished it meanwhile
+                return target
+            raise DatasetError(f"{zip_path}: cannot unpack ({getattr(exc, 'strerror', None) or exc})") from None
+    return target
+
+
+def display_path(path: Path) -> str:
+    """A sample's path for people: inside an unpacked zip, shown as <zip>/<member> rather than the cache folder."""
+    try:
+        rel = path.relative_to(cache_dir() / "datasets")
+    except ValueError:
+        return str(path)
+    marker = cache_dir() / "datasets" / rel.parts[0] / ".complete"
+    try:
+        source = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return str(path)
+    return str(Path(source, *rel.parts[1:]))
+
+
+def is_zip(root: Path) -> bool:
+    return root.suffix.lower() == ".zip" and root.is_file()
+
+
 def collect_samples(root: str | Path) -> tuple[list[Sample], list[Path]]:
-    """All labelled samples under root (a folder or a CSV manifest), and the image files left unlabelled.
+    """All labelled samples under root (a folder, a CSV manifest or a zip), and the image files left unlabelled.
 
     No class checks: `read_dataset` adds those; `inspect_dataset` reports instead of refusing.
     """
     root = Path(root)
+    if is_zip(root):
+        folder = unpack_zip(root)
+        try:
+            return collect_samples(folder)
+        except DatasetError as exc:
+            raise DatasetError(str(exc).replace(str(folder), str(root))) from None
     if root.is_file() and root.suffix.lower() == ".csv":
         return read_manifest(root), []
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found; pass the folder that holds the images or a CSV manifest")
+        raise DatasetError(
+            f"{root}: dataset folder not found; pass the folder that holds the images, a CSV manifest or a .zip of them"
+        )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
@@ -174,10 +269,11 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
             data = s.path.read_bytes()
             image = decode_image(data)
         except (OSError, ImageError) as exc:
-            unreadable.append(f"{s.path}: {exc}")
+            why = str(exc).removeprefix("uploaded image: ")  # decode_image got bytes: it cannot name the file
+            unreadable.append(f"{display_path(s.path)}: {why}")
             continue
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
-        by_hash.setdefault(hashlib.sha256(data).hexdigest(), []).append(str(s.path))
+        by_hash.setdefault(hashlib.sha256(data).hexdigest(), []).append(display_path(s.path))
     per_subject = Counter(s.subject for s in samples if s.subject is not None)
     per_class = Counter(LABELS[s.label] for s in samples)
     problems = []
@@ -192,6 +288,7 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
         problems.append(f"{len(sizes)} different image sizes (fine: crops are resized to the model input)")
     return {
         "root": str(Path(root)),
+        "unpacked_to": str(unpack_zip(root)) if is_zip(Path(root)) else None,
         "images": len(samples),
         "per_class": dict(sorted(per_class.items())),
         "subjects": len(per_subject),
@@ -199,7 +296,7 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
         "sizes": dict(sizes.most_common()),
         "duplicates": [paths for paths in by_hash.values() if len(paths) > 1],
         "unreadable": unreadable,
-        "unlabelled": [str(p) for p in unlabelled],
+        "unlabelled": [display_path(p) for p in unlabelled],
         "problems": problems,
     }
 

@@ -5,7 +5,8 @@ probability, the pre-activation logit and the class activation map
 CAM = sum_k w_k A_k of the last feature map. For a global-average-pooling +
 Dense head this is exactly Grad-CAM up to a positive scale (docs/design.md), so the
 device needs no gradients: the heatmap of the positive class is ReLU(CAM), of
-the negative class ReLU(-CAM).
+the negative class ReLU(-CAM). The dashboard draws the signed CAM itself, on the
+fixed scale `Classifier.cam_scale` (device/heatmap.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from device import runtime
 from device.bundle import Bundle
 from device.errors import BundleError
+from device.heatmap import fixed_cam_scale
 
 OUTPUT_NAMES = ("probability", "logit", "cam")
 
@@ -39,7 +41,8 @@ class CellPrediction:
     """True when the predicted label is the positive class."""
 
     def heatmap(self) -> np.ndarray:
-        """CAM of the predicted class, ReLU'd and scaled to 0-1 (float32 h x w)."""
+        """CAM of the predicted class, ReLU'd and scaled to 0-1 (float32 h x w): sign and scale are lost, so
+        the dashboard draws `cam` instead (device.heatmap.evidence_overlay); this is for comparing maps."""
         return class_heatmap(self.cam, positive=self.positive)
 
 
@@ -94,6 +97,17 @@ class Classifier:
         expected_cam = bundle.info.cam.shape
         if cam_shape != expected_cam:
             raise BundleError(f"{bundle.path}: CAM output is {cam_shape}, but model.json says {expected_cam}")
+        self.cam_scale = self._cam_scale()
+        """|CAM| at which heatmaps reach full colour: fixed per bundle, the same for every cell (device/heatmap.py)."""
+
+    def _cam_scale(self) -> float:
+        """The 99th percentile of |CAM| over the golden crops: as recorded by the converter (the bundle's own
+        outputs), else (a bundle whose golden CAMs are blank) as this runtime computes them; 1.0 if neither."""
+        g = self.bundle.golden
+        scale = fixed_cam_scale(g.cams) if g.cams is not None and np.size(g.cams) else None
+        if scale is None and len(g.crops):
+            scale = fixed_cam_scale(self.raw(g.crops)["cam"])
+        return scale if scale is not None else 1.0
 
     def _single_input(self) -> tuple[str, dict]:
         details = self._runner.get_input_details()

@@ -39,3 +39,7 @@ class InputError(LeukoCamError):
 
 class BusyError(LeukoCamError):
     """A capture is already in progress."""
+
+
+class ConflictError(LeukoCamError):
+    """The request is fine but the record's state refuses it now (a slide with unreviewed cells, say)."""

@@ -1,4 +1,22 @@
-"""Heatmap overlays for the dashboard: a CAM upsampled onto its crop."""
+"""Heatmap overlays for the dashboard: a cell's signed evidence, on one fixed scale, over its crop.
+
+What is drawn. The bundle's `cam` output is CAM = sum_k w_k A_k of the last feature map, before any
+ReLU or normalisation (device/classifier.py, docs/design.md): for the sigmoid head, a positive value
+pushes the logit toward blast, a negative one toward normal (the logit is the mean of the CAM plus the
+bias). So the overlay shows both signs: red where the cell gives evidence for blast, blue where it
+gives evidence for normal, and nothing (the plain crop) where the evidence is near zero. The map is
+upsampled bilinearly, which never overshoots: a region whose CAM cells are all negative is never drawn
+red.
+
+Which scale. Not each cell's own peak: that made every cell, however weak its evidence, show a full
+"hot spot", and a normal cell's ReLU(-CAM) in the same red as a blast's. The colour reaches full
+strength at one fixed |CAM| per bundle, `fixed_cam_scale`: the 99th percentile of |CAM| over the
+bundle's golden crops (held-out cells of both classes that the converter ships with their outputs),
+taken once when the classifier loads. So two cells with different evidence look different, the same
+evidence looks the same on every capture of a bundle, and only the strongest ~1% of the golden cells'
+evidence saturates. The scale is stored with each capture (`cam_scale`) for the dashboard's legend:
+full red = +cam_scale, full blue = -cam_scale.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +25,49 @@ import numpy as np
 
 from device.imaging import check_rgb
 
+SCALE_PERCENTILE = 99.0
+"""The golden crops' |CAM| percentile at which the overlay reaches full colour."""
+BLAST_RGB = (220, 20, 20)
+"""Evidence for blast (positive CAM)."""
+NORMAL_RGB = (20, 90, 230)
+"""Evidence for normal (negative CAM)."""
+MAX_ALPHA = 0.7
+"""Opacity of the colour at |CAM| >= scale; it falls linearly to 0 (the plain crop) at CAM = 0."""
 
-def upsample(cam01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a 0-1 map (h x w float) to (height, width) with bicubic interpolation, clipped to 0-1."""
+
+def fixed_cam_scale(cams, percentile: float = SCALE_PERCENTILE) -> float | None:
+    """The |CAM| at which the overlay saturates: a percentile of |CAM| over reference maps (the golden crops').
+
+    None when there is nothing to go by (no finite, non-zero values).
+    """
+    values = np.abs(np.asarray(cams, dtype=np.float64)).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    scale = float(np.percentile(values, percentile))
+    return scale if scale > 0 else None
+
+
+def upsample_signed(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a signed map (h x w) to (height, width) bilinearly: no overshoot, so no sign appears that
+    none of the neighbouring CAM cells has."""
     h, w = size
-    return np.clip(cv2.resize(cam01.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    return cv2.resize(np.asarray(cam, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def colorize(cam01: np.ndarray) -> np.ndarray:
-    """Map a 0-1 map to the JET palette as uint8 RGB."""
-    grey = np.uint8(np.round(np.clip(cam01, 0.0, 1.0) * 255))
-    # cv2.applyColorMap returns BGR; everything past the camera edge is RGB.
-    return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+def evidence_overlay(crop: np.ndarray, cam: np.ndarray, scale: float, max_alpha: float = MAX_ALPHA) -> np.ndarray:
+    """The crop with its signed CAM drawn on a fixed scale: red = for blast, blue = for normal, clear near 0.
 
-
-def overlay(crop: np.ndarray, cam01: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a 0-1 heatmap over a uint8 RGB crop; returns uint8 RGB of the crop's size."""
+    cam is the raw signed class activation map (positive = evidence for the positive class); scale the
+    |CAM| at which the colour is full (`fixed_cam_scale`). Returns uint8 RGB of the crop's size.
+    """
     check_rgb(crop, "crop")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    heat = colorize(upsample(cam01, crop.shape[:2]))
-    return cv2.addWeighted(crop, 1.0 - alpha, heat, alpha, 0.0)
+    if not scale > 0 or not np.isfinite(scale):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    if not 0.0 <= max_alpha <= 1.0:
+        raise ValueError(f"max_alpha must be in [0, 1], got {max_alpha}")
+    v = np.clip(np.nan_to_num(upsample_signed(cam, crop.shape[:2]) / np.float32(scale)), -1.0, 1.0)
+    alpha = (max_alpha * np.abs(v))[..., None]
+    colour = np.where((v > 0)[..., None], np.float32(BLAST_RGB), np.float32(NORMAL_RGB))
+    out = crop.astype(np.float32) * (1.0 - alpha) + colour * alpha
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

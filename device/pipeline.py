@@ -17,11 +17,12 @@ import numpy as np
 from device import cells as finder
 from device.classifier import Classifier
 from device.config import Config
-from device.heatmap import overlay
+from device.heatmap import evidence_overlay
 from device.imaging import as_rgb8, encode_image
 from device.preprocess import crop_cell, prepare_cell
 from device.quality import QualityReport, assess
 from device.store import CaptureRecord, CellRecord
+from device.store.duplicates import crop_dhash
 
 FIELD_JPEG_QUALITY = 90
 """Quality of the archival field JPEG."""
@@ -54,7 +55,11 @@ class ClassifiedCell:
     crop: np.ndarray
     """The model's input, uint8 RGB S x S."""
     heatmap: np.ndarray
-    """The crop with the predicted class's CAM overlaid, uint8 RGB S x S."""
+    """The crop with its signed CAM overlaid on the bundle's fixed scale (device.heatmap), uint8 RGB S x S."""
+    cam: np.ndarray | None = None
+    """The signed class activation map (float32 h x w; positive = evidence for blast)."""
+    dhash: int | None = None
+    """Perceptual hash of the crop, for finding the same cell stored twice in a slide (device.store.duplicates)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class FieldAnalysis:
     working: np.ndarray | None = None
     """The field shrunk to the finder's working scale (shared by QC and the finder), for the scale
     check that follows the result; None for single cells and fields that were refused."""
+    cam_scale: float | None = None
+    """|CAM| at which the heatmaps reach full colour (the classifier's fixed scale)."""
 
 
 class Analyzer:
@@ -140,6 +147,7 @@ class Analyzer:
         timings["classify"] = _ms(t)
 
         t = time.perf_counter()
+        cam_scale = self.classifier.cam_scale
         results = tuple(
             ClassifiedCell(
                 box=tuple(int(v) for v in c.box),
@@ -149,7 +157,9 @@ class Analyzer:
                 positive=p.positive,
                 needs_review=p.needs_review or review_scale,
                 crop=crop,
-                heatmap=overlay(crop, p.heatmap()),
+                heatmap=evidence_overlay(crop, p.cam, cam_scale),
+                cam=p.cam,
+                dhash=crop_dhash(crop),
             )
             for c, p, crop in zip(found, preds, crops if crops is not None else [], strict=True)
         )
@@ -165,7 +175,17 @@ class Analyzer:
         if notes:
             message += " (" + "; ".join(notes) + ")"
         return FieldAnalysis(
-            status, message, qc, results, skipped, um, timings, field.shape[1], field.shape[0], working=small
+            status,
+            message,
+            qc,
+            results,
+            skipped,
+            um,
+            timings,
+            field.shape[1],
+            field.shape[0],
+            working=small,
+            cam_scale=cam_scale,
         )
 
     def _quality(self, image: np.ndarray, single_cell: bool) -> tuple[QualityReport, float]:
@@ -244,6 +264,7 @@ def to_record(
             needs_review=c.needs_review,
             crop_png=encode_image(c.crop, "PNG", fast=True),
             heatmap_jpeg=encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
+            dhash=c.dhash,
         )
         for c in analysis.cells
     )
@@ -266,6 +287,7 @@ def to_record(
         timings=timings,
         camera=camera or {},
         cells=cells,
+        cam_scale=analysis.cam_scale,
     )
 
 

@@ -57,6 +57,10 @@ SLIDE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 """Slide IDs are file and URL safe, and never start with a dot ("." and ".." are path names, not IDs)."""
 UPLOADS_SLIDE = "uploads"
 """Where uploads go unless the user adds them to the current slide: they never change a slide's count unasked."""
+STARTUP_SLIDE = "demo-startup"
+"""Where the start-up captures go ([service] startup_captures, trigger "startup"): they show that camera, model and
+store work, and are no sample of the smear on the stage, so they never count in the current slide. As every start
+captures the same fields again, their repeats are found and counted once there (device.store.duplicates)."""
 CELL_MAX_PIXELS = 4_000_000
 """A single-cell upload is a crop (C-NMC cells are 450 px; a cell at 0.05 um/px is about 400 px)."""
 CELL_MAX_ASPECT = 3.0
@@ -224,13 +228,26 @@ class Appliance:
             self._feedback("busy")
             try:
                 outcome = self._capture(trigger)
-                self._feedback({"ok": "done", "retake": "retake"}.get(outcome.status, "error"))
+                state = {"ok": "done", "retake": "retake"}.get(outcome.status, "error")
+                if state == "done" and trigger != "startup" and self.count_decided():
+                    state = "decided"  # the LED tells the operator at the eyepiece that the count is complete
+                self._feedback(state)
             except Exception as exc:  # the worker must survive anything a capture throws
                 log.exception("capture failed")
                 self.last_error = f"capture failed: {exc}"
                 self._feedback("error")
             finally:
                 self._busy.clear()
+
+    def count_decided(self, slide_id: str | None = None) -> bool:
+        """True when the slide's guided count is complete: [slides] target_cells reached and the 95% CI of
+        the blast fraction wholly above or below decision_threshold (see device.stats.count_decision)."""
+        from device.stats import count_decision
+
+        cells = self.store.slide_cells(slide_id or self.slide_id)
+        blasts = sum(c["verdict"] == "blast" for c in cells)
+        cfg = self.config.slides
+        return count_decision(len(cells), blasts, cfg.target_cells, cfg.decision_threshold)["decision"] != "keep"
 
     # -- the button (these run on the Trigger's own worker thread) -----------------------------
     def _feedback(self, state: str) -> None:
@@ -275,6 +292,7 @@ class Appliance:
             camera=frame.metadata,
             single_cell=False,
             decode_ms=decode_ms,
+            slide_id=STARTUP_SLIDE if trigger == "startup" else None,
         )
 
     def _analyse_and_store(

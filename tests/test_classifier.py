@@ -1,4 +1,4 @@
-"""Per-cell classification, thresholds, review band and CAM heatmaps with the LiteRT runtime."""
+"""Per-cell classification, thresholds, review band and CAM heatmaps (signed, fixed scale) with LiteRT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from device.bundle import load_bundle
 from device.classifier import Classifier, class_heatmap
-from device.heatmap import colorize, overlay
+from device.heatmap import BLAST_RGB, NORMAL_RGB, evidence_overlay, fixed_cam_scale, upsample_signed
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +57,65 @@ def test_heatmap_is_relu_of_signed_cam_for_the_predicted_class():
     assert class_heatmap(np.zeros((2, 2)), True).max() == 0.0
 
 
-def test_overlay_is_rgb_and_red_where_hot():
+def _shift(out: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    """How much redder than bluer each pixel of an overlay became (> 0: toward blast-red, < 0: toward blue)."""
+    d = out.astype(np.float32) - crop.astype(np.float32)
+    return d[..., 0] - d[..., 2]
+
+
+def test_overlay_is_red_for_blast_blue_for_normal_and_clear_at_zero():
     crop = np.full((64, 64, 3), 128, dtype=np.uint8)
     cam = np.zeros((4, 4), dtype=np.float32)
-    cam[0, 0] = 1.0
-    out = overlay(crop, cam, alpha=1.0)
+    cam[0, 0], cam[3, 3] = 5.0, -5.0
+    out = evidence_overlay(crop, cam, scale=5.0, max_alpha=1.0)
     assert out.shape == crop.shape and out.dtype == np.uint8
-    # JET maps 1.0 to red: applyColorMap's BGR must have been converted to RGB.
-    hot = colorize(np.ones((1, 1)))[0, 0]
-    assert hot[0] > 100 and hot[2] < 50
-    assert out[0, 0, 0] > out[0, 0, 2]
-    assert out[-1, -1, 2] > out[-1, -1, 0]  # cold corner is blue
+    np.testing.assert_array_equal(out[0, 0], BLAST_RGB)  # full evidence for blast: the blast colour
+    np.testing.assert_array_equal(out[-1, -1], NORMAL_RGB)  # full evidence for normal: the normal colour
+    np.testing.assert_array_equal(out[0, -1], crop[0, -1])  # no evidence: the plain crop
+    np.testing.assert_array_equal(evidence_overlay(crop, np.zeros((3, 3)), scale=1.0), crop)
+    with pytest.raises(ValueError, match="scale"):
+        evidence_overlay(crop, cam, scale=0.0)
+
+
+def test_overlay_scale_is_fixed_so_weak_evidence_does_not_saturate():
+    crop = np.full((96, 96, 3), 128, dtype=np.uint8)
+    weak, strong = np.full((3, 3), 1.5, np.float32), np.full((3, 3), 9.0, np.float32)
+    w, s = (_shift(evidence_overlay(crop, c, scale=9.0), crop) for c in (weak, strong))
+    assert s.min() > 100 and w.max() < s.min() / 4  # strong saturates; weak is a sixth as strong, not full red
+    # The old per-cell peak scaling drew both the same: the colour follows |CAM| / scale, not the cell's own peak.
+    np.testing.assert_allclose(w.mean() / s.mean(), 1.5 / 9.0, rtol=0.05)
+
+
+def test_bilinear_upsampling_never_invents_a_sign():
+    cam = np.array([[-0.5, -18.0, -1.0], [-2.0, -0.1, -3.0], [-9.0, -0.2, -4.0]], np.float32)
+    assert upsample_signed(cam, (96, 96)).max() < 0  # bicubic would overshoot above 0 next to the -18
+
+
+def test_cam_scale_is_one_per_bundle_from_the_golden_crops(clf):
+    g = clf.bundle.golden
+    assert clf.cam_scale == pytest.approx(float(np.percentile(np.abs(g.cams), 99)))
+    assert clf.cam_scale == pytest.approx(fixed_cam_scale(clf.raw(g.crops)["cam"]), rel=1e-3)  # the runtime agrees
+    assert fixed_cam_scale(np.zeros((2, 3, 3))) is None and fixed_cam_scale([np.nan]) is None
+
+
+def test_real_cells_show_signed_evidence_on_the_bundle_scale(clf):
+    """A cell the model calls normal has no blast-red where its CAM is negative; weak and strong blasts differ."""
+    crops = clf.bundle.golden.crops
+    preds = clf.classify(crops)
+    overlays = [evidence_overlay(c, p.cam, clf.cam_scale) for c, p in zip(crops, preds, strict=True)]
+    normals = [i for i, p in enumerate(preds) if not p.positive]
+    assert normals
+    for i in normals:
+        negative = upsample_signed(preds[i].cam, crops[i].shape[:2]) < 0
+        assert negative.any()
+        shift = _shift(overlays[i], crops[i])
+        assert shift[negative].max() <= 1.0, f"golden cell {i} (p={preds[i].probability:.3f}) shows red"
+    # Two blast calls with different evidence: the strongest saturates (close to), the weakest stays faint.
+    blasts = sorted((i for i, p in enumerate(preds) if p.positive), key=lambda i: float(preds[i].cam.max()))
+    weak, strong = blasts[0], blasts[-1]
+    assert preds[strong].cam.max() > 3 * preds[weak].cam.max()
+    ws, ss = _shift(overlays[weak], crops[weak]), _shift(overlays[strong], crops[strong])
+    assert np.percentile(ss, 99) > 2 * np.percentile(ws, 99), "both look equally hot: the scale is not fixed"
 
 
 def test_bad_crops_are_rejected(clf):

@@ -173,7 +173,9 @@ def test_full_disk_reads_go_on_writes_are_refused_and_nothing_breaks(small_disk,
         store.ensure_slide("slide-NEW")
     _assert_full(info, "disk full", ADVICE, sqlite_full=True)
     with pytest.raises(StoreFullError) as info:
-        store.mark_slide_reviewed("slide-A", by="alice")
+        store.mark_slide_reviewed(
+            "slide-A", by="alice", confirm_unreviewed=store.slide_summary("slide-A")["unreviewed"]
+        )
     _assert_full(info, "disk full", ADVICE, sqlite_full=True)
     with pytest.raises(StoreFullError):
         store.add_note(ids[0], "scale check: a note")
@@ -222,7 +224,7 @@ def test_full_disk_reads_go_on_writes_are_refused_and_nothing_breaks(small_disk,
     new_id = store.save_capture(_record(seed=11, cells=(_cell(5, True, True),)))
     store.add_review(cell_id, "normal", "bob")
     store.ensure_slide("slide-NEW")
-    store.mark_slide_reviewed("slide-A", by="alice")
+    store.mark_slide_reviewed("slide-A", by="alice", confirm_unreviewed=store.slide_summary("slide-A")["unreviewed"])
     store.attach_field_image(ids[1], spare.field_jpeg)
     assert store.count_captures() == 4 and store.get_capture(new_id)["n_cells"] == 1
     assert [r["reviewer"] for r in store.review_history(cell_id=cell_id)] == ["alice", "bob"]

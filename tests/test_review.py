@@ -42,7 +42,7 @@ def test_reviews_are_appended_and_latest_wins(tmp_path):
     assert not [m for m in dir(Store) if "review" in m and any(w in m for w in ("update", "delete", "edit", "remove"))]
     with sqlite3.connect(store.db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0] == 2
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_migration_from_version_2_keeps_data(tmp_path):
@@ -116,9 +116,19 @@ def test_review_over_the_web(config):
         assert (
             client.post(f"/api/cells/{cell['id']}/review", data="nope", headers={"X-CSRFToken": tok}).status_code == 400
         )
-        # Slide review: who and when.
+        # Slide review: who and when. With cells left unreviewed, only with their number confirmed.
+        url = f"/api/slides/{appliance.slide_id}/reviewed"
+        unreviewed = client.get(f"/api/slides/{appliance.slide_id}").get_json()["unreviewed"]
+        assert unreviewed == len(cap["cells"]) - 1
+        resp = client.post(url, json={"reviewer": "tech1"}, headers={"X-CSRFToken": tok})
+        assert resp.status_code == 409 and f"confirm_unreviewed={unreviewed}" in resp.get_json()["error"]
+        resp = client.post(url, json={"confirm_unreviewed": unreviewed + 1}, headers={"X-CSRFToken": tok})
+        assert resp.status_code == 409 and f"not {unreviewed + 1} as confirmed" in resp.get_json()["error"]
+        for bad in (-1, "2", 1.5):
+            assert client.post(url, json={"confirm_unreviewed": bad}, headers={"X-CSRFToken": tok}).status_code == 400
+        assert client.get(f"/api/slides/{appliance.slide_id}").get_json()["reviewed_at"] is None
         resp = client.post(
-            f"/api/slides/{appliance.slide_id}/reviewed", json={"reviewer": "tech1"}, headers={"X-CSRFToken": tok}
+            url, json={"reviewer": "tech1", "confirm_unreviewed": unreviewed}, headers={"X-CSRFToken": tok}
         )
         assert resp.status_code == 200 and resp.get_json()["reviewed_by"] == "tech1" and resp.get_json()["reviewed_at"]
         assert client.post("/api/slides/NOPE/reviewed", json={}, headers={"X-CSRFToken": tok}).status_code == 404

@@ -323,3 +323,42 @@ def test_capture_page_says_when_the_field_image_is_missing(config):
         assert "The field image is not on disk" in page()
         reply = client.get(f"/images/field/{outcome.capture_id}")
         assert reply.status_code == 404 and "power cut" in reply.get_data(as_text=True)
+
+
+def _run_startup(config, n: int) -> Appliance:
+    cfg = dataclasses.replace(config, service=dataclasses.replace(config.service, startup_captures=n))
+    app = Appliance(cfg)
+    app.start()
+    deadline = time.time() + 120
+    while app.captures_done < n and time.time() < deadline:
+        time.sleep(0.05)
+    app.wait_archived()
+    assert app.captures_done == n, "the start-up captures did not finish"
+    return app
+
+
+def test_startup_captures_go_to_their_own_slide_and_count_once_over_restarts(config):
+    from device.service import STARTUP_SLIDE
+
+    app = _run_startup(config, 3)
+    try:
+        today = app.slide_id
+        assert today.startswith("slide-") and today != STARTUP_SLIDE  # the current slide stays today's
+        caps = app.store.search_captures()[1]
+        assert len(caps) == 3 and {c["slide_id"] for c in caps} == {STARTUP_SLIDE}
+        assert {c["trigger"] for c in caps} == {"startup"}
+        assert app.store.slide_summary(today)["captures"] == 0
+        first = app.store.slide_summary(STARTUP_SLIDE)
+        assert first["cells"] > 0 and first["duplicates"] == 0
+    finally:
+        app.stop()
+    # A restart captures the same fields again: its cells are repeats, and the start-up slide does not grow.
+    app = _run_startup(config, 3)
+    try:
+        again = app.store.slide_summary(STARTUP_SLIDE)
+        assert again["captures"] == 6
+        assert (again["cells"], again["positive"]) == (first["cells"], first["positive"])
+        assert again["duplicates"] == first["cells"]
+        assert again["blast_fraction_ci95"] == first["blast_fraction_ci95"]
+    finally:
+        app.stop()

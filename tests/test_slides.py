@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from device.errors import InputError, NotFoundError
+from device.errors import ConflictError, InputError, NotFoundError
 from device.imaging import encode_image
 from device.service import Appliance
 from device.stats import wilson_ci
@@ -41,10 +43,17 @@ def test_slide_summary_counts_and_ci(tmp_path):
     assert {s["id"] for s in store.list_slides()} == {"S1", "S2", "EMPTY"}
 
 
+def review_all(store: Store, slide_id: str, by: str = "tech1") -> None:
+    for cell in store.slide_cells(slide_id):
+        store.add_review(cell["cell_id"], cell["model_label"], by)
+
+
 def test_retention_deletes_only_reviewed_slides_oldest_first(tmp_path):
     store = Store(tmp_path)
     old = [store.save_capture(record("REVIEWED", [True], kb=40)) for _ in range(3)]
     keep = [store.save_capture(record("OPEN", [False], kb=40)) for _ in range(2)]
+    review_all(store, "REVIEWED")
+    review_all(store, "OPEN")  # reviewed cells, but the slide is not marked reviewed: kept
     store.mark_slide_reviewed("REVIEWED", by="tech1")
     total_mb = store.images_bytes() / 1e6
     # A cap that two captures' worth of deletions satisfy.
@@ -83,3 +92,85 @@ def test_new_slide_from_service_and_dashboard(config):
         listing = client.get("/api/slides").get_json()
         assert listing["current"] == generated
         assert {"SMEAR-042", "SMEAR-043", generated} <= {s["id"] for s in listing["slides"]}
+
+
+def test_flagged_for_review_counts_what_is_still_pending(tmp_path):
+    """The slide's "flagged for review" goes down as flagged cells are reviewed, like `review=pending` does."""
+    store = Store(tmp_path)
+    a = store.save_capture(record("S1", [True, False, False], review=[True, True, False]))
+    b = store.save_capture(record("S1", [False, True], review=[False, True]))
+
+    def counts():
+        s = store.slide_summary("S1")
+        rows = {c["id"]: c for c in store.search_captures(slide_id="S1")[1]}
+        recent = {c["id"]: c for c in store.recent_captures()}
+        pending_captures = store.search_captures(slide_id="S1", needs_review=True)[0]
+        assert {k: r["n_review"] for k, r in rows.items()} == {k: r["n_review"] for k, r in recent.items()}
+        return (
+            s["needs_review"],
+            s["flagged"],
+            s["unreviewed"],
+            rows[a]["n_review"],
+            rows[b]["n_review"],
+            pending_captures,
+        )
+
+    assert counts() == (3, 3, 5, 2, 1, 2)
+    flagged = [c for c in store.slide_cells("S1") if c["needs_review"]]
+    store.add_review(flagged[0]["cell_id"], "blast", "alice")
+    assert counts() == (2, 3, 4, 1, 1, 2)
+    store.add_review(flagged[1]["cell_id"], "normal", "alice")
+    store.add_review(flagged[1]["cell_id"], "blast", "bob")  # a second review of the same cell changes no count
+    assert counts() == (1, 3, 3, 0, 1, 1)
+    store.add_review(flagged[2]["cell_id"], "blast", "alice")
+    assert counts() == (0, 3, 2, 0, 0, 0)
+    assert store.search_captures(slide_id="S1", needs_review=False)[0] == 2
+    assert [c["n_reviewed"] for c in store.search_captures(slide_id="S1")[1]] == [1, 2]  # newest first: b, a
+
+
+def test_a_slide_with_unreviewed_cells_is_marked_reviewed_only_with_the_exact_count_confirmed(tmp_path):
+    store = Store(tmp_path)
+    store.save_capture(record("S1", [True, False, False]))
+    store.save_capture(record("S1", [False, True]))
+    store.save_capture(dataclasses.replace(record("S1", []), status="retake"))  # no cells: nothing to review
+    with pytest.raises(ConflictError, match=r"5 unreviewed cell\(s\).*confirm_unreviewed=5"):
+        store.mark_slide_reviewed("S1", by="tech1")
+    cells = store.slide_cells("S1")
+    store.add_review(cells[0]["cell_id"], "blast", "alice")
+    with pytest.raises(ConflictError, match=r"4 unreviewed cell\(s\) now, not 5 as confirmed.*confirm_unreviewed=4"):
+        store.mark_slide_reviewed("S1", by="tech1", confirm_unreviewed=5)  # stale: the count changed since
+    for bad in (-1, True, "4"):
+        with pytest.raises(InputError, match="confirm_unreviewed"):
+            store.mark_slide_reviewed("S1", by="tech1", confirm_unreviewed=bad)
+    assert store.slide_summary("S1")["reviewed_at"] is None  # nothing refused was recorded
+    store.mark_slide_reviewed("S1", by="tech1", confirm_unreviewed=4)
+    s = store.slide_summary("S1")
+    assert s["reviewed_by"] == "tech1" and s["unreviewed"] == 4
+    # A fully reviewed slide needs no confirmation; a confirmation of a number that is no longer true is refused.
+    review_all(store, "S1")
+    with pytest.raises(ConflictError, match="no unreviewed cells now, not 4"):
+        store.mark_slide_reviewed("S1", by="tech2", confirm_unreviewed=4)
+    store.mark_slide_reviewed("S1", by="tech2")
+    store.mark_slide_reviewed("S1", by="tech2", confirm_unreviewed=0)
+    assert store.slide_summary("S1")["reviewed_by"] == "tech2"
+    with pytest.raises(NotFoundError):
+        store.mark_slide_reviewed("missing", by="x", confirm_unreviewed=0)
+
+
+def test_retention_never_deletes_a_capture_with_an_unreviewed_cell(tmp_path):
+    store = Store(tmp_path)
+    done = store.save_capture(record("S1", [True, False], kb=40))
+    partly = store.save_capture(record("S1", [True, False], kb=40))
+    retake = store.save_capture(dataclasses.replace(record("S1", [], kb=40), status="retake"))
+    cells = store.get_capture(done)["cells"] + store.get_capture(partly)["cells"][:1]
+    for c in cells:
+        store.add_review(c["id"], c["label"], "alice")
+    store.mark_slide_reviewed("S1", by="alice", confirm_unreviewed=1)  # marked, with one cell left unreviewed
+    result = store.apply_retention(0.001)
+    assert sorted(result["deleted"]) == [done, retake] and result["over_cap"]
+    assert store.get_capture(partly) is not None and store.image_file("field", partly).is_file()
+    assert store.slide_summary("S1")["unreviewed"] == 1
+    # Once its last cell is reviewed, it may go too.
+    store.add_review(store.get_capture(partly)["cells"][1]["id"], "normal", "alice")
+    assert store.apply_retention(0.001)["deleted"] == [partly]
+    assert store.reconcile().clean

@@ -246,6 +246,86 @@ def test_reopening_keeps_data_and_schema(tmp_path):
     assert again.save_capture(_record(seed=6)) == cid + 1
 
 
+def test_migration_to_version_5_leaves_older_cells_unchecked_for_repeats(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with closing(sqlite3.connect(data / DB_FILE)) as conn:
+        for step in device.store.MIGRATIONS[:4]:
+            conn.executescript(step)
+        conn.execute("PRAGMA user_version=4")
+        conn.execute(
+            """INSERT INTO captures (id, uid, created_at, slide_id, source, trigger, status, width, height,
+               model_sha256, field_file, bytes)
+               VALUES (1, 'u1', '2025-01-01T00:00:00', 'OLD', 's', 'test', 'ok', 40, 30, 'sha', 'f/field.jpg', 0)"""
+        )
+        conn.execute(
+            """INSERT INTO cells (capture_id, idx, x0, y0, x1, y1, probability, logit, label, positive, needs_review,
+               crop_file, heatmap_file) VALUES (1, 0, 0, 0, 50, 50, 0.9, 2.0, 'blast', 1, 1, 'a.png', 'a.jpg')"""
+        )
+        conn.execute("INSERT INTO slides (id, created_at) VALUES ('OLD', '2025-01-01T00:00:00')")
+        conn.commit()
+    store = Store(data, min_free_mb=0)
+    cap = store.get_capture(1)
+    assert cap["cam_scale"] is None and cap["cells"][0]["duplicate_of"] is None
+    with _db(store) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("SELECT dhash FROM cells").fetchone()[0] is None  # NULL: never checked
+    # A new cell with any hash never matches a cell that was stored unchecked.
+    rec = dataclasses.replace(_record(seed=1, cells=(dataclasses.replace(_cell(1, True, False), dhash=0xFF),)))
+    new_id = store.save_capture(dataclasses.replace(rec, slide_id="OLD"))
+    assert store.get_capture(new_id)["cells"][0]["duplicate_of"] is None
+    s = store.slide_summary("OLD")
+    assert (s["cells"], s["needs_review"], s["duplicates"]) == (2, 1, 0)
+
+
+def test_a_cell_stored_again_in_a_slide_is_marked_a_repeat_and_counted_once(store):
+    near = 0x0F0F_3C3C_F0F0_AAAA
+    first = store.save_capture(
+        _record(
+            seed=1,
+            cells=(
+                dataclasses.replace(_cell(1, True, True), dhash=near),
+                dataclasses.replace(_cell(2, False, False), dhash=0x1234_5678_9ABC_DEF0),
+            ),
+        )
+    )
+    a, b = (c["id"] for c in store.get_capture(first)["cells"])
+    again = _record(
+        seed=2,
+        cells=(
+            dataclasses.replace(_cell(3, True, True), dhash=near ^ 0b1011),  # 3 bits off: close, but cell 4 is closer
+            dataclasses.replace(_cell(4, False, False), dhash=near ^ 0b1),  # 1 bit off, same box size: repeats a
+            dataclasses.replace(_cell(5, False, False), dhash=0x1234_5678_9ABC_DEF0, box=(0, 0, 200, 200)),  # size
+            dataclasses.replace(_cell(6, True, False), dhash=near ^ 0b11111),  # 5 bits off: another cell
+            _cell(7, False, False),  # no hash: not checked
+        ),
+    )
+    second = store.save_capture(again)
+    assert [c["duplicate_of"] for c in store.get_capture(second)["cells"]] == [None, a, None, None, None]
+    assert "dhash" not in store.get_capture(second)["cells"][0]
+    other_slide = store.save_capture(dataclasses.replace(again, slide_id="slide-B"))
+    assert all(c["duplicate_of"] is None for c in store.get_capture(other_slide)["cells"])
+    # A third copy points at the first cell, never at a repeat.
+    third = store.save_capture(_record(seed=3, cells=(dataclasses.replace(_cell(8, True, False), dhash=near),)))
+    assert store.get_capture(third)["cells"][0]["duplicate_of"] == a
+    s = store.slide_summary("slide-A")
+    assert (s["cells"], s["duplicates"], s["positive"]) == (6, 2, 3)  # 2 + 5 + 1 stored, 2 of them repeats
+    assert len(store.slide_cells("slide-A")) == 6 and len(store.slide_cells("slide-A", include_duplicates=True)) == 8
+    # Reviewing either copy reviews the cell: its repeats are neither pending nor unreviewed.
+    assert (s["needs_review"], s["unreviewed"]) == (2, 6)  # a and cell 3 flagged
+    repeat = store.get_capture(second)["cells"][1]["id"]
+    store.add_review(repeat, "normal", "alice")
+    s = store.slide_summary("slide-A")
+    assert (s["needs_review"], s["unreviewed"]) == (1, 5)
+    verdicts = {c["cell_id"]: c["verdict"] for c in store.slide_cells("slide-A")}
+    assert verdicts[a] == "normal" and b in verdicts
+    assert store.current_reviews(first)[a]["cell_id"] == repeat
+    assert store.current_reviews(third)[store.get_capture(third)["cells"][0]["id"]]["label"] == "normal"
+    rows = {c["id"]: c for c in store.search_captures(slide_id="slide-A")[1]}
+    assert (rows[first]["n_reviewed"], rows[second]["n_reviewed"], rows[third]["n_reviewed"]) == (1, 1, 1)
+    assert rows[second]["n_duplicates"] == 1 and rows[third]["n_duplicates"] == 1
+
+
 def test_newer_schema_is_refused_with_a_clear_error(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -659,6 +739,8 @@ def test_stored_bytes_are_counted_as_written_not_by_walking_the_disk(store):
     assert store.images_bytes() == _bytes_on_disk(store)
     store.attach_field_image(late_id, encode_image(_rgb(30, 40, 7), "JPEG"))
     assert store.images_bytes() == _bytes_on_disk(store)
+    for cell in store.slide_cells("slide-A"):  # retention deletes only captures whose cells are all reviewed
+        store.add_review(cell["cell_id"], cell["model_label"], "alice")
     store.mark_slide_reviewed("slide-A", by="alice")
     result = store.apply_retention(max_images_mb=_bytes_on_disk(store) / 2 / 1e6)
     assert result["deleted"] and set(result["deleted"]) <= set(ids + [late_id])

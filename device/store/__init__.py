@@ -20,9 +20,10 @@ Callers use `Store`; the modules are by concern:
 | `files.py` | a capture's image files, written atomically |
 | `records.py` | what is stored (`CaptureRecord`, `CellRecord`) and the start-up report |
 | `captures.py` | saving and reading captures and cells |
-| `slides.py` | slides: counts, blast fraction, provenance |
+| `slides.py` | slides: counts, blast fraction, provenance, marking reviewed (confirmed when cells are unreviewed) |
 | `reviews.py` | append-only reviews |
-| `upkeep.py` | retention under a size cap, reconcile (and quarantine) at start-up |
+| `duplicates.py` | a cell stored twice in a slide (perceptual hash), counted and reviewed once |
+| `upkeep.py` | retention under a size cap (only fully reviewed captures), reconcile (and quarantine) at start-up |
 """
 
 from device.store.base import DB_FILE, IMAGES_DIR, StoreBase

@@ -11,8 +11,20 @@ from pathlib import Path
 
 from device.errors import NotFoundError, StoreError, StoreFullError
 from device.imaging import atomic_write_bytes, fsync_dir
+from device.store.duplicates import from_hex, group_latest_review, group_reviewed, match_repeats, to_hex
 from device.store.files import FULL_ADVICE, disk_full_error, is_disk_full, remove_folder, write_capture_files
 from device.store.records import CaptureRecord
+
+CELL_COUNTS = f"""
+    (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id) AS n_cells,
+    (SELECT COALESCE(SUM(k.positive), 0) FROM cells k WHERE k.capture_id = c.id) AS n_positive,
+    (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id AND k.needs_review = 1) AS n_flagged,
+    (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id AND k.needs_review = 1
+        AND NOT {group_reviewed("k")}) AS n_review,
+    (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id AND {group_reviewed("k")}) AS n_reviewed,
+    (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id AND k.duplicate_of IS NOT NULL) AS n_duplicates"""
+"""Per-capture cell counts. n_review: flagged cells nobody has reviewed yet (what `review=pending` finds);
+n_flagged: all the model flagged; n_reviewed: cells reviewed (this copy or another copy of the same cell)."""
 
 
 class CaptureQueries:
@@ -20,6 +32,9 @@ class CaptureQueries:
 
     def save_capture(self, rec: CaptureRecord) -> int:
         """Write a capture's files, then commit its rows (with its "store" time) in one transaction.
+
+        A cell that repeats an earlier cell of the same slide (device.store.duplicates) is stored with
+        `duplicate_of` set, and counts once in the slide.
 
         Returns the capture id. Raises StoreFullError, before anything is written, when the
         capture would leave less than min_free_mb free, and also when the disk fills up while
@@ -41,8 +56,9 @@ class CaptureQueries:
                 )
                 cur = conn.execute(
                     """INSERT INTO captures (uid, created_at, slide_id, source, trigger, status, message, width, height,
-                       um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file, bytes)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       um_per_px, model_sha256, model_synthetic, qc_json, timings_json, camera_json, field_file, bytes,
+                       cam_scale)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         uid,
                         now.isoformat(timespec="milliseconds"),
@@ -61,12 +77,17 @@ class CaptureQueries:
                         json.dumps(rec.camera),
                         str(files.field_file),
                         files.bytes,
+                        rec.cam_scale,
                     ),
                 )
                 capture_id = int(cur.lastrowid)
+                # This transaction holds the write lock (the INSERTs above): no other capture of the slide
+                # can come in between the look at the earlier cells and the commit.
+                repeats = self._repeats(conn, rec, capture_id)
                 conn.executemany(
                     """INSERT INTO cells (capture_id, idx, x0, y0, x1, y1, probability, logit, label, positive,
-                       needs_review, crop_file, heatmap_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       needs_review, crop_file, heatmap_file, dhash, duplicate_of)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     [
                         (
                             capture_id,
@@ -79,8 +100,12 @@ class CaptureQueries:
                             int(c.needs_review),
                             str(crop),
                             str(heat),
+                            to_hex(c.dhash),
+                            dup,
                         )
-                        for i, (c, (crop, heat)) in enumerate(zip(rec.cells, files.cell_files, strict=True))
+                        for i, (c, (crop, heat), dup) in enumerate(
+                            zip(rec.cells, files.cell_files, repeats, strict=True)
+                        )
                     ],
                 )
                 # The store stage's own time goes in with the rows (all but the commit's fsync).
@@ -101,6 +126,19 @@ class CaptureQueries:
                 ) from None
             raise
         return capture_id
+
+    @staticmethod
+    def _repeats(conn: sqlite3.Connection, rec: CaptureRecord, capture_id: int) -> list[int | None]:
+        """Per cell of rec: the earlier first cell of the same slide that it repeats, or None."""
+        if not any(c.dhash is not None for c in rec.cells):
+            return [None] * len(rec.cells)
+        rows = conn.execute(
+            """SELECT k.id, k.dhash, k.x0, k.y0, k.x1, k.y1 FROM cells k JOIN captures c ON c.id = k.capture_id
+               WHERE c.slide_id = ? AND c.id != ? AND k.dhash IS NOT NULL AND k.duplicate_of IS NULL""",
+            (rec.slide_id, capture_id),
+        ).fetchall()
+        earlier = [(int(r["id"]), from_hex(r["dhash"]), (r["x0"], r["y0"], r["x1"], r["y1"])) for r in rows]
+        return match_repeats([(c.dhash, tuple(c.box)) for c in rec.cells], earlier)
 
     def add_timing(self, capture_id: int, stage: str, ms: float) -> None:
         """Add the time of a stage that runs after the result is stored (archive, scale check)."""
@@ -139,14 +177,10 @@ class CaptureQueries:
             conn.execute("UPDATE captures SET bytes = COALESCE(bytes, 0) + ? WHERE id = ?", (len(jpeg), capture_id))
 
     def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
-        """Newest captures first, each with its cell count, blast count and review count."""
+        """Newest captures first, each with its cell counts (`CELL_COUNTS`)."""
         with self.read() as conn:
             rows = conn.execute(
-                """SELECT c.*, COUNT(k.id) AS n_cells,
-                          COALESCE(SUM(k.positive), 0) AS n_positive,
-                          COALESCE(SUM(k.needs_review), 0) AS n_review
-                   FROM captures c LEFT JOIN cells k ON k.capture_id = c.id
-                   GROUP BY c.id ORDER BY c.id DESC LIMIT ? OFFSET ?""",
+                f"SELECT c.*, {CELL_COUNTS} FROM captures c ORDER BY c.id DESC LIMIT ? OFFSET ?",  # noqa: S608
                 (limit, offset),
             ).fetchall()
         return [capture_dict(r) for r in rows]
@@ -167,6 +201,7 @@ class CaptureQueries:
         for c in cap["cells"]:
             c["needs_review"] = bool(c["needs_review"])
             c["positive"] = bool(c["positive"])
+            c.pop("dhash", None)  # an implementation detail of the duplicate check
             c["box"] = [c.pop("x0"), c.pop("y0"), c.pop("x1"), c.pop("y1")]
         cap["n_cells"] = len(cells)
         return cap
@@ -206,7 +241,8 @@ class CaptureQueries:
         """Filtered captures, newest first: (total matching, one page).
 
         label: captures with at least one cell whose current verdict is that label.
-        needs_review: True = captures with a flagged cell nobody has reviewed yet.
+        needs_review: True = captures with a flagged cell nobody has reviewed yet (a review of another copy of
+        the same cell counts, device.store.duplicates); False = captures without one.
         date_from / date_to: ISO dates (YYYY-MM-DD, UTC), both inclusive.
         """
         clauses, args = [], []
@@ -219,25 +255,19 @@ class CaptureQueries:
         if date_to:
             clauses.append("c.created_at < ?")
             args.append(date_to + "T99")  # every time of that day sorts below "T99"
-        latest = "(SELECT cell_id, MAX(id) AS mid FROM reviews GROUP BY cell_id)"
         if label:
-            clauses.append(f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
-                               LEFT JOIN reviews r ON r.id = m.mid
+            clauses.append(f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN reviews r ON r.id = {group_latest_review("k")}
                                WHERE k.capture_id = c.id AND COALESCE(r.label, k.label) = ?)""")
             args.append(label)
         if needs_review is not None:
-            pending = f"""EXISTS (SELECT 1 FROM cells k LEFT JOIN {latest} m ON m.cell_id = k.id
-                          WHERE k.capture_id = c.id AND k.needs_review = 1 AND m.mid IS NULL)"""
+            pending = f"""EXISTS (SELECT 1 FROM cells k
+                          WHERE k.capture_id = c.id AND k.needs_review = 1 AND NOT {group_reviewed("k")})"""
             clauses.append(pending if needs_review else f"NOT {pending}")
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         with self.read() as conn:
             total = int(conn.execute(f"SELECT COUNT(*) FROM captures c{where}", args).fetchone()[0])  # noqa: S608
             rows = conn.execute(
-                f"""SELECT c.*, (SELECT COUNT(*) FROM cells k WHERE k.capture_id = c.id) AS n_cells,
-                          (SELECT COALESCE(SUM(k.positive), 0) FROM cells k WHERE k.capture_id = c.id) AS n_positive,
-                          (SELECT COALESCE(SUM(k.needs_review), 0) FROM cells k WHERE k.capture_id = c.id) AS n_review,
-                          (SELECT COUNT(DISTINCT r.cell_id) FROM reviews r WHERE r.capture_id = c.id) AS n_reviewed
-                   FROM captures c{where} ORDER BY c.id DESC LIMIT ? OFFSET ?""",  # noqa: S608
+                f"SELECT c.*, {CELL_COUNTS} FROM captures c{where} ORDER BY c.id DESC LIMIT ? OFFSET ?",  # noqa: S608
                 (*args, limit, offset),
             ).fetchall()
         return total, [capture_dict(r) for r in rows]

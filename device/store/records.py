@@ -18,7 +18,9 @@ class CellRecord:
     crop_png: bytes
     """The model's input, lossless."""
     heatmap_jpeg: bytes
-    """The crop with its CAM overlaid, for people."""
+    """The crop with its signed CAM overlaid on the capture's fixed scale (device.heatmap), for people."""
+    dhash: int | None = None
+    """64-bit perceptual hash of the crop (device.store.duplicates.crop_dhash); None = not checked for repeats."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class CaptureRecord:
     timings: dict = field(default_factory=dict)
     camera: dict = field(default_factory=dict)
     cells: tuple[CellRecord, ...] = ()
+    cam_scale: float | None = None
+    """The |CAM| at which the heatmaps reach full colour (device.heatmap.fixed_cam_scale); None = unknown."""
 
 
 @dataclass(frozen=True)

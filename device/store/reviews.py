@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from device.errors import InputError, NotFoundError
+from device.store.duplicates import group_latest_review
 
 REVIEW_LABELS = ("blast", "normal")
 
@@ -85,11 +86,19 @@ class ReviewQueries:
         return [dict(r) for r in rows]
 
     def current_reviews(self, capture_id: int) -> dict[int, dict]:
-        """The newest review of each reviewed cell of a capture, by cell id."""
+        """The newest review of each reviewed cell of a capture, by the capture's cell id.
+
+        A cell stored twice in a slide (`duplicate_of`, device.store.duplicates) is reviewed once: its
+        current review is the newest review of any copy (the row's own cell_id says which copy).
+        """
         with self.read() as conn:
             rows = conn.execute(
-                """SELECT r.* FROM reviews r JOIN (SELECT cell_id, MAX(id) AS mid FROM reviews
-                   WHERE capture_id = ? GROUP BY cell_id) m ON r.id = m.mid""",
+                f"""SELECT k.id AS this_cell, r.* FROM cells k JOIN reviews r ON r.id = {group_latest_review("k")}
+                    WHERE k.capture_id = ?""",  # noqa: S608 (fixed SQL)
                 (capture_id,),
             ).fetchall()
-        return {int(r["cell_id"]): dict(r) for r in rows}
+        out = {}
+        for row in rows:
+            d = dict(row)
+            out[int(d.pop("this_cell"))] = d
+        return out

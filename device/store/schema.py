@@ -82,6 +82,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE captures ADD COLUMN bytes INTEGER;
     """,
+    # Duplicate cells (the same cell captured again in one slide: a field recaptured, overlapping fields):
+    # dhash is the crop's 64-bit difference hash (16 hex digits, device.store.duplicates), duplicate_of the
+    # earlier cell of the same slide it repeats. NULL dhash = not checked (cells stored before this step, or a
+    # crop too flat to hash); duplicates count once in a slide. No foreign key: duplicate_of may name a cell
+    # that retention deleted later (its reviews stay). cam_scale: the fixed |CAM| that the capture's heatmaps
+    # were drawn against (device.heatmap); NULL = drawn before, each scaled to its own peak.
+    """
+    ALTER TABLE cells ADD COLUMN dhash TEXT;
+    ALTER TABLE cells ADD COLUMN duplicate_of INTEGER;
+    CREATE INDEX cells_duplicate ON cells (duplicate_of);
+    ALTER TABLE captures ADD COLUMN cam_scale REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from device.errors import LeukoCamError, StoreFullError
+from device.store.duplicates import group_reviewed
 from device.store.files import is_disk_full, remove_folder
 from device.store.records import ReconcileReport
 
@@ -59,21 +60,27 @@ class Upkeep:
             return int(conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM captures").fetchone()[0])
 
     def apply_retention(self, max_images_mb: float) -> dict:
-        """Delete the oldest captures of REVIEWED slides until the images fit max_images_mb.
+        """Delete the oldest fully reviewed captures of REVIEWED slides until the images fit max_images_mb.
 
-        Results of slides nobody has reviewed are never deleted, even when that
-        leaves the store over the cap (the status page then says so). Rows go
-        first, in one transaction, then the files, so a crash in between leaves
-        orphan files (reported by reconcile), never rows without files.
+        A capture is deleted only when its slide is marked reviewed AND every one of its cells has been
+        reviewed (that cell, or another copy of the same cell: device.store.duplicates): a slide marked
+        reviewed with cells left unreviewed keeps those captures. Captures without cells (retakes) of a
+        reviewed slide may go. Results nobody has reviewed are never deleted, even when that leaves the
+        store over the cap (the status page then says so). Rows go first, in one transaction, then the
+        files, so a crash in between leaves orphan files (reported by reconcile), never rows without files.
         """
         used = self.images_bytes()
         cap = max_images_mb * 1e6
         deleted = []
         if used > cap:
+            # Reviews are append-only and slides are never un-reviewed: a capture that qualifies now still does
+            # when its turn comes below.
             with self.read() as conn:
                 candidates = conn.execute(
-                    """SELECT c.id, c.field_file, c.bytes FROM captures c JOIN slides s ON s.id = c.slide_id
-                       WHERE s.reviewed_at IS NOT NULL ORDER BY c.id"""
+                    f"""SELECT c.id, c.field_file, c.bytes FROM captures c JOIN slides s ON s.id = c.slide_id
+                       WHERE s.reviewed_at IS NOT NULL
+                         AND NOT EXISTS (SELECT 1 FROM cells k WHERE k.capture_id = c.id AND NOT {group_reviewed("k")})
+                       ORDER BY c.id"""  # noqa: S608 (fixed SQL)
                 ).fetchall()
             for row in candidates:
                 if used <= cap:

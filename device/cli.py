@@ -337,9 +337,7 @@ def capture_summary(result: dict) -> str:
 @config_option
 @click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--single-cell", is_flag=True, help="The image is one cell (C-NMC style), not a field.")
-@click.option(
-    "--json/--summary", "as_json", default=False, help="The full result as JSON (default: one summary line)."
-)
+@click.option("--json/--summary", "as_json", default=False, help="The full result as JSON (default: one summary line).")
 def capture(config_path, image, single_cell, as_json):
     """Capture one field (or analyse IMAGE), store it and print the result.
 

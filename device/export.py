@@ -36,6 +36,7 @@ RESULT_FIELDS = (
     "reviewed_at",
     "verdict",
     "model_sha256",
+    "model_synthetic",
     "captured_at",
 )
 # manifest.csv is a `training.datasets.read_manifest` manifest (path,label,subject first: `leukocam data inspect
@@ -53,8 +54,13 @@ MANIFEST_FIELDS = (
     "reviewer",
     "reviewed_at",
     "model_sha256",
+    "model_synthetic",
     "captured_at",
 )
+
+SYNTHETIC_WARNING = """*** SYNTHETIC demo model: these results are not clinical. The cells were classified by a model trained
+on synthetic images; install a model trained on real cells before any use on patient slides. ***
+"""
 
 README = """LeukoCam reviewed-cell export
 =============================
@@ -111,11 +117,13 @@ def slide_results_csv(store, slide_id: str) -> str:
 
 
 def slide_results_json(store, slide_id: str) -> dict:
-    """The slide summary, its provenance, every cell, and the review history."""
+    """The slide summary, its provenance, every cell, and the review history (and a SYNTHETIC warning)."""
     cells = store.slide_cells(slide_id)
     for c in cells:
         c.pop("crop_file", None)
+    synthetic = any(c.get("model_synthetic") for c in cells)
     return {
+        "warning": SYNTHETIC_WARNING.strip() if synthetic else None,
         "slide": store.slide_summary(slide_id),
         "provenance": store.slide_provenance(slide_id),
         "cells": cells,
@@ -179,6 +187,8 @@ def export_dataset(
         )
         if missing:
             text += f"\n{missing} reviewed cell(s) were left out: their images were deleted by retention.\n"
+        if any(c.get("model_synthetic") for c in cells):
+            text = SYNTHETIC_WARNING + "\n" + text
         zf.writestr("README.txt", text)
     out.seek(0)
     return out, sum(counts.values())

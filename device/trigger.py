@@ -28,7 +28,7 @@ from device.errors import LeukoCamError
 
 log = logging.getLogger(__name__)
 
-STATES = ("idle", "busy", "done", "retake", "error", "refused")
+STATES = ("idle", "busy", "done", "decided", "retake", "error", "refused")
 """What `Trigger.set_state` accepts; see its docstring for the LED/buzzer pattern of each."""
 DONE_FRESH_S = 300.0
 """After a stored result the LED stays on (solid) this long at most, unless the next capture starts first: an
@@ -171,6 +171,8 @@ class Trigger:
         idle: LED off. busy: LED blinks fast. done: LED on (solid) while the stored result is the newest:
         until the next state (the next press) or DONE_FRESH_S, then off. retake: LED blinks slowly for 3 s,
         double beep, then off (nothing new was stored). error: LED blinks slowly until the next press.
+        decided: the slide's guided count is complete (target reached, the CI on one side of the decision
+        threshold): long on, short off, with three beeps, until the next press: the operator can stop counting.
         refused: a quick flash and a short buzz, then the busy or error blink (or the done light) resumes.
         """
         if state not in STATES:
@@ -197,6 +199,8 @@ class Trigger:
             buzzer.off()
         if state == "retake" and buzzer is not None:
             buzzer.beep(on_time=0.1, off_time=0.1, n=2)
+        if state == "decided" and buzzer is not None:
+            buzzer.beep(on_time=0.1, off_time=0.1, n=3)
         if led is None:
             return
         if state == "idle":
@@ -205,6 +209,8 @@ class Trigger:
             led.blink(on_time=0.1, off_time=0.1)
         elif state == "done":
             led.on()  # stops a blink in progress, then solid
+        elif state == "decided":
+            led.blink(on_time=1.5, off_time=0.3)
         elif state == "retake":
             led.blink(on_time=0.5, off_time=0.5, n=3)
         elif state == "error":
@@ -216,7 +222,7 @@ class Trigger:
         if self.led is not None:
             self.led.blink(on_time=0.05, off_time=0.05, n=3)
         # Then resume an open-ended pattern (the busy blink, usually, or the done light); a retake just ends early.
-        if self._state in ("busy", "error", "done"):
+        if self._state in ("busy", "error", "done", "decided"):
             self._restore = threading.Timer(0.35, self._resume, args=(self._state,))
             self._restore.daemon = True
             self._restore.start()

@@ -108,7 +108,7 @@ def test_capture_review_and_export_in_a_browser(server):
         page.click("#latest h2 a")
         expect(page).to_have_url(re.compile(re.escape(base) + r"/captures/1(#cell-\d+)?$"))
         cap = appliance.store.get_capture(1)
-        expect(page.locator("svg.boxes rect")).to_have_count(len(cap["cells"]))
+        expect(page.locator("svg.boxes rect.box")).to_have_count(len(cap["cells"]))
         first = cap["cells"][0]
         other = "normal" if first["label"] == "blast" else "blast"
         fig = page.locator(f"#cell-{first['id']}")
@@ -124,6 +124,7 @@ def test_capture_review_and_export_in_a_browser(server):
 
         # Slide report: mark reviewed; who and when are shown.
         page.click(f"a[href='/slides/{cap['slide_id']}']")
+        page.check("#confirm-unreviewed")  # the other cells are not reviewed: the page asks, naming the count
         page.click("#mark-reviewed")
         expect(page.locator("#review-state")).to_contain_text("by alice")
         page.emulate_media(media="print")

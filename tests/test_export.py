@@ -74,11 +74,17 @@ def test_export_over_http(config):
         assert "attachment" in resp.headers["Content-Disposition"]
         with zipfile.ZipFile(io.BytesIO(resp.data)) as zf:
             assert any(n.startswith("cells/all/UID_1_") and n.endswith("_all.bmp") for n in zf.namelist())
+            # the demo model is synthetic: every export says so
+            assert zf.read("README.txt").decode().startswith("*** SYNTHETIC demo model")
+            assert "model_synthetic" in zf.read("manifest.csv").decode().splitlines()[0]
         assert client.get("/api/export/dataset.zip?slide=NOPE").status_code == 404
         csv_resp = client.get(f"/api/slides/{appliance.slide_id}/results.csv")
         assert csv_resp.status_code == 200 and csv_resp.mimetype == "text/csv" and b"reviewed_label" in csv_resp.data
+        rows = list(csv.DictReader(io.StringIO(csv_resp.data.decode())))
+        assert rows and all(r["model_synthetic"] == "1" for r in rows)
         js = client.get(f"/api/slides/{appliance.slide_id}/results.json").get_json()
         assert js["cells"][0]["reviewed_label"] == "blast"
+        assert js["warning"].startswith("*** SYNTHETIC demo model")
         assert client.get("/api/slides/NOPE/results.csv").status_code == 404
 
 

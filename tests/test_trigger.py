@@ -346,3 +346,32 @@ def test_wiring_press_captures_and_a_press_while_busy_is_refused(factory):
         assert wait_for(lambda: service.slides == 1)  # long press: a new slide
         button.drive_high()
         assert service.requests == ["button"]
+
+
+def test_a_complete_count_has_its_own_led_pattern_until_the_next_press():
+    """The guided count's end is shown at the eyepiece: long on, short off (not the solid 'stored' light)."""
+    import time
+
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    from device.config import TriggerConfig
+    from device.trigger import Trigger
+
+    Device.pin_factory = MockFactory()
+    trig = Trigger(TriggerConfig(enabled=True), lambda: None, lambda: None)
+    try:
+        trig.set_state("decided")
+        assert trig.state == "decided"
+        led = trig.led
+        seen = set()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and len(seen) < 2:
+            seen.add(bool(led.value))
+            time.sleep(0.05)
+        assert seen == {True, False}  # it blinks (a solid light would only ever be on)
+        trig.set_state("busy")  # the next press
+        assert trig.state == "busy"
+    finally:
+        trig.close()
+        Device.pin_factory = None

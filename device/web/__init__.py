@@ -28,6 +28,7 @@ from device.errors import (
     BundleError,
     BusyError,
     CameraError,
+    ConflictError,
     ImageError,
     InputError,
     LeukoCamError,
@@ -148,7 +149,12 @@ def create_app(appliance, *, login_required: bool | None = None, secure_cookies:
 
     @app.context_processor
     def globals_for_templates():
-        return {"current_user": g.get("user"), "login_required": app.config["LEUKOCAM_LOGIN_REQUIRED"]}
+        return {
+            "current_user": g.get("user"),
+            "login_required": app.config["LEUKOCAM_LOGIN_REQUIRED"],
+            # every page, at every width, says when results come from the synthetic demo model
+            "synthetic_model": bool(getattr(appliance.bundle, "synthetic", False)),
+        }
 
     return app
 
@@ -158,6 +164,7 @@ HTTP_STATUS: tuple[tuple[type[LeukoCamError], int], ...] = (
     (ImageError, 400),
     (NotFoundError, 404),
     (BusyError, 409),
+    (ConflictError, 409),
     (StoreFullError, 507),
     (CameraError, 503),
     (BundleError, 503),

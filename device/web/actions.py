@@ -46,9 +46,19 @@ def review_cell(cell_id: int, label: str, given_reviewer: str | None, note: str 
     return store().add_review(cell_id, str(label), reviewer(given_reviewer), str(note or ""))
 
 
-def mark_slide_reviewed(slide_id: str, given_reviewer: str | None) -> dict:
-    """Record that the slide was reviewed (by the logged-in user); returns its summary."""
-    store().mark_slide_reviewed(slide_id, by=reviewer(given_reviewer))
+def mark_slide_reviewed(slide_id: str, given_reviewer: str | None, confirm_unreviewed: int | str | None = None) -> dict:
+    """Record that the slide was reviewed (by the logged-in user); returns its summary.
+
+    While cells of the slide are unreviewed (the summary's `unreviewed`), it is refused (InputError, 400, saying
+    how many and how to confirm) unless confirm_unreviewed equals that number now. A form field's text is
+    taken too: "" or None = no confirmation, else a whole number.
+    """
+    if isinstance(confirm_unreviewed, str):
+        text = confirm_unreviewed.strip()
+        if text and not text.isdigit():
+            raise InputError("confirm_unreviewed: give the number of unreviewed cells (a whole number)")
+        confirm_unreviewed = int(text) if text else None
+    store().mark_slide_reviewed(slide_id, by=reviewer(given_reviewer), confirm_unreviewed=confirm_unreviewed)
     return store().slide_summary(slide_id)
 
 

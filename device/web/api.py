@@ -195,10 +195,27 @@ def new_slide():
 
 
 @bp.post("/slides/<slide_id>/reviewed")
-@documented(body=Body((REVIEWER,)), replies={200: Reply("the slide", S.SLIDE)}, errors=(404, 507))
+@documented(
+    body=Body(
+        (
+            REVIEWER,
+            Field(
+                "confirm_unreviewed",
+                "int",
+                "required while cells of the slide are unreviewed: their number now (the slide's `unreviewed`); "
+                "any other number is refused",
+                minimum=0,
+                nullable=True,
+            ),
+        )
+    ),
+    replies={200: Reply("the slide", S.SLIDE)},
+    errors=(404, 409, 507),
+)
 def slide_reviewed(slide_id: str):
-    """Mark the slide reviewed (by the logged-in user)."""
-    return jsonify(actions.mark_slide_reviewed(slide_id, json_args()["reviewer"]))
+    """Mark the slide reviewed (by the logged-in user); 409 while cells are unreviewed, unless confirmed."""
+    body = json_args()
+    return jsonify(actions.mark_slide_reviewed(slide_id, body["reviewer"], body["confirm_unreviewed"]))
 
 
 @bp.get("/slides/<slide_id>/results.csv")

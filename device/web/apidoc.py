@@ -110,6 +110,8 @@ class Field:
             value = int(raw)
         elif not from_text and isinstance(raw, int) and not isinstance(raw, bool):
             value = raw
+        elif not from_text and isinstance(raw, float) and raw.is_integer():
+            value = int(raw)  # JSON Schema counts 3.0 as an integer, and so do we
         else:
             raise InputError(f"{self.name}: expected a whole number")
         low = self.minimum if self.minimum is not None else -MAX_ID
@@ -251,7 +253,8 @@ COMMON_ERRORS = {
     403: "forged or expired request: the X-CSRFToken header is missing or not this session's",
     404: "no such record",
     405: "method not allowed (the Allow header lists the methods)",
-    409: "busy: a capture or upload is already running",
+    409: "busy (a capture or upload is already running), or the record's state refuses it now (a slide with "
+    "unreviewed cells: confirm their number)",
     413: "the body is larger than [web] max_upload_mb",
     429: "too many login attempts: wait a minute",
     503: "the camera, the model or the worker is not working",

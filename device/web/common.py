@@ -137,3 +137,22 @@ def model_card() -> dict:
         if app.self_test is None
         else {"passed": app.self_test.passed, "message": app.self_test.message},
     }
+
+
+def slide_progress(slide_id: str) -> dict:
+    """The guided count of one slide: cells counted once each (duplicates left out), blasts by the current
+    verdict (the reviewer's, else the model's), progress toward [slides] target_cells, the decision against
+    [slides] decision_threshold, and about how many more fields that takes at this slide's cells per field."""
+    from device.stats import count_decision
+
+    cfg = appliance().config.slides
+    cells = [c for c in store().slide_cells(slide_id) if not c.get("duplicate_of")]
+    out = count_decision(
+        len(cells), sum(c["verdict"] == "blast" for c in cells), cfg.target_cells, cfg.decision_threshold
+    )
+    fields = len({c["capture_id"] for c in cells})
+    per_field = len(cells) / fields if fields else None
+    out["fields"] = fields
+    out["fields_needed"] = -(-out["remaining"] // max(1, round(per_field))) if per_field else None
+    out["slide_id"] = slide_id
+    return out

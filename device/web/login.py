@@ -97,7 +97,12 @@ def make_blueprint(limiter) -> Blueprint:
         no_accounts = not accounts.load_users(data_dir)
         if request.method == "GET":
             return render_template(
-                "login.html", no_accounts=no_accounts, next=request.args.get("next", ""), error=None, health=None
+                "login.html",
+                no_accounts=no_accounts,
+                next=request.args.get("next", ""),
+                error=None,
+                health=None,
+                set_password_command=appliance.config.command("set-password", "USER"),
             )
         wants_json = request.is_json
         body = request.get_json(silent=True) if wants_json else request.form
@@ -106,14 +111,19 @@ def make_blueprint(limiter) -> Blueprint:
         username, password = str(body.get("username", "")), str(body.get("password", ""))
         if not accounts.verify(data_dir, username, password):
             message = (
-                "no account yet: run `leukocam set-password USER` on the appliance"
+                f"no account yet: on the appliance run `{appliance.config.command('set-password', 'USER')}`"
                 if no_accounts
                 else "wrong user name or password"
             )
             if wants_json:
                 return jsonify({"error": message, "status": 401}), 401
             return render_template(
-                "login.html", no_accounts=no_accounts, next=body.get("next", ""), error=message, health=None
+                "login.html",
+                no_accounts=no_accounts,
+                next=body.get("next", ""),
+                error=message,
+                health=None,
+                set_password_command=appliance.config.command("set-password", "USER"),
             ), 401
         registry().end(session.get("sid"))
         session.clear()  # a new session (and CSRF token) on every login: no fixation

@@ -22,6 +22,7 @@ from device.web.common import (
     enrich_capture,
     gallery_filters,
     int_arg,
+    slide_progress,
     store,
 )
 
@@ -40,15 +41,26 @@ def _latest():
     return enrich_capture(store().get_capture(rows[0]["id"])) if rows else None
 
 
+def _progress() -> dict:
+    slide_id = appliance().slide_id
+    summary = store().slide_summary(slide_id) or {}
+    return {"progress": slide_progress(slide_id), "pending": summary.get("needs_review", 0)}
+
+
 @bp.get("/")
 def index():
-    """Live: the preview, the Capture button and the newest result (kept fresh by app.js)."""
-    return render_template("live.html", health=appliance().health(), cap=_latest())
+    """Live: the preview, the Capture button, the slide's guided count and the newest result (kept fresh by app.js)."""
+    return render_template("live.html", health=appliance().health(), cap=_latest(), **_progress())
 
 
 @bp.get("/fragments/latest")
 def latest_fragment():
     return render_template("latest.html", cap=_latest())
+
+
+@bp.get("/fragments/progress")
+def progress_fragment():
+    return render_template("progress.html", **_progress())
 
 
 @bp.get("/captures")
@@ -104,23 +116,16 @@ def slides():
 
 @bp.get("/slides/<slide_id>")
 def slide_report(slide_id: str):
+    """The slide report: the guided count and its decision, review state, provenance; prints cleanly."""
     summary = actions.slide_summary(slide_id)
-    cells = store().slide_cells(slide_id)
-    reviewed = [c for c in cells if c["reviewed_label"]]
-    verdict_blasts = sum(c["verdict"] == "blast" for c in cells)
-    from device.stats import wilson_ci
-
-    verdict = {
-        "cells": len(cells),
-        "reviewed": len(reviewed),
-        "blast": verdict_blasts,
-        "fraction": verdict_blasts / len(cells) if cells else None,
-        "ci95": list(wilson_ci(verdict_blasts, len(cells))) if cells else None,
-    }
+    cells = store().slide_cells(slide_id, include_duplicates=True)
+    counted = [c for c in cells if not c.get("duplicate_of")]
     return render_template(
         "slide.html",
         s=summary,
-        verdict=verdict,
+        progress=slide_progress(slide_id),
+        reviewed=sum(c["reviewed_label"] is not None for c in counted),
+        idx_of={c["cell_id"]: c["idx"] for c in cells},
         prov=store().slide_provenance(slide_id),
         reviews=store().review_history(slide_id=slide_id),
         health=appliance().health(),
@@ -129,7 +134,7 @@ def slide_report(slide_id: str):
 
 @bp.post("/slides/<slide_id>/reviewed")
 def slide_reviewed_form(slide_id: str):
-    actions.mark_slide_reviewed(slide_id, request.form.get("reviewer"))
+    actions.mark_slide_reviewed(slide_id, request.form.get("reviewer"), request.form.get("confirm_unreviewed"))
     return redirect(url_for("pages.slide_report", slide_id=slide_id))
 
 

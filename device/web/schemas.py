@@ -39,6 +39,9 @@ SLIDE = obj(
         "cells": INT,
         "positive": INT,
         "needs_review": INT,
+        "flagged": INT,
+        "unreviewed": INT,
+        "duplicates": INT,
         "blast_fraction": maybe(NUM),
         "blast_fraction_ci95": maybe({"type": "array", "items": NUM, "minItems": 2, "maxItems": 2}),
     }
@@ -80,7 +83,14 @@ CAPTURE_ROW = obj(
         "camera": ANY_OBJ,
         "n_cells": INT,
     },
-    {"n_positive": INT, "n_review": INT, "n_reviewed": INT},
+    {
+        "n_positive": INT,
+        "n_review": INT,
+        "n_flagged": INT,
+        "n_reviewed": INT,
+        "n_duplicates": INT,
+        "cam_scale": maybe(NUM),
+    },
 )
 CELL = obj(
     {
@@ -97,7 +107,8 @@ CELL = obj(
         "review": maybe(REVIEW),
         "crop_url": STR,
         "heatmap_url": STR,
-    }
+    },
+    {"duplicate_of": maybe(INT)},
 )
 CAPTURE = {
     "allOf": [

@@ -31,6 +31,7 @@
   const wrap = document.getElementById("latest-wrap");
   const button = document.getElementById("capture");
   const statusEl = document.getElementById("status");
+  let progressEl = document.getElementById("progress");
   if (wrap) {
     let shown = (document.getElementById("latest") || {}).dataset?.captureId || "";
     async function refresh() {
@@ -43,6 +44,10 @@
           if (s.latest_id !== null && String(s.latest_id) !== shown) {
             const f = await fetch(wrap.dataset.fragment, { credentials: "same-origin" });
             if (f.ok) { wrap.innerHTML = await f.text(); shown = String(s.latest_id); }
+            if (progressEl) {  // the slide's count, blast % and decision, updated with each result
+              const p = await fetch(progressEl.dataset.fragment, { credentials: "same-origin" });
+              if (p.ok) { progressEl.outerHTML = await p.text(); progressEl = document.getElementById("progress"); }
+            }
           }
         }
       } catch (e) { /* the appliance may be restarting; try again */ }
@@ -54,6 +59,31 @@
       ev.preventDefault();
       button.disabled = true; button.textContent = "Capturing…";
       try { await post("/api/capture"); } catch (e) { if (statusEl) statusEl.textContent = e.message; }
+    });
+  }
+
+  const printButton = document.getElementById("print");
+  if (printButton) printButton.addEventListener("click", function () { window.print(); });
+
+  // -- Capture page: zoom the field, show or hide the evidence overlay ---------------------------------
+  const zoom = document.getElementById("zoom");
+  const scroller = document.getElementById("field-scroll");
+  if (zoom && scroller) {
+    zoom.addEventListener("click", function () {
+      const on = !scroller.classList.contains("zoomed");
+      scroller.classList.toggle("zoomed", on);
+      scroller.querySelector(".field-wrap").style.width = on ? scroller.dataset.fieldWidth + "px" : "";
+      zoom.setAttribute("aria-pressed", on ? "true" : "false");
+      zoom.textContent = on ? "fit the field to the screen" : "zoom the field";
+    });
+  }
+  const overlay = document.getElementById("overlay-toggle");
+  const cellBox = document.getElementById("review-cells");
+  if (overlay && cellBox) {
+    overlay.addEventListener("click", function () {
+      const hidden = cellBox.classList.toggle("no-overlay");
+      overlay.setAttribute("aria-pressed", hidden ? "false" : "true");
+      overlay.textContent = hidden ? "show evidence overlay" : "hide evidence overlay";
     });
   }
 
@@ -73,13 +103,17 @@
       try {
         const row = await post("/api/cells/" + fig.dataset.cellId + "/review", { label: label });
         fig.querySelector(".verdict").textContent = "reviewed: " + row.label + " by " + row.reviewer;
-        fig.classList.remove("review");
+        // the card and its box follow the current verdict
+        fig.classList.remove("review", "blast", "normal");
+        fig.classList.add(row.label);
+        const todo = fig.querySelector(".warn");
+        if (todo) todo.remove();
         const box = document.getElementById("box-" + fig.dataset.cellId);
-        if (box) box.setAttribute("class", row.label);
+        if (box) box.setAttribute("class", "box " + row.label);
         const tbody = document.querySelector("#history tbody");
         if (tbody) {
           const tr = document.createElement("tr");
-          [row.created_at, row.cell_id, row.label, row.model_label, row.action, row.reviewer].forEach(function (v) {
+          [row.created_at, "#" + fig.dataset.idx, row.label, row.model_label, row.action, row.reviewer].forEach(function (v) {
             const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
           });
           tbody.appendChild(tr);

@@ -108,14 +108,16 @@ def test_every_page_fits_shows_the_banner_and_reads_clearly(server, width):  # n
     assert problems == [], "\n".join(problems)
 
 
-def test_guided_count_review_safety_overlay_and_print(server):  # noqa: F811
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_guided_count_review_safety_overlay_and_print(server, width):  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 
     appliance, base = server
     slide = appliance.slide_id
     with sync_playwright() as p:
         browser = _browser(p)
-        page = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+        w, h = WIDTHS[width]
+        page = browser.new_context(viewport={"width": w, "height": h}).new_page()
         page.set_default_timeout(30_000)
         _login(page, base)
         expect(page.locator("#progress")).to_contain_text(f"0 of {appliance.config.slides.target_cells}")
@@ -124,7 +126,16 @@ def test_guided_count_review_safety_overlay_and_print(server):  # noqa: F811
         expect(page.locator("#latest h2")).to_contain_text("Capture", timeout=60_000)
         cells = len(appliance.store.slide_cells(slide))
         expect(page.locator("#counted")).to_have_text(str(cells), timeout=20_000)  # updated with the result
-        page.screenshot(path=str(SHOTS / "dashboard-phone-live-progress.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"dashboard-{width}-live-progress.png"), full_page=True)
+        # The replay camera has three sample fields: a fourth capture repeats the first, and its cells are
+        # recognised and counted once.
+        for n in range(2, 5):
+            expect(page.locator("#capture")).to_be_enabled(timeout=60_000)
+            page.click("#capture")
+            expect(page.locator("#latest h2")).to_contain_text(f"Capture {n}", timeout=60_000)
+        once = len(appliance.store.slide_cells(slide))
+        assert once < len(appliance.store.slide_cells(slide, include_duplicates=True))
+        expect(page.locator("#counted")).to_have_text(str(once), timeout=20_000)
 
         # Capture page: the overlay legend and toggle, the zoom, and colours that follow the verdict.
         cap_id = appliance.store.recent_captures(limit=1)[0]["id"]
@@ -136,9 +147,10 @@ def test_guided_count_review_safety_overlay_and_print(server):  # noqa: F811
         expect(heat).to_be_hidden()
         page.click("#overlay-toggle")
         expect(heat).to_be_visible()
-        page.click("#zoom")
-        wide, inner = page.evaluate("[document.getElementById('field-scroll').scrollWidth, window.innerWidth]")
-        assert wide > inner and page.evaluate("document.documentElement.scrollWidth") <= inner
+        page.click("#zoom")  # full size, scrolling inside its box: the page itself stays as wide as the screen
+        wide = page.evaluate("document.querySelector('#field-scroll .field-wrap').getBoundingClientRect().width")
+        assert wide == appliance.store.get_capture(cap_id)["width"]
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         page.click("#zoom")
         first = appliance.store.get_capture(cap_id)["cells"][0]
         other = "normal" if first["label"] == "blast" else "blast"
@@ -148,6 +160,15 @@ def test_guided_count_review_safety_overlay_and_print(server):  # noqa: F811
         expect(fig).to_have_class(re.compile(rf"\b{other}\b"))
         assert f"box {other}" in page.locator(f"#box-{first['id']}").get_attribute("class")
         expect(page.locator("#history tbody tr").last).to_contain_text(f"#{first['idx']}")
+
+        # "to review" goes down once a flagged cell has been reviewed
+        page.goto(f"{base}/slides/{slide}")
+        before = appliance.store.slide_summary(slide)["needs_review"]
+        flagged = [c for c in appliance.store.slide_cells(slide) if c["needs_review"] and not c["reviewed_label"]]
+        if flagged:
+            appliance.store.add_review(flagged[0]["cell_id"], "blast", "alice")
+            page.reload()
+            expect(page.locator("#pending")).to_contain_text(f"{before - 1} flagged by the model and not yet reviewed")
 
         # Slide report: refused while cells are unreviewed, unless confirmed with the count.
         page.goto(f"{base}/slides/{slide}")
@@ -162,5 +183,5 @@ def test_guided_count_review_safety_overlay_and_print(server):  # noqa: F811
         expect(page.locator("#synthetic-banner")).to_be_visible()
         expect(page.locator("#decision")).to_be_visible()
         assert not page.locator("#mark-reviewed").is_visible()
-        page.screenshot(path=str(SHOTS / "dashboard-phone-slide-print.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"dashboard-{width}-slide-print.png"), full_page=True)
         browser.close()

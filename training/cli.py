@@ -106,6 +106,16 @@ def training_options(f):
             type=click.Choice(["default", "mirrored", "multiworker"]),
             default="default",
             show_default=True,
+            help="default: one device; mirrored: every GPU of this machine; multiworker: several machines, "
+            "one command per machine with TF_CONFIG (docs/training.md); with these two --batch-size is per replica "
+            "(per GPU, or per CPU-only worker).",
+        ),
+        click.option(
+            "--worker-timeout",
+            type=click.FloatRange(min=1),
+            default=300.0,
+            show_default=True,
+            help="multiworker: seconds a worker waits for the others (to join, or in one step) before it stops.",
         ),
         click.option("--mixed-precision", is_flag=True, help="mixed_float16 (only when a GPU is present)."),
         click.option("--no-augment", is_flag=True),
@@ -140,6 +150,7 @@ def _options(kw: dict):
         target_sensitivity=kw["target_sensitivity"],
         test_fraction=kw["test_fraction"],
         strategy=kw["strategy"],
+        worker_timeout=kw["worker_timeout"],
         mixed_precision=kw["mixed_precision"],
         augment=not kw["no_augment"],
         deterministic=not kw["nondeterministic"],
@@ -217,6 +228,11 @@ def train(data, out, **kw):
 
     _warn_subjects(data)
     metrics = _guard(run_training, data, out, _options(kw))
+    if metrics.get("chief") is False:  # a multiworker run's other workers: the chief writes the run
+        click.echo(
+            f"worker {metrics['worker']} of {metrics['workers']}: training done; the chief (worker 0) writes {out}"
+        )
+        return
     t = metrics["test"]
     lo, hi = t["accuracy"]["ci95"]
     click.echo(
@@ -239,6 +255,10 @@ def cv(data, out, folds, **kw):
     from training.cv import run_cv
     from training.metrics import fmt
 
+    if kw["strategy"] == "multiworker":
+        raise click.UsageError(
+            "cv trains its folds one after another on one machine: use --strategy default or mirrored"
+        )
     _warn_subjects(data)
     summary = _guard(run_cv, data, out, _options(kw), folds)
     for key, s in summary["mean_sd"].items():

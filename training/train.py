@@ -13,11 +13,17 @@ Writes a run folder: `model.keras`, `training.json` (everything `convert` needs:
 the preprocessing contract, the threshold and review band, the split by
 subject, the data summary, seed and versions) and `metrics.json`, plus a
 training-curve plot.
+
+With `strategy` mirrored (several GPUs) or multiworker (several machines, TF_CONFIG)
+the same steps run distributed (`run_distributed`): every worker trains on its
+shard with the custom step of training/distributed.py, and only the chief writes
+the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -89,7 +95,10 @@ class TrainOptions:
     band_level: float = 0.99
     """Review band = [threshold at this sensitivity, threshold at this specificity] on validation."""
     strategy: str = "default"
-    """default | mirrored | multiworker (tf.distribute)."""
+    """default (Keras fit on one device) | mirrored (several GPUs of one machine) | multiworker (several machines,
+    TF_CONFIG): the last two run the custom training step of training/distributed.py under tf.distribute."""
+    worker_timeout: float = 300.0
+    """multiworker: the longest a worker waits for the others (to join, or in one step) before it stops."""
     mixed_precision: bool = False
     """mixed_float16, only applied when a GPU is present."""
     report: bool = True
@@ -145,26 +154,35 @@ def make_dataset(
     augment: bool,
     seed: int,
     jitter: bool = False,
+    weights: np.ndarray | None = None,
+    repeat: bool = False,
 ):
     """tf.data pipeline: cast (cached), shuffle, per-image augmentation with its own stateless seed, batch, prefetch.
 
     The seeds come from `Dataset.random(seed)`, which draws a new but reproducible stream each epoch, so
-    every epoch sees new augmentations and two runs with one seed see the same ones.
+    every epoch sees new augmentations and two runs with one seed see the same ones. With `weights` the
+    elements are (image, label, weight); with `repeat` the data repeats forever (reshuffled each pass) in
+    full batches only, as the distributed loop wants (a fixed number of steps per epoch on every worker).
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)[:, None]))
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE).cache()
+    columns = (images, labels.astype(np.float32)[:, None])
+    if weights is not None:
+        columns += (np.asarray(weights, dtype=np.float32),)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    ds = ds.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (augment_one(xy[0], s, jitter), xy[1]),
+            lambda xy, s: (augment_one(xy[0], s, jitter), *xy[1:]),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=repeat)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -358,8 +376,11 @@ def run_training(
             by default a subject-grouped split by the option fractions.
 
     The steps: start the run (folder, seeds), load and split, fit the stages, score validation and test,
-    choose the operating point, calibrate, write the run.
+    choose the operating point, calibrate, write the run. With `opts.strategy` mirrored or multiworker the
+    same steps run distributed (see `run_distributed`).
     """
+    if opts.strategy in ("mirrored", "multiworker"):
+        return run_distributed(data_dir, out_dir, opts, progress, parts)
     out = start_run(out_dir, opts)
     splits = load_and_split(data_dir, out, opts, progress, parts)
     fitted = fit_stages(splits, out, opts, progress)
@@ -526,6 +547,368 @@ def write_run(
             [str(s.path) for s in splits.test.kept],
         )
     return metrics
+
+
+# Distributed runs (--strategy mirrored | multiworker): every worker runs the same steps on its own shard;
+# only the chief (worker 0) writes the run. The engine and the training step live in training/distributed.py.
+
+
+@dataclass(frozen=True)
+class Shards:
+    """What one worker of a distributed run loaded. Every worker made the same subject-grouped split (checked
+    across workers) and decoded only its shard of the training and validation images: every count-th image
+    of each split, starting at its index.
+
+    `assignment` is every split's samples as split; `train_kept` every worker's readable training samples, in
+    split order, and `train_rows` the index in it of each row of this worker's `train`; `problems` the
+    unreadable training files (this worker's with the decoder's message); `key` identifies the split and the
+    options (it names the checkpoint)."""
+
+    contract: PreprocessContract
+    summary: dict
+    assignment: dict[str, list]
+    train: Part
+    val: Part
+    train_kept: list
+    train_rows: np.ndarray
+    problems: list[str]
+    key: str
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """The labels of every worker's readable training images (`train_kept`)."""
+        return np.array([s.label for s in self.train_kept], dtype=np.int32)
+
+
+def run_distributed(
+    data_dir: str | Path, out_dir: str | Path, opts: TrainOptions, progress: bool = True, parts: dict | None = None
+) -> dict:
+    """`run_training` on tf.distribute: several GPUs (mirrored) or several machines (multiworker, TF_CONFIG).
+
+    Every worker joins the cluster, checks that all split the same data, loads its shard, and trains with
+    the others (training/distributed.py); the chief then scores the saved model on the whole validation and
+    test splits and writes the run as `run_training` does. The other workers write into temporary folders
+    that are removed, and return {"chief": False, "worker": index, "workers": count, "epochs_run": n}.
+    Raises ClusterError (TF_CONFIG, data that differs between workers, a lost worker) or DatasetError.
+    """
+    import keras
+
+    from training import distributed as dist
+
+    worker = dist.current_worker(opts.strategy)
+    log = _stderr if progress else None
+    hint = (
+        f" To resume, start every worker again with the same command: the chief continues from "
+        f"{Path(out_dir) / 'checkpoint'} after the last completed epoch."
+    )
+    with dist.worker_folder(out_dir, worker) as out:
+        start_run(out, opts)
+        cluster = dist.make_cluster(opts.strategy, worker, opts.worker_timeout, hint, log, folder=out)
+        try:
+            shards = load_shards(data_dir, opts, progress and worker.is_chief, parts, cluster)
+            fitted = fit_distributed(shards, out, opts, progress, cluster)
+            cluster.finish()
+        finally:
+            cluster.close()
+        if not worker.is_chief:
+            return {"chief": False, "worker": worker.index, "workers": worker.count, "epochs_run": fitted.epochs_run}
+        if log and worker.count > 1:
+            log(
+                "training done on every worker; the chief now scores the model and writes the run while the others "
+                "exit (TensorFlow may log here that they 'stopped sending heartbeats': that is expected)"
+            )
+        splits = load_scoring_splits(shards, out, opts, progress)
+        # A plain copy of the trained model, outside the strategy, for scoring, the report and Grad-CAM.
+        fitted = FittedModel(**{**fitted.__dict__, "model": keras.models.load_model(out / "model.keras")})
+        scores = score_splits(fitted.model, splits)
+        point = choose_operating_point(splits.val.y, scores.val_prob, opts)
+        calibration = calibrate(splits, scores)
+        metrics = write_run(data_dir, out, opts, splits, fitted, scores, point, calibration)
+        dist.Checkpoint(out / "checkpoint", shards.key, cluster).clear()
+        return metrics
+
+
+def load_shards(data_dir: str | Path, opts: TrainOptions, progress: bool, parts: dict | None, cluster) -> Shards:
+    """Read the dataset and split it by subject as `load_and_split` does, check with the other workers that
+    they made the same split with the same options, and decode this worker's shard of the training and
+    validation images. Raises DatasetError (an empty split) or ClusterError (workers that differ, or a
+    worker left without training images)."""
+    from training import distributed as dist
+
+    samples = read_dataset(data_dir)
+    contract = _preprocess_contract(samples, opts, progress)
+    summary = summarize(samples)
+    warning = subject_warning(samples)
+    if warning and progress:
+        print(warning, file=sys.stderr)
+    if parts is None:
+        parts = split_by_subject(
+            samples,
+            {"train": 1 - opts.test_fraction - opts.val_fraction, "val": opts.val_fraction, "test": opts.test_fraction},
+            seed=opts.seed,
+        )
+    for name, part in parts.items():
+        if not part:
+            raise DatasetError(
+                f"the {name} split is empty: the dataset has too few subjects or images for these fractions"
+            )
+    split = _split_identity(parts)
+    cluster.check_same(
+        dist.fingerprint(split),
+        "dataset and subject split",
+        "give every worker the same files (a copy of the dataset or a shared file system) and the same --seed",
+    )
+    options = {**asdict(opts), "review_band": list(opts.review_band)}
+    cluster.check_same(dist.fingerprint(options), "training options", "start every worker with the same command")
+    worker = cluster.worker
+    train, val = parts["train"], parts["val"]
+    mine = worker.positions(len(train))
+    x, y, kept, problems = load_images([train[p] for p in mine], contract, progress=progress, um_per_px=opts.um_per_px)
+    readable = np.zeros(len(train))
+    j = 0
+    for p in mine:
+        if j < len(kept) and kept[j] is train[p]:
+            readable[p], j = 1.0, j + 1
+    readable = cluster.all_reduce_sum(readable, "every worker's list of readable training images") > 0.5
+    index = np.cumsum(readable) - 1
+    rows = np.array([index[p] for p in mine if readable[p]], dtype=np.int64)
+    counts = np.zeros(worker.count)
+    counts[worker.index] = len(rows)
+    counts = cluster.all_reduce_sum(counts, "every worker's count of training images")
+    if counts.min() < 1:
+        raise dist.ClusterError(
+            f"worker(s) {np.flatnonzero(counts < 1).tolist()} have no readable training image: use fewer workers"
+        )
+    problems += [
+        f"{train[p].path}: unreadable (found by worker {p % worker.count}), skipped"
+        for p in range(len(train))
+        if not readable[p] and p % worker.count != worker.index
+    ]
+    vx, vy, vkept, _ = load_images(
+        [val[p] for p in worker.positions(len(val))], contract, progress=progress, um_per_px=opts.um_per_px
+    )
+    # The checkpoint's key: the split and the options that shape the model and its training (not the epochs,
+    # patience or timeout, which a resumed run may change, nor the number of workers).
+    shaping = {k: v for k, v in options.items() if k not in ("epochs", "patience", "worker_timeout", "report")}
+    return Shards(
+        contract=contract,
+        summary=summary,
+        assignment=dict(parts),
+        train=Part(x, y, kept),
+        val=Part(vx, vy, vkept),
+        train_kept=[train[p] for p in range(len(train)) if readable[p]],
+        train_rows=rows,
+        problems=problems,
+        key=dist.fingerprint({"split": split, "options": shaping}),
+    )
+
+
+def fit_distributed(shards: Shards, out: Path, opts: TrainOptions, progress: bool, cluster) -> FittedModel:
+    """`fit_stages` under the cluster's strategy: the model built under its scope, stage 1 (two stages) on
+    every worker's embeddings gathered by an all-reduce, the image-level fit with the custom distributed
+    step, checkpointed to out/checkpoint/ after every epoch and resumed from there. Saves out/model.keras
+    (on every worker; the others' out is temporary) and returns the `FittedModel`, whose history, as for one
+    device, prefixes stage 1's keys with "head_" and whose `train_images` counts every worker's images."""
+    import keras
+    import tensorflow as tf
+
+    from training import distributed as dist
+    from training.model import build_model, freeze_backbone, unfreeze
+
+    if opts.stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {opts.stages}")
+    if opts.mixed_precision and tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    with cluster.strategy.scope():
+        model = build_model(opts.input_size, opts.backbone, opts.weights, opts.dropout, opts.bn_momentum)
+    checkpoint = dist.Checkpoint(out / "checkpoint", shards.key, cluster, _stderr if progress else None)
+    t0 = time.time()
+    resumed_stage, _ = checkpoint.resume_point()
+    ytr = shards.train_labels
+    extra: dict = {"balance": {"method": opts.balance, "before": _class_counts(ytr)}, "head_history": {}}
+    rows = np.arange(len(shards.train.y))
+    if opts.stages == 2:
+        freeze_backbone(model)
+        if resumed_stage != 2:
+            head_history, balance = _fit_head_distributed(model, shards, opts, cluster, progress)
+            extra = {"balance": balance, "head_history": {f"head_{k}": v for k, v in head_history.items()}}
+        unfreeze(model, opts.fine_tune_layers)
+        learning_rate = opts.fine_tune_lr
+        cw = class_weights(ytr) if opts.balance != "none" else None
+        extra["balance"]["fine_tune"] = "class weights" if cw else "none"
+    else:
+        learning_rate = opts.learning_rate
+        cw = class_weights(ytr) if opts.balance not in ("oversample", "smote", "none") else None
+        if opts.balance in ("oversample", "smote"):
+            # The same oversampling as on one device, drawn over every worker's images; each worker keeps
+            # the draws of its own images.
+            drawn = _oversample_indices(ytr, opts.seed)
+            extra["balance"]["after"] = _class_counts(ytr[drawn])
+            extra["balance"]["note"] = (
+                "one-stage run: images oversampled (SMOTE needs --stages 2)" if opts.balance == "smote" else ""
+            )
+            local = {int(g): i for i, g in enumerate(shards.train_rows)}
+            rows = np.array([local[int(g)] for g in drawn if int(g) in local], dtype=np.int64)
+    x, y = shards.train.x[rows], shards.train.y[rows]
+    weights = np.array([cw[int(c)] for c in y], dtype=np.float32) if cw else np.ones(len(y), np.float32)
+    total = int(cluster.all_reduce_sum(len(y), "every worker's count of training images"))
+    global_batch = opts.batch_size * cluster.replicas
+    config = dist.FitConfig(
+        learning_rate=learning_rate,
+        epochs=opts.epochs,
+        patience=opts.patience,
+        steps_per_epoch=max(1, -(-total // global_batch)),
+        global_batch=global_batch,
+        label=f"stage {opts.stages}" if opts.stages == 2 else "training",
+    )
+    state = dist.fit(
+        model,
+        cluster,
+        _shard_dataset(x, y, weights, opts.batch_size, opts, cluster, augment=opts.augment),
+        shards.val.x,
+        shards.val.y,
+        config,
+        checkpoint=checkpoint,
+        stage=opts.stages,
+        extra=extra,
+        verbose=progress,
+    )
+    train_s = time.time() - t0
+    keras.mixed_precision.set_global_policy("float32")
+    model.save(out / "model.keras")
+    return FittedModel(
+        model=model,
+        history={**state.extra.get("head_history", {}), **state.history},
+        balance=state.extra.get("balance", extra["balance"]),
+        epochs_run=len(state.history["loss"]),
+        train_seconds=train_s,
+        train_images=total,
+    )
+
+
+def load_scoring_splits(shards: Shards, out: Path, opts: TrainOptions, progress: bool) -> Splits:
+    """The chief, after a distributed fit: the whole validation and test splits loaded for scoring, the
+    training split by its samples only (no images), out/folds.csv written; returns the `Splits`."""
+    size = shards.contract.input_size
+    loaded = {"train": Part(np.zeros((0, size, size, 3), np.uint8), shards.train_labels, shards.train_kept)}
+    problems = list(shards.problems)
+    for name, part in shards.assignment.items():
+        if name != "train":
+            x, y, kept, bad = load_images(part, shards.contract, progress=progress, um_per_px=opts.um_per_px)
+            loaded[name] = Part(x, y, kept)
+            problems += bad
+    write_folds_csv(
+        out / "folds.csv",
+        [s for p in loaded.values() for s in p.kept],
+        [name for name, p in loaded.items() for _ in p.kept],
+    )
+    return Splits(shards.contract, shards.summary, problems, loaded)
+
+
+def _fit_head_distributed(model, shards: Shards, opts: TrainOptions, cluster, progress: bool) -> tuple[dict, dict]:
+    """Stage 1 distributed: each worker embeds its shard, an all-reduce gives every worker all the training
+    embeddings (so that SMOTE or oversampling sees every image, identically on every worker), and the head
+    trains on a shard of the balanced embeddings with the distributed step; its weights go into model."""
+    import keras
+
+    from training import distributed as dist
+    from training.model import LOGIT_LAYER, embedding_model
+
+    emb = embedding_model(model)
+    local = _embed(emb, shards.train.x, opts.batch_size)
+    full = np.zeros((len(shards.train_kept), local.shape[1]))
+    full[shards.train_rows] = local
+    etr = cluster.all_reduce_sum(full, "every worker's training embeddings").astype(np.float32)
+    eva = _embed(emb, shards.val.x, opts.batch_size)
+    etr_b, ytr_b, balance = balance_embeddings(etr, shards.train_labels, opts.balance, opts.seed)
+    rows = cluster.worker.positions(len(etr_b))
+    cw = class_weights(ytr_b) if opts.balance == "class-weight" else None
+    weights = np.array([cw[int(c)] for c in ytr_b[rows]], np.float32) if cw else np.ones(len(rows), np.float32)
+    with cluster.strategy.scope():
+        head = keras.Sequential(
+            [
+                keras.Input((etr.shape[1],)),
+                keras.layers.Dropout(opts.dropout),
+                keras.layers.Dense(1, name="head_logit", dtype="float32"),
+            ]
+        )
+    batch = max(opts.batch_size, 32)
+    global_batch = batch * cluster.replicas
+    config = dist.FitConfig(
+        learning_rate=opts.learning_rate,
+        epochs=opts.head_epochs,
+        patience=max(opts.patience, 10),
+        steps_per_epoch=max(1, -(-len(etr_b) // global_batch)),
+        global_batch=global_batch,
+        label="stage 1 (head on embeddings)",
+    )
+    state = dist.fit(
+        head,
+        cluster,
+        _shard_dataset(etr_b[rows], ytr_b[rows], weights, batch, opts, cluster, augment=False),
+        eva,
+        shards.val.y,
+        config,
+        verbose=False,
+    )
+    model.get_layer(LOGIT_LAYER).set_weights(head.get_layer("head_logit").get_weights())
+    if progress:
+        print(
+            f"stage 1 (head on cached embeddings): {len(state.history['loss'])} epochs, best val_loss "
+            f"{min(state.history['val_loss']):.4f}; balance {balance}",
+            file=sys.stderr,
+        )
+    return state.history, balance
+
+
+def _embed(emb, x: np.ndarray, batch_size: int) -> np.ndarray:
+    if not len(x):
+        return np.zeros((0, emb.output_shape[-1]), np.float32)
+    return np.asarray(emb.predict(x.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+def _shard_dataset(x, y, weights, batch_size: int, opts: TrainOptions, cluster, augment: bool):
+    """make_train_dataset for distributed.fit: this worker's (x, y, weights), shuffled, augmented and repeated,
+    batched per replica, with seeds that differ between workers and between resumptions."""
+
+    def make(input_context, first_epoch: int):
+        seed = int(np.random.SeedSequence([opts.seed, cluster.worker.index, first_epoch]).generate_state(1)[0] >> 1)
+        return make_dataset(x, y, batch_size, True, augment, seed, opts.color_jitter, weights=weights, repeat=True)
+
+    return make
+
+
+def _split_identity(parts: dict) -> list:
+    """What must be equal on every worker: each split's files (relative to their common folder), labels,
+    subjects and sizes."""
+    paths = [s.path for part in parts.values() for s in part]
+    root = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path()
+
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return -1
+
+    return [
+        [
+            name,
+            [
+                [
+                    str(Path(s.path).relative_to(root)) if root.parts else str(s.path),
+                    s.label,
+                    s.subject,
+                    size(Path(s.path)),
+                ]
+                for s in part
+            ],
+        ]
+        for name, part in parts.items()
+    ]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _preprocess_contract(samples: list, opts: TrainOptions, progress: bool) -> PreprocessContract:

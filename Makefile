@@ -34,6 +34,8 @@ help:
 	@echo "  make deploy PI=pi@leukocam.local [BUNDLE=...]  copy a bundle to the Pi, install (checked there), restart"
 	@echo "  make bench        models, pipeline, finder, dashboard and training benchmarks in one run -> runs/bench/bench.md"
 	@echo "  make finder-eval  [BCCD=dir]               finder stress table (stains, scales, density) + crop gallery"
+	@echo "  make pi-check     install and run the device side on an emulated Raspberry Pi OS arm64 (root; 5-10 min)"
+	@echo "  make pi-bench     [ARGS=--bundle DIR]      pipeline stages and peak RSS against the Pi's budgets -> runs/pi-bench"
 	@echo "  make clean        remove build outputs (keeps .venv)"
 	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
 
@@ -98,3 +100,14 @@ deploy: $(VENV)/.stamp-device
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+
+.PHONY: pi-check pi-bench
+# A release check, not part of `make test`: Debian Bookworm arm64 (debootstrap, cached in
+# ~/.cache/leukocam/pi-rootfs) under qemu-user-static, install.sh inside, then doctor, the bundle
+# self-test, a replay capture and a dashboard request. Needs root; ARGS=--rebuild builds the rootfs again.
+pi-check:
+	@if [ "$$(id -u)" -eq 0 ]; then bash firmware_config/pi-check.sh $(ARGS); else sudo bash firmware_config/pi-check.sh $(ARGS); fi
+
+# On a Pi, docs/pi.md runs the same with the installed venv and the deployed bundle.
+pi-bench: $(VENV)/.stamp-device
+	$(BIN)/python -m device.pi_bench --out runs/pi-bench $(ARGS)

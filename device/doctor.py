@@ -1,8 +1,8 @@
 """`leukocam doctor`: check the rig and say what to fix.
 
-Checks the configuration, the camera (one frame), the GPIO button, the
-inference runtime, the model bundle (with its golden self-test), the disk
-space and the clock. Every check is independent: one that fails, raises or
+Checks the configuration, the camera (one frame), with the picamera2 backend
+the installed picamera2 version, the GPIO button, the inference runtime, the
+model bundle (with its golden self-test), the disk space and the clock. Every check is independent: one that fails, raises or
 hangs never stops the others, and each has a time limit. It uses the same
 code paths as `leukocam serve` (build_camera, Trigger, resolve_active_bundle),
 so what passes here also starts there.
@@ -14,7 +14,9 @@ The service holds the camera and the GPIO pins while it runs: stop it first
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -43,6 +45,15 @@ SERVICE_BUSY_HINT = (
     "`sudo systemctl stop leukocam`, run the doctor, then `sudo systemctl start leukocam`"
 )
 MARKS = {True: "✓", False: "✗", None: "!"}
+PICAMERA2_PACKAGE = "python3-picamera2"
+"""picamera2 comes from apt (the Raspberry Pi archive), not pip."""
+PICAMERA2_MIN = (0, 3, 20)
+"""First picamera2 whose capture_request(wait=<seconds>) is a timeout; before it, a number only means "wait"."""
+PICAMERA2_UPGRADE = (
+    "`sudo apt update && sudo apt install --only-upgrade python3-picamera2` (or `sudo apt full-upgrade`), "
+    "then `sudo systemctl restart leukocam`; if apt offers nothing newer, the system is older than "
+    "Raspberry Pi OS Bookworm: flash Raspberry Pi OS 64-bit (Bookworm) and run firmware_config/install.sh"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,81 @@ def _camera_fix(cfg: Config, message: str) -> str:
         "dtoverlay=imx477 in /boot/firmware/config.txt (firmware_config/config.txt.snippet) and reboot; "
         + SERVICE_BUSY_HINT
     )
+
+
+def dpkg_version(package: str) -> str | None:
+    """The installed version of a Debian package (`dpkg-query`), or None (not installed, or no dpkg)."""
+    if shutil.which("dpkg-query") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", package],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    status, _, version = out.stdout.strip().partition(" ")
+    if out.returncode != 0 or status != "installed" or not version:
+        return None
+    return version
+
+
+def picamera2_version() -> tuple[str, str] | None:
+    """(version, where it was found) of the installed picamera2, or None.
+
+    apt's python3-picamera2 first (what install.sh installs), else a Python distribution
+    named picamera2 (a pip install, or the test fake's metadata).
+    """
+    version = dpkg_version(PICAMERA2_PACKAGE)
+    if version:
+        return version, f"apt {PICAMERA2_PACKAGE}"
+    try:
+        return importlib.metadata.version("picamera2"), "Python package picamera2"
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def upstream_version(version: str) -> tuple[int, ...]:
+    """Leading numbers of a version: Debian's epoch ('1:') and revision ('-1+rpt1') dropped.
+
+    '0.3.30-1' -> (0, 3, 30); '1:0.3.19-2~bpo12' -> (0, 3, 19); '' -> ().
+    """
+    text = version.split(":", 1)[1] if re.match(r"^\d+:", version) else version
+    if "-" in text:
+        text = text.rsplit("-", 1)[0]
+    found = re.match(r"^\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in found.group(0).split(".")) if found else ()
+
+
+def check_picamera2(cfg: Config, find=None) -> Check:
+    """With the picamera2 backend: the installed picamera2 is new enough for capture timeouts."""
+    if cfg.camera.backend != "picamera2":
+        return Check("picamera2", None, f"skipped: camera.backend is {cfg.camera.backend}")
+    found = (find or picamera2_version)()
+    if found is None:
+        return Check(
+            "picamera2",
+            False,
+            "picamera2 is not installed",
+            "`sudo apt install python3-picamera2`, and make the venv with --system-site-packages "
+            "(firmware_config/install.sh does both)",
+        )
+    version, where = found
+    parsed = upstream_version(version)
+    need = ".".join(map(str, PICAMERA2_MIN))
+    if not parsed:
+        return Check("picamera2", None, f"{where} {version}: cannot tell whether it is {need} or newer", "")
+    if parsed < PICAMERA2_MIN:
+        return Check(
+            "picamera2",
+            False,
+            f"{where} {version} is older than {need}: its capture_request(wait=...) takes no timeout, "
+            "so a camera that stops answering hangs a capture instead of failing it",
+            PICAMERA2_UPGRADE,
+        )
+    return Check("picamera2", True, f"{where} {version} ({need} or newer: capture timeouts work)")
 
 
 def check_gpio(cfg: Config, pin_factory=None) -> Check:
@@ -358,10 +444,10 @@ def run_checks(config_path: str | Path | None, pin_factory=None) -> list[Check]:
     """All checks, in order. Those that need the config are skipped when it does not load."""
     config_check, cfg = check_config(config_path)
     checks = [config_check]
-    needs_config: list[tuple[str, Callable[[Config], Check], float]] = [
-        ("camera", check_camera, CAMERA_TIMEOUT_S),
-        ("gpio", lambda c: check_gpio(c, pin_factory), CHECK_TIMEOUT_S),
-    ]
+    needs_config: list[tuple[str, Callable[[Config], Check], float]] = [("camera", check_camera, CAMERA_TIMEOUT_S)]
+    if cfg is not None and cfg.camera.backend == "picamera2":
+        needs_config.append(("picamera2", check_picamera2, CHECK_TIMEOUT_S))
+    needs_config.append(("gpio", lambda c: check_gpio(c, pin_factory), CHECK_TIMEOUT_S))
     for name, fn, timeout in needs_config:
         checks.append(_with_config(name, fn, cfg, timeout))
     checks.append(run_guarded("runtime", check_runtime, CHECK_TIMEOUT_S))
@@ -400,7 +486,7 @@ def format_report(checks: list[Check]) -> str:
     help=f"TOML config (default: {DEFAULT_DEVICE_CONFIG} when it exists, else the embedded demo).",
 )
 def doctor(config_path):
-    """Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."""
+    """Check camera (and picamera2's version), GPIO, runtime, model bundle, disk and clock; say what to fix."""
     if config_path is None and DEFAULT_DEVICE_CONFIG.is_file():
         config_path = str(DEFAULT_DEVICE_CONFIG)
     t0 = time.monotonic()

@@ -25,6 +25,9 @@ UNIT_DEST=/etc/systemd/system/leukocam.service
 AVAHI_DEST=/etc/avahi/services/leukocam.service
 BIN_LINK=/usr/local/bin/leukocam
 APT_PACKAGES=(python3-picamera2 python3-venv python3-lgpio avahi-daemon rsync)
+# capture_request(wait=<seconds>) is a timeout only from picamera2 0.3.20 (device/camera/picam.py);
+# `leukocam doctor` checks the same (device/doctor.py, PICAMERA2_MIN).
+PICAMERA2_MIN=0.3.20
 SNIPPET_MARK="# --- LeukoCam camera"
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -108,6 +111,29 @@ fi
 say "apt packages: ${APT_PACKAGES[*]}"
 run apt-get update
 run apt-get install -y --no-install-recommends "${APT_PACKAGES[@]}"
+
+# check_picamera2: say whether apt's python3-picamera2 is new enough, and what to do when it is not.
+check_picamera2() {
+    local status=
+    if command -v dpkg-query > /dev/null; then
+        # shellcheck disable=SC2016 # dpkg-query's own ${...} fields
+        status=$(dpkg-query -W -f='${db:Status-Status} ${Version}' python3-picamera2 2> /dev/null || true)
+    fi
+    local version=${status#* }
+    if [[ ${status%% *} != installed || -z $version ]]; then
+        if [[ $DRY_RUN -eq 1 ]]; then
+            note "python3-picamera2 is not installed yet: the apt-get above installs it (it needs $PICAMERA2_MIN or newer)"
+        else
+            note "python3-picamera2 is not installed: the camera will not work; check the apt-get output above"
+        fi
+    elif dpkg --compare-versions "$version" lt "$PICAMERA2_MIN"; then
+        note "python3-picamera2 $version is older than $PICAMERA2_MIN: its capture_request(wait=...) takes no timeout, so a camera that stops answering hangs a capture"
+        note "  fix: sudo apt update && sudo apt full-upgrade, then run this script again; if apt offers nothing newer, flash Raspberry Pi OS 64-bit (Bookworm); leukocam doctor fails its picamera2 check until then"
+    else
+        say "python3-picamera2 $version ($PICAMERA2_MIN or newer: capture timeouts work)"
+    fi
+}
+check_picamera2
 
 say "service user $SERVICE_USER (groups video, gpio)"
 if ! getent group gpio > /dev/null; then

@@ -82,13 +82,30 @@ def test_picamera2_resolution_from_config(fake_picamera2):
         assert cam.capture().image.shape == (374, 500, 3)
 
 
-def test_picamera2_fixed_controls_from_config(fake_picamera2):
+LIBCAMERA = {"libcamera-0.5": (0, 5, 0), "libcamera-0.4": (0, 4, 0)}
+"""AeState and the mode controls from libcamera 0.5.0; AeLocked before."""
+MODES = {"ExposureTimeMode": 1, "AnalogueGainMode": 1}
+
+
+@pytest.fixture(params=list(LIBCAMERA), ids=list(LIBCAMERA))
+def any_libcamera(request, fake_picamera2):
+    """The fake picamera2 on a libcamera before and after AeLocked gave way to AeState."""
+    fake_picamera2.LIBCAMERA_VERSION = LIBCAMERA[request.param]
+    return fake_picamera2
+
+
+def new_libcamera(fake) -> bool:
+    return fake.LIBCAMERA_VERSION >= (0, 5, 0)
+
+
+def test_picamera2_fixed_controls_from_config(any_libcamera):
     with open_picam(exposure_us=8000, analogue_gain=1.5, awb_red=2.4, awb_blue=1.3) as cam:
         fake = cam._cam
         frame = cam.capture()
     locked = fake.controls_log[-1]
     assert locked == {
         "AeEnable": False,
+        **(MODES if new_libcamera(any_libcamera) else {}),
         "ExposureTime": 8000,
         "AnalogueGain": 1.5,
         "AwbEnable": False,
@@ -98,36 +115,119 @@ def test_picamera2_fixed_controls_from_config(fake_picamera2):
     assert frame.metadata["ExposureTime"] == 8000 and frame.metadata["AnalogueGain"] == 1.5
     assert frame.metadata["ColourGains"] == [2.4, 1.3]
     assert frame.metadata["locked_controls"]["AeEnable"] is False
+    assert frame.metadata["ae_lock"] == {"ae": "config", "signal": None, "frames": 0}
 
 
-def test_picamera2_auto_settles_then_locks(fake_picamera2):
+def test_picamera2_auto_settles_then_locks(any_libcamera):
+    fake_picamera2 = any_libcamera
     with open_picam() as cam:
         fake = cam._cam
         settle_frames = fake.calls.count("capture_metadata")
         first = cam.capture()
         second = cam.capture()
-    # It waited for AE to report AeLocked, then fixed exactly what AE/AWB had settled on.
-    assert settle_frames >= fake_picamera2.SETTLE_FRAMES
+    # It waited for AE to report convergence (AeState or AeLocked), no longer, then fixed
+    # exactly what AE/AWB had settled on.
+    assert settle_frames == fake_picamera2.SETTLE_FRAMES + 1  # the first frame reporting it
+    signal = "AeState" if new_libcamera(fake_picamera2) else "AeLocked"
+    assert cam.ae_lock == {"ae": "converged", "signal": signal, "frames": settle_frames}
     assert fake.controls_log[-1] == {
         "AeEnable": False,
+        **(MODES if new_libcamera(fake_picamera2) else {}),
         "ExposureTime": fake_picamera2.AUTO_EXPOSURE_US,
         "AnalogueGain": pytest.approx(fake_picamera2.AUTO_GAIN),
         "AwbEnable": False,
         "ColourGains": pytest.approx(fake_picamera2.AUTO_COLOUR_GAINS),
     }
-    # The mode switches keep the lock: both stills report the locked values.
+    # The mode switches keep the lock: both stills report the locked values, and how it was reached.
     for frame in (first, second):
         assert frame.metadata["ExposureTime"] == fake_picamera2.AUTO_EXPOSURE_US
         assert frame.metadata["ColourGains"] == pytest.approx(list(fake_picamera2.AUTO_COLOUR_GAINS))
+        assert frame.metadata["ae_lock"] == cam.ae_lock
+        if new_libcamera(fake_picamera2):
+            assert frame.metadata["AeState"] == fake_picamera2.AE_STATE_IDLE  # AE is off once locked
+            assert frame.metadata["ExposureTimeMode"] == 1 and frame.metadata["AnalogueGainMode"] == 1
+            assert "AeLocked" not in frame.metadata
+        else:
+            assert frame.metadata["AeLocked"] is True and "AeState" not in frame.metadata
     assert fake.controls["AeEnable"] is False and fake.controls["AwbEnable"] is False
 
 
-def test_picamera2_partial_config_settles_the_rest(fake_picamera2):
+def test_picamera2_partial_config_settles_the_rest(any_libcamera):
     with open_picam(exposure_us=5000) as cam:
         fake = cam._cam
-    assert fake.controls_log[0] == {"ExposureTime": 5000}  # applied before settling
+        frame = cam.capture()
+    # Applied before settling; from libcamera 0.5 with ExposureTimeMode Manual, without which it is ignored.
+    assert fake.controls_log[0] == {
+        "ExposureTime": 5000,
+        **({"ExposureTimeMode": 1} if new_libcamera(any_libcamera) else {}),
+    }
     assert fake.controls_log[-1]["ExposureTime"] == 5000
-    assert fake.controls_log[-1]["AnalogueGain"] == pytest.approx(fake_picamera2.AUTO_GAIN)
+    assert fake.controls_log[-1]["AnalogueGain"] == pytest.approx(any_libcamera.AUTO_GAIN)
+    assert frame.metadata["ExposureTime"] == 5000
+    assert frame.metadata["ae_lock"]["ae"] == "converged"
+
+
+def test_fake_ignores_an_exposure_time_set_in_auto_mode_from_libcamera_0_5(fake_picamera2):
+    """The fake holds the code to libcamera 0.5's rule: ExposureTime counts only with ExposureTimeMode Manual."""
+    cam = fake_picamera2.Picamera2()
+    cam.configure(cam.create_preview_configuration())
+    cam.start()
+    cam.set_controls({"ExposureTime": 5000})
+    assert cam.capture_metadata()["ExposureTime"] != 5000
+    cam.set_controls({"ExposureTime": 5000, "ExposureTimeMode": 1})
+    assert cam.capture_metadata()["ExposureTime"] == 5000
+    cam.close()
+
+
+def test_picamera2_fixed_exposure_and_gain_do_not_wait_for_ae(any_libcamera):
+    """AE is off (AeState Idle), only AWB settles: the minimum number of frames, not SETTLE_FRAMES."""
+    from device.camera.picam import MIN_SETTLE_FRAMES
+
+    with open_picam(exposure_us=8000, analogue_gain=1.5) as cam:
+        settle_frames = cam._cam.calls.count("capture_metadata")
+        frame = cam.capture()
+    assert settle_frames == MIN_SETTLE_FRAMES
+    assert frame.metadata["ae_lock"]["ae"] == "config" and frame.metadata["ae_lock"]["frames"] == MIN_SETTLE_FRAMES
+    assert frame.metadata["ExposureTime"] == 8000 and frame.metadata["AnalogueGain"] == 1.5
+
+
+def test_picamera2_ae_that_never_converges_is_locked_after_the_limit_and_said(any_libcamera, caplog):
+    from device.camera.picam import SETTLE_FRAMES
+
+    any_libcamera.SETTLE_FRAMES = 10 * SETTLE_FRAMES  # a scene AE cannot settle on in time
+    with caplog.at_level("WARNING", logger="device.camera.picam"), open_picam() as cam:
+        frame = cam.capture()
+        settle_frames = cam._cam.calls.count("capture_metadata")
+    signal = "AeState" if new_libcamera(any_libcamera) else "AeLocked"
+    assert settle_frames == SETTLE_FRAMES
+    assert frame.metadata["ae_lock"] == {"ae": "not converged", "signal": signal, "frames": SETTLE_FRAMES}
+    assert "did not converge" in caplog.text and "exposure_us" in caplog.text
+
+
+def test_ae_report_reads_ae_state_and_ae_locked():
+    from device.camera.picam import ae_report
+
+    assert ae_report({"AeState": 2}) == ("AeState", True)
+    assert ae_report({"AeState": 1}) == ("AeState", False)
+    assert ae_report({"AeState": 0, "AeLocked": True}) == ("AeState", False)  # the newer report wins
+    assert ae_report({"AeLocked": True}) == ("AeLocked", True)
+    assert ae_report({"AeLocked": False}) == ("AeLocked", False)
+    assert ae_report({"ExposureTime": 100}) == (None, None)
+
+
+def test_picamera2_timeouts_reach_the_library(fake_picamera2):
+    """Every wait is TIMEOUT_S seconds; the fake says a picamera2 older than 0.3.20 would not honour it."""
+    from device.camera.picam import TIMEOUT_S
+
+    with open_picam() as cam:
+        cam.capture()
+        cam.preview()
+        waits = list(cam._cam.waits)
+    assert waits and all(w == (TIMEOUT_S, True) for w in waits)
+    fake_picamera2.VERSION = "0.3.19"
+    with open_picam() as cam:
+        cam.capture()
+        assert all(w == (TIMEOUT_S, False) for w in cam._cam.waits)
 
 
 def test_fake_serves_stale_frames_without_flush(fake_picamera2):
@@ -176,7 +276,7 @@ def test_picamera2_metadata_is_json(fake_picamera2):
         frame = cam.capture()
     text = json.dumps(frame.metadata, allow_nan=False)
     back = json.loads(text)
-    for key in ("ExposureTime", "AnalogueGain", "ColourGains", "SensorTimestamp", "Lux", "locked_controls"):
+    for key in ("ExposureTime", "AnalogueGain", "ColourGains", "SensorTimestamp", "Lux", "locked_controls", "ae_lock"):
         assert key in back, key
     assert back["Lux"] == pytest.approx(412.5)
     assert back["locked_controls"]["ColourGains"] == back["ColourGains"]

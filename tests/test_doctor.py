@@ -254,3 +254,107 @@ def test_the_report_shows_fixes_only_for_what_is_not_fine():
     assert "fix: plug it in" in text
     assert text.splitlines()[0].startswith("✓ config")
     assert text.splitlines()[-1] == "1 passed, 1 failed, 1 skipped or warnings"
+
+
+# --- picamera2: the installed version (apt's python3-picamera2, else the distribution) ---------------
+FAKES = Path(__file__).resolve().parent / "fakes"
+
+
+@pytest.fixture
+def fake_picamera2_installed(tmp_path, monkeypatch):
+    """The fake picamera2 importable, with distribution metadata of a chosen version; no apt package.
+
+    Returns install(version): writes picamera2-<version>.dist-info where importlib.metadata finds it.
+    """
+    import sys
+
+    monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    monkeypatch.setattr(doctor_module, "dpkg_version", lambda package: None)
+
+    def install(version: str) -> None:
+        import picamera2
+
+        picamera2.VERSION = version
+        site = tmp_path / f"site-{version}"
+        info = site / f"picamera2-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: picamera2\nVersion: {version}\n")
+        monkeypatch.syspath_prepend(str(site))
+
+    yield install
+    sys.modules.pop("picamera2", None)
+
+
+def picamera2_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, camera={"backend": "picamera2"})
+
+
+def test_picamera2_new_enough_passes(tmp_path, fake_picamera2_installed):
+    fake_picamera2_installed("0.3.30")
+    result = invoke("--config", str(picamera2_config(tmp_path)))
+    assert result.exit_code == 0, result.output
+    found = rows(result.output)
+    assert set(found) == set(ALL) | {"picamera2"}
+    assert found["camera"].startswith("✓") and "picamera2" in found["camera"]  # one frame from the fake
+    assert found["picamera2"].startswith("✓") and "0.3.30" in found["picamera2"]
+
+
+def test_picamera2_older_than_0_3_20_fails_with_the_upgrade(tmp_path, fake_picamera2_installed):
+    fake_picamera2_installed("0.3.19")
+    result = invoke("--config", str(picamera2_config(tmp_path)))
+    assert result.exit_code == 1
+    found = rows(result.output)
+    assert found["picamera2"].startswith("✗")
+    assert "0.3.19 is older than 0.3.20" in found["picamera2"] and "timeout" in found["picamera2"]
+    fix = fix_after(result.output, "picamera2")
+    assert "apt install --only-upgrade python3-picamera2" in fix and "full-upgrade" in fix
+    assert found["camera"].startswith("✓")  # the camera works; it only cannot time out
+
+
+def test_picamera2_version_comes_from_apt_first(tmp_path, monkeypatch):
+    """A dpkg-query on PATH that knows python3-picamera2 0.3.12-1 (an old Raspberry Pi OS)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "dpkg-query"
+    tool.write_text(
+        '#!/bin/sh\ncase "$*" in *python3-picamera2*) printf "installed 0.3.12-1";; *) exit 1;; esac\n',
+        encoding="utf-8",
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    assert doctor_module.dpkg_version("python3-picamera2") == "0.3.12-1"
+    assert doctor_module.dpkg_version("python3-other") is None
+    assert doctor_module.picamera2_version() == ("0.3.12-1", "apt python3-picamera2")
+    cfg = doctor_module.load_config(picamera2_config(tmp_path))
+    check = doctor_module.check_picamera2(cfg)
+    assert check.ok is False and "apt python3-picamera2 0.3.12-1" in check.detail
+
+
+def test_picamera2_not_installed_fails(tmp_path, monkeypatch):
+    cfg = doctor_module.load_config(picamera2_config(tmp_path))
+    check = doctor_module.check_picamera2(cfg, find=lambda: None)
+    assert check.ok is False and "apt install python3-picamera2" in check.fix
+
+
+def test_picamera2_check_only_with_the_picamera2_backend(tmp_path):
+    names = [c.name for c in run_checks(write_config(tmp_path))]
+    assert "picamera2" not in names
+    cfg = doctor_module.load_config(write_config(tmp_path))
+    assert doctor_module.check_picamera2(cfg).ok is None
+
+
+@pytest.mark.parametrize(
+    ("version", "parsed"),
+    [
+        ("0.3.30-1", (0, 3, 30)),
+        ("0.3.19-1~bpo12+1", (0, 3, 19)),
+        ("1:0.3.20-2", (0, 3, 20)),
+        ("0.3.30-1+leukocamfake", (0, 3, 30)),
+        ("0.3.25", (0, 3, 25)),
+        ("0.3.31+rpt1-1", (0, 3, 31)),
+        ("weird", ()),
+    ],
+)
+def test_upstream_version(version, parsed):
+    assert doctor_module.upstream_version(version) == parsed

@@ -12,11 +12,17 @@ This module owns three things the rest of the device must not have to know:
   button press is never returned;
 - stable stain colours: exposure time, analogue gain and white balance are fixed,
   from the config where set, otherwise settled once by AE/AWB at start and then
-  locked to the values the camera reported.
+  locked to the values the camera reported. AE has settled when libcamera says so:
+  `AeState` == Converged from libcamera 0.5.0 (which removed `AeLocked`), `AeLocked`
+  on older ones; each capture's metadata says how the lock was reached (`ae_lock`).
+
+picamera2 >= 0.3.20 is needed for `wait=<seconds>` to be a timeout (before, a number
+only means "wait", without a limit); install.sh and `leukocam doctor` check it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -43,6 +49,10 @@ TIMEOUT_S = 10.0
 """Longest wait for one frame (a long exposure on a dim field stays well below it)."""
 MANUAL = 1
 """libcamera ExposureTimeModeEnum.Manual / AnalogueGainModeEnum.Manual (libcamera >= 0.5)."""
+AE_STATE_CONVERGED = 2
+"""libcamera AeStateEnum.Converged (AeState replaced the boolean AeLocked in libcamera 0.5.0)."""
+MODE_CONTROLS = (("ExposureTime", "ExposureTimeMode"), ("AnalogueGain", "AnalogueGainMode"))
+"""libcamera >= 0.5 ignores a value set while its mode is Auto: a fixed value goes with mode Manual."""
 KEPT_METADATA = (
     "SensorTimestamp",
     "ExposureTime",
@@ -55,8 +65,13 @@ KEPT_METADATA = (
     "SensorTemperature",
     "FocusFoM",
     "ScalerCrop",
+    "AeState",
     "AeLocked",
+    "ExposureTimeMode",
+    "AnalogueGainMode",
 )
+
+log = logging.getLogger(__name__)
 
 
 class PiCamera:
@@ -75,6 +90,7 @@ class PiCamera:
         self.camera_num = camera_num
         self._lock = threading.Lock()
         self._cam = None
+        self.ae_lock: dict = {}
         try:
             self._cam = Picamera2(camera_num)
             self.sensor_resolution = _size(self._cam.sensor_resolution)
@@ -82,7 +98,7 @@ class PiCamera:
             self.preview_size = _preview_size(config.preview_width, self.still_size)
             fixed = self._fixed_from_config()
             self._preview_config = self._cam.create_preview_configuration(
-                main={"size": self.preview_size, "format": STREAM_FORMAT}, controls=dict(fixed)
+                main={"size": self.preview_size, "format": STREAM_FORMAT}, controls=self._with_modes(fixed)
             )
             self._cam.configure(self._preview_config)
             self._cam.start()
@@ -114,16 +130,56 @@ class PiCamera:
             fixed["ColourGains"] = (float(self.config.awb_red), float(self.config.awb_blue))
         return fixed
 
+    def _advertised(self) -> dict:
+        return dict(getattr(self._cam, "camera_controls", None) or {})
+
+    def _with_modes(self, controls: dict) -> dict:
+        """`controls` plus ExposureTimeMode / AnalogueGainMode Manual for each fixed value, where advertised."""
+        out = dict(controls)
+        advertised = self._advertised()
+        for value, mode in MODE_CONTROLS:
+            if value in out and mode in advertised:
+                out[mode] = MANUAL
+        return out
+
     def _lock_controls(self, fixed: dict) -> dict:
-        """Let AE/AWB settle for what the config leaves open, then fix all three for good."""
+        """Let AE/AWB settle for what the config leaves open, then fix all three for good.
+
+        AE has settled when the camera reports it (AeState Converged, or AeLocked on a
+        libcamera older than 0.5), after at least MIN_SETTLE_FRAMES for AWB; without that
+        report within SETTLE_FRAMES, the last values are locked and the capture metadata
+        says so (`ae_lock`).
+        """
         settled: dict = {}
+        ae_needed = not ("ExposureTime" in fixed and "AnalogueGain" in fixed)
+        self.ae_lock = {"ae": "config", "signal": None, "frames": 0}
         if len(fixed) < 3:
             if fixed:
-                self._cam.set_controls(dict(fixed))
-            for i in range(SETTLE_FRAMES):
+                self._cam.set_controls(self._with_modes(fixed))
+            converged = None
+            frames = 0
+            signal = None
+            for frames in range(1, SETTLE_FRAMES + 1):
                 settled = dict(self._cam.capture_metadata(wait=TIMEOUT_S))
-                if i + 1 >= MIN_SETTLE_FRAMES and settled.get("AeLocked", False):
+                signal, converged = ae_report(settled)
+                if frames >= MIN_SETTLE_FRAMES and (converged or not ae_needed):
                     break
+            if not ae_needed:
+                state = "config"  # exposure and gain are fixed: only AWB settled
+            elif converged:
+                state = "converged"
+            elif signal is None:
+                state = "unreported"
+            else:
+                state = "not converged"
+            self.ae_lock = {"ae": state, "signal": signal, "frames": frames}
+            if state in ("unreported", "not converged"):
+                log.warning(
+                    "picamera2: auto-exposure %s after %d frames; locking the last values "
+                    "(set camera.exposure_us and camera.analogue_gain to fix them)",
+                    "did not converge" if signal else "reported neither AeState nor AeLocked",
+                    frames,
+                )
         try:
             exposure = int(fixed.get("ExposureTime") or settled["ExposureTime"])
             gain = float(fixed.get("AnalogueGain") or settled["AnalogueGain"])
@@ -133,7 +189,7 @@ class PiCamera:
                 f"picamera2: the camera reported no {exc} after auto-exposure; set camera.exposure_us, "
                 "camera.analogue_gain, camera.awb_red and camera.awb_blue to fixed values"
             ) from None
-        advertised = dict(getattr(self._cam, "camera_controls", None) or {})
+        advertised = self._advertised()
         locked: dict = {}
         if not advertised or "AeEnable" in advertised:
             locked["AeEnable"] = False
@@ -168,6 +224,7 @@ class PiCamera:
             "sensor_resolution": list(self.sensor_resolution),
             "format": STREAM_FORMAT,
             "locked_controls": _jsonable(self.locked_controls),
+            "ae_lock": _jsonable(self.ae_lock),
             "requested_ns": requested_ns,
             "exposure_start_ns": _exposure_start_ns(md),
         }
@@ -278,6 +335,22 @@ def _to_rgb(array: np.ndarray, fmt: str) -> np.ndarray:
     else:
         raise CameraError(f"picamera2: pixel format {fmt} is not supported; use RGB888")
     return np.ascontiguousarray(rgb)
+
+
+def ae_report(md: dict) -> tuple[str | None, bool | None]:
+    """(which metadata said it, AE converged?) from one frame's metadata.
+
+    libcamera >= 0.5.0 reports AeState (0 Idle, 1 Searching, 2 Converged); older ones the
+    boolean AeLocked. (None, None) when the frame carries neither.
+    """
+    if md.get("AeState") is not None:
+        try:
+            return "AeState", int(md["AeState"]) == AE_STATE_CONVERGED
+        except (TypeError, ValueError):
+            return "AeState", False
+    if md.get("AeLocked") is not None:
+        return "AeLocked", bool(md["AeLocked"])
+    return None, None
 
 
 def _exposure_start_ns(md: dict) -> int | None:

@@ -14,13 +14,28 @@ raspberrypi/picamera2, picamera2/picamera2.py):
   that began exposing before that time (the real `wait_for_timestamp_`);
   without flush the oldest queued frame comes back, stale or not.
 - AE/AWB: while enabled, exposure, gain and colour gains wander for a few frames
-  and then report AeLocked; set values (AeEnable/AwbEnable False) are reported
-  exactly.
+  and then settle; set values are reported exactly. How AE reports it follows the
+  libcamera the fake stands for (LIBCAMERA_VERSION):
+  - libcamera >= 0.5.0 (commit a533bd00 "controls: Remove AeLocked"): metadata
+    carries `AeState` (AeStateEnum: 0 Idle, 1 Searching, 2 Converged; Idle when
+    both ExposureTimeMode and AnalogueGainMode are Manual) and the two mode
+    controls; `ExposureTimeMode` / `AnalogueGainMode` are advertised, and an
+    ExposureTime / AnalogueGain set while its mode is Auto is ignored and not
+    retained, as libcamera's control_ids_core.yaml says. AeEnable False is the
+    convenience that sets both modes to Manual.
+  - older libcamera: metadata carries the boolean `AeLocked`, no mode controls
+    exist, and a set ExposureTime / AnalogueGain takes effect directly.
+- `wait`: picamera2 takes a timeout in seconds from 0.3.20 (VERSION); before
+  that `wait` is only tested for truth, so a number means "block without a
+  limit". Each call's wait is logged in `waits` as (value, honoured as seconds).
 
 Test knobs (module attributes, reset by re-importing the module): SENSOR_RESOLUTION,
 SCENE (an RGB uint8 image, default the first shipped demo field), NO_CAMERA,
-STALE_FRAMES_ON_START. Per camera: `queue_stale_frames(n)`, `ignore_flush`,
-`unplug()`, `controls_log`, `calls`, `instances`.
+STALE_FRAMES_ON_START, VERSION, LIBCAMERA_VERSION. Per camera: `queue_stale_frames(n)`,
+`ignore_flush`, `unplug()`, `controls_log`, `calls`, `waits`, `instances`.
+
+firmware_config/pi-check.sh packages this file as apt's python3-picamera2 (version
+VERSION) for the emulated Raspberry Pi OS, where the real one cannot be installed.
 """
 
 from __future__ import annotations
@@ -40,7 +55,17 @@ NO_CAMERA = False
 STALE_FRAMES_ON_START = 0
 """Frames exposed before start() that are queued when the camera starts (pipeline latency)."""
 
-_FIELD = Path(__file__).resolve().parents[3] / "device" / "demo" / "fields" / "field_0000.jpg"
+VERSION = "0.3.30"
+"""The picamera2 release this fake stands for (capture_request(wait=<seconds>) needs >= 0.3.20)."""
+LIBCAMERA_VERSION = (0, 5, 0)
+"""The libcamera this fake stands for: >= (0, 5, 0) reports AeState, older reports AeLocked."""
+TIMEOUT_WAIT_FROM = (0, 3, 20)
+"""First picamera2 release whose `wait` argument is a timeout in seconds."""
+AE_STATE_IDLE, AE_STATE_SEARCHING, AE_STATE_CONVERGED = 0, 1, 2
+"""libcamera controls::AeStateEnum."""
+MODE_AUTO, MODE_MANUAL = 0, 1
+"""libcamera ExposureTimeModeEnum / AnalogueGainModeEnum."""
+
 FRAME_NS = 33_333_333
 AUTO_EXPOSURE_US = 12_000
 AUTO_GAIN = 2.0
@@ -50,10 +75,37 @@ SETTLE_FRAMES = 6
 instances: list[Picamera2] = []
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _new_libcamera() -> bool:
+    return tuple(LIBCAMERA_VERSION) >= (0, 5, 0)
+
+
+def _field() -> Path:
+    """The first shipped demo field: beside the checkout, else inside the installed `device` package."""
+    here = Path(__file__).resolve().parents[3] / "device" / "demo" / "fields" / "field_0000.jpg"
+    if here.is_file():
+        return here
+    import importlib.util
+
+    spec = importlib.util.find_spec("device")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("fake picamera2: no scene (set SCENE, or install leukocam beside it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "demo" / "fields" / "field_0000.jpg"
+
+
 def _scene() -> np.ndarray:
     if SCENE is not None:
         return np.asarray(SCENE, dtype=np.uint8)
-    with Image.open(_FIELD) as im:
+    with Image.open(_field()) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -106,6 +158,10 @@ class Picamera2:
             "AnalogueGain": (1.0, 22.26, 1.0),
             "ColourGains": (0.0, 32.0, None),
         }
+        if _new_libcamera():
+            self.camera_controls["ExposureTimeMode"] = (MODE_AUTO, MODE_MANUAL, MODE_AUTO)
+            self.camera_controls["AnalogueGainMode"] = (MODE_AUTO, MODE_MANUAL, MODE_AUTO)
+        self.waits: list[tuple[object, bool]] = []
         self.camera_config: dict | None = None
         self.controls: dict = {}
         self.controls_log: list[dict] = []
@@ -146,7 +202,8 @@ class Picamera2:
         self.calls.append(f"configure:{camera_config['use_case']}")
         self.camera_config = camera_config
         # Like the real configure_(): the configuration's controls replace the current ones.
-        self.controls = dict(camera_config.get("controls") or {})
+        self.controls = {}
+        self._apply(dict(camera_config.get("controls") or {}))
         self._auto_frames = 0
 
     def start(self) -> None:
@@ -183,7 +240,29 @@ class Picamera2:
         if unknown:
             raise RuntimeError(f"Control {sorted(unknown)[0]} is not advertised by libcamera")
         self.controls_log.append(dict(controls))
+        self._apply(controls)
+
+    def _apply(self, controls: dict) -> None:
+        """Merge controls as libcamera does: from 0.5, a value set while its mode is Auto is dropped."""
         self.controls.update(controls)
+        if not _new_libcamera():
+            return
+        if controls.get("AeEnable") is False:  # the convenience: both modes Manual
+            self.controls.setdefault("ExposureTimeMode", MODE_MANUAL)
+            self.controls.setdefault("AnalogueGainMode", MODE_MANUAL)
+        elif controls.get("AeEnable") is True:
+            self.controls.update(ExposureTimeMode=MODE_AUTO, AnalogueGainMode=MODE_AUTO)
+        for value, mode in (("ExposureTime", "ExposureTimeMode"), ("AnalogueGain", "AnalogueGainMode")):
+            if value in controls and self.controls.get(mode, MODE_AUTO) != MODE_MANUAL:
+                del self.controls[value]  # "ignored, and its value will not be retained"
+
+    def _manual(self) -> tuple[bool, bool]:
+        """(exposure time fixed, analogue gain fixed) under the current controls."""
+        c = self.controls
+        if _new_libcamera():
+            return c.get("ExposureTimeMode") == MODE_MANUAL, c.get("AnalogueGainMode") == MODE_MANUAL
+        ae_off = c.get("AeEnable", True) is False
+        return ae_off or "ExposureTime" in c, ae_off or "AnalogueGain" in c
 
     # frames -------------------------------------------------------------------
     def unplug(self) -> None:
@@ -216,10 +295,10 @@ class Picamera2:
     def _frame(self, end_ns: int | None = None) -> CompletedRequest:
         exposure, gain, gains, settled = self._auto_values()
         c = self.controls
-        ae = c.get("AeEnable", True)
-        if "ExposureTime" in c or not ae:
+        fixed_exposure, fixed_gain = self._manual()
+        if fixed_exposure:
             exposure = int(c.get("ExposureTime", exposure))
-        if "AnalogueGain" in c or not ae:
+        if fixed_gain:
             gain = float(c.get("AnalogueGain", gain))
         if "ColourGains" in c:  # setting ColourGains switches AWB off in libcamera
             gains = tuple(float(g) for g in c["ColourGains"])
@@ -236,10 +315,18 @@ class Picamera2:
             "ColourTemperature": 5200,
             "Lux": 412.5,
             "FrameDuration": FRAME_NS // 1000,
-            "AeLocked": bool(settled or not ae),
             "ScalerCrop": (0, 0, *self.sensor_resolution),
             "ColourCorrectionMatrix": tuple(float(v) for v in np.eye(3).ravel()),
         }
+        if _new_libcamera():
+            if fixed_exposure and fixed_gain:
+                metadata["AeState"] = AE_STATE_IDLE
+            else:
+                metadata["AeState"] = AE_STATE_CONVERGED if settled else AE_STATE_SEARCHING
+            metadata["ExposureTimeMode"] = MODE_MANUAL if fixed_exposure else MODE_AUTO
+            metadata["AnalogueGainMode"] = MODE_MANUAL if fixed_gain else MODE_AUTO
+        else:
+            metadata["AeLocked"] = bool(settled or (fixed_exposure and fixed_gain))
         return CompletedRequest(self, metadata)
 
     def _next(self, flush=None) -> CompletedRequest:
@@ -258,12 +345,19 @@ class Picamera2:
             return self._queue.pop(0)
         return self._frame()
 
+    def _wait(self, wait) -> None:
+        """Log how this picamera2 treats `wait`: seconds from 0.3.20, before that only its truth."""
+        seconds = isinstance(wait, int | float) and not isinstance(wait, bool)
+        self.waits.append((wait, seconds and _version(VERSION) >= TIMEOUT_WAIT_FROM))
+
     def capture_request(self, wait=None, signal_function=None, flush=None) -> CompletedRequest:
         self.calls.append(f"capture_request:flush={flush is not None and flush is not False}")
+        self._wait(wait)
         return self._next(flush)
 
     def capture_metadata(self, wait=None, signal_function=None) -> dict:
         self.calls.append("capture_metadata")
+        self._wait(wait)
         request = self._next()
         metadata = request.get_metadata()
         request.release()
@@ -271,6 +365,7 @@ class Picamera2:
 
     def capture_array(self, name: str = "main", wait=None, signal_function=None) -> np.ndarray:
         self.calls.append(f"capture_array:{name}")
+        self._wait(wait)
         request = self._next()
         array = request.make_array(name)
         request.release()

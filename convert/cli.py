@@ -251,6 +251,9 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
         w, h, n = (1280, 960, 2) if quick else (4056, 3040, 5)
         result = bench_pipeline(bundle, width=w, height=h, cells=5, captures=n)
         result["markdown"] = pipeline_markdown(result)
+        from device.pi_bench import budget_markdown  # within or over the Pi 4 budgets, and by how much
+
+        result["markdown"] += "\n" + budget_markdown(result)
         results.append(result)
         if model_ms_5 is None and result["found_cells"] == 5:
             model_ms_5 = result["model_ms"]  # the same bundle's pure model time on the 5 crops, this run

@@ -45,6 +45,7 @@ LAZY_COMMANDS = {
         "Score the white-cell finder per stress condition; crop gallery beside training cells.",
     ),
     "doctor": ("device.doctor:doctor", "Check camera, GPIO, runtime, model bundle, disk and clock; say what to fix."),
+    "pi-bench": ("device.pi_bench:pi_bench_command", "Pipeline stages and peak RSS against the Pi's budgets."),
 }
 
 

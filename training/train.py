@@ -404,13 +404,9 @@ def start_run(out_dir: str | Path, opts: TrainOptions) -> Path:
     return out
 
 
-def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress: bool, parts: dict | None) -> Splits:
-    """Read the dataset, split it by subject (unless `parts` gives the split) and load each split's images.
-
-    Takes the dataset folder, the run folder, the options, whether to print progress and warnings, and the
-    optional given split; writes out/folds.csv (which image went to which split) and returns the `Splits`.
-    Raises DatasetError when a split is empty.
-    """
+def _read_and_split(data_dir, opts, progress: bool, parts):
+    """Read the dataset, fix the preprocessing contract, warn when subjects are unknown, and split it by subject
+    (unless `parts` is given): what a single machine and every worker of a cluster do alike."""
     samples = read_dataset(data_dir)
     contract = _preprocess_contract(samples, opts, progress)
     summary = summarize(samples)
@@ -423,6 +419,17 @@ def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress
             {"train": 1 - opts.test_fraction - opts.val_fraction, "val": opts.val_fraction, "test": opts.test_fraction},
             seed=opts.seed,
         )
+    return samples, contract, summary, parts
+
+
+def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress: bool, parts: dict | None) -> Splits:
+    """Read the dataset, split it by subject (unless `parts` gives the split) and load each split's images.
+
+    Takes the dataset folder, the run folder, the options, whether to print progress and warnings, and the
+    optional given split; writes out/folds.csv (which image went to which split) and returns the `Splits`.
+    Raises DatasetError when a split is empty.
+    """
+    samples, contract, summary, parts = _read_and_split(data_dir, opts, progress, parts)
     loaded: dict[str, Part] = {}
     problems: list[str] = []
     for name, part in parts.items():
@@ -635,18 +642,7 @@ def load_shards(data_dir: str | Path, opts: TrainOptions, progress: bool, parts:
     worker left without training images)."""
     from training import distributed as dist
 
-    samples = read_dataset(data_dir)
-    contract = _preprocess_contract(samples, opts, progress)
-    summary = summarize(samples)
-    warning = subject_warning(samples)
-    if warning and progress:
-        print(warning, file=sys.stderr)
-    if parts is None:
-        parts = split_by_subject(
-            samples,
-            {"train": 1 - opts.test_fraction - opts.val_fraction, "val": opts.val_fraction, "test": opts.test_fraction},
-            seed=opts.seed,
-        )
+    samples, contract, summary, parts = _read_and_split(data_dir, opts, progress, parts)
     for name, part in parts.items():
         if not part:
             raise DatasetError(

@@ -17,21 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_firmware import need_tool
+
 REPO = Path(__file__).resolve().parents[1]
 FW = REPO / "firmware_config"
 PI_CHECK = FW / "pi-check.sh"
 INSTALL = FW / "install.sh"
 FAKE = REPO / "tests" / "fakes" / "picamera2" / "__init__.py"
-
-
-def need_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed: apt-get install -y {package}"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must run this check)")
-    pytest.skip(message)
 
 
 def fake_version() -> str:

@@ -221,6 +221,7 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
     from convert.bench import (
         bench_finder,
         bench_models,
+        bench_multiworker,
         bench_pipeline,
         bench_training,
         finder_markdown,
@@ -283,6 +284,8 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
     if only in ("all", "training"):
         click.echo("benchmarking training throughput ...")
         result = bench_training(size=64 if quick else 96, steps=2 if quick else 5)
+        click.echo("benchmarking multi-worker training: 1 and 2 workers on loopback ...")
+        result["multiworker"] = bench_multiworker(epochs=2 if quick else 3)
         result["markdown"] = training_markdown(result)
         results.append(result)
     path = write_results(results, out_dir)

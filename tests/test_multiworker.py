@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from training.distributed import ClusterError, Worker, current_worker, worker_folder
+from training.distributed import (
+    ClusterError,
+    Worker,
+    current_worker,
+    free_loopback_ports,
+    launch_loopback_worker,
+    loopback_tf_config,
+    worker_folder,
+)
 
 needs_tf = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow (the train extra)"
@@ -39,16 +45,12 @@ def slow_tf(test):
 # TF_CONFIG and the worker's folder: no TensorFlow needed.
 
 
-def tf_config(ports: list[int], index: int, task: str = "worker") -> dict:
-    return {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": task, "index": index}}
-
-
 def test_worker_comes_from_tf_config():
-    env = {"TF_CONFIG": json.dumps(tf_config([1, 2, 3], 2))}
+    env = {"TF_CONFIG": json.dumps(loopback_tf_config([1, 2, 3], 2))}
     worker = current_worker("multiworker", env)
     assert (worker.index, worker.count, worker.is_chief) == (2, 3, False)
     assert worker.positions(8) == [2, 5]
-    assert current_worker("multiworker", {"TF_CONFIG": json.dumps(tf_config([1, 2], 0))}).is_chief
+    assert current_worker("multiworker", {"TF_CONFIG": json.dumps(loopback_tf_config([1, 2], 0))}).is_chief
     # A "chief" job is worker 0 and the "worker" tasks follow it, as tf.distribute numbers them.
     both = {"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {"type": "worker", "index": 0}}
     assert current_worker("multiworker", {"TF_CONFIG": json.dumps(both)}) == Worker(1, 3, ("a:1", "b:1", "c:1"))
@@ -60,7 +62,7 @@ def test_worker_comes_from_tf_config():
     [
         (None, "needs the TF_CONFIG"),
         ("{not json", "not a valid cluster description"),
-        (json.dumps(tf_config([1, 2], 2)), "not in its cluster"),
+        (json.dumps(loopback_tf_config([1, 2], 2)), "not in its cluster"),
         (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}), "ps"),
     ],
 )
@@ -97,16 +99,6 @@ def cells(tmp_path_factory):
     return root / "cells", summary["um_per_px"]
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class Workers:
     """`leukocam train ... --strategy multiworker` once per worker, each with its TF_CONFIG, logs in files."""
 
@@ -119,14 +111,9 @@ class Workers:
         self.logs = [tmp_path / f"{tag}-worker{i}.log" for i in range(len(ports))]
         self.procs: dict[int, subprocess.Popen] = {}
         for i in range(len(ports)) if indexes is None else indexes:
-            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config(ports, i)), "TMPDIR": str(self.tmpdir)}
-            env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-            command = [sys.executable, "-c", "from device.cli import main; main()", "train", str(data)]
-            command += ["--out", str(tmp_path / "run"), "--backbone", "smallcnn", "--input-size", "48"]
-            command += ["--weights", "none", "--um-per-px", str(um_per_px), "--strategy", "multiworker", *args]
-            command += (extra or {}).get(i, [])
-            with open(self.logs[i], "wb") as log:
-                self.procs[i] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            command = [str(data), "--out", str(tmp_path / "run"), "--backbone", "smallcnn", "--input-size", "48"]
+            command += ["--weights", "none", "--um-per-px", str(um_per_px), *args, *(extra or {}).get(i, [])]
+            self.procs[i] = launch_loopback_worker(ports, i, command, self.logs[i], REPO, self.tmpdir)
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text(errors="replace")
@@ -156,7 +143,9 @@ def test_two_workers_train_and_only_the_chief_writes_the_run(cells, tmp_path):
 
     t0 = time.monotonic()
     # Both stages, with augmentation (on by default); the same --out on both, as on two machines.
-    workers = Workers(tmp_path, cells, free_ports(2), ["--stages", "2", "--epochs", "1", "--worker-timeout", "120"])
+    workers = Workers(
+        tmp_path, cells, free_loopback_ports(2), ["--stages", "2", "--epochs", "1", "--worker-timeout", "120"]
+    )
     try:
         codes = [workers.wait(i, 240) for i in (0, 1)]
     finally:
@@ -191,7 +180,7 @@ def test_two_workers_train_and_only_the_chief_writes_the_run(cells, tmp_path):
 
 @slow_tf
 def test_a_killed_worker_stops_the_other_and_the_restart_resumes(cells, tmp_path):
-    ports, timeout = free_ports(2), 30
+    ports, timeout = free_loopback_ports(2), 30
     # Many epochs: the kill lands mid-training (early stopping needs 8 epochs without improvement).
     workers = Workers(tmp_path, cells, ports, ["--stages", "1", "--epochs", "400", "--worker-timeout", str(timeout)])
     try:
@@ -232,7 +221,7 @@ def test_a_killed_worker_stops_the_other_and_the_restart_resumes(cells, tmp_path
 def test_a_killed_chief_stops_the_other_worker(cells, tmp_path):
     timeout = 30
     workers = Workers(
-        tmp_path, cells, free_ports(2), ["--stages", "1", "--epochs", "400", "--worker-timeout", str(timeout)]
+        tmp_path, cells, free_loopback_ports(2), ["--stages", "1", "--epochs", "400", "--worker-timeout", str(timeout)]
     )
     try:
         deadline = time.monotonic() + 180
@@ -257,7 +246,9 @@ def test_a_killed_chief_stops_the_other_worker(cells, tmp_path):
 def test_a_worker_whose_peer_never_starts_stops_after_the_timeout(cells, tmp_path):
     timeout = 8
     t0 = time.monotonic()
-    workers = Workers(tmp_path, cells, free_ports(2), ["--epochs", "1", "--worker-timeout", str(timeout)], indexes=[1])
+    workers = Workers(
+        tmp_path, cells, free_loopback_ports(2), ["--epochs", "1", "--worker-timeout", str(timeout)], indexes=[1]
+    )
     try:
         code = workers.wait(1, timeout + 60)
     finally:
@@ -273,7 +264,11 @@ def test_a_worker_whose_peer_never_starts_stops_after_the_timeout(cells, tmp_pat
 @slow_tf
 def test_workers_started_with_different_options_refuse_to_train(cells, tmp_path):
     workers = Workers(
-        tmp_path, cells, free_ports(2), ["--worker-timeout", "60"], extra={0: ["--epochs", "2"], 1: ["--epochs", "3"]}
+        tmp_path,
+        cells,
+        free_loopback_ports(2),
+        ["--worker-timeout", "60"],
+        extra={0: ["--epochs", "2"], 1: ["--epochs", "3"]},
     )
     try:
         codes = [workers.wait(i, 120) for i in (0, 1)]
@@ -320,3 +315,19 @@ def test_mirrored_on_two_devices_writes_the_run(cells, tmp_path):
     assert all((tmp_path / "run" / name).is_file() for name in RUN_FILES)
     assert not (tmp_path / "run" / "checkpoint").exists()
     assert np.isfinite(json.loads((tmp_path / "run" / "metrics.json").read_text())["train_images_per_second"])
+
+
+@slow_tf
+def test_bench_measures_one_and_two_workers_in_one_run():
+    from convert.bench import bench_multiworker, training_markdown
+
+    result = bench_multiworker(cells_per_subject=24, epochs=2)
+    assert [row["workers"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["images_per_s"] > 0 and row["last_epoch_images_per_s"] > 0 and row["epochs"] == 2
+        assert 0 < row["fit_s"] < row["wall_s"]
+    text = training_markdown(
+        {"input_size": 32, "batch": 2, "cpu": "test", "cores": 2, "stage1_images_per_s": 1.0,
+         "stage2_images_per_s": 1.0, "multiworker": result}
+    )  # fmt: skip
+    assert "| 1 | " in text and "| 2 | " in text and "1.00×" in text and "SYNTHETIC" in text

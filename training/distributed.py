@@ -676,3 +676,40 @@ def fit(
     if best_weights is not None:
         model.set_weights(best_weights)
     return state
+
+
+# Workers on one machine (loopback): what the tests and `leukocam bench` launch, one process per worker,
+# each with its own TF_CONFIG, exactly as one command per machine would run.
+
+
+def loopback_tf_config(ports: list[int], index: int, task: str = "worker") -> dict:
+    """The TF_CONFIG of worker `index` in a cluster of workers on 127.0.0.1 at `ports`."""
+    return {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": task, "index": index}}
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """n ports free on 127.0.0.1 now (the OS picks them; bound together so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def launch_loopback_worker(
+    ports: list[int], index: int, train_args: list[str], log: Path, cwd: str | Path, tmpdir: str | Path | None = None
+) -> subprocess.Popen:
+    """Start `leukocam train <train_args> --strategy multiworker` as worker `index`, its output in `log`."""
+    env = {**os.environ, "TF_CONFIG": json.dumps(loopback_tf_config(ports, index)), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
+    command = [sys.executable, "-c", "from device.cli import main; main()", "train", *train_args]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*command, "--strategy", "multiworker"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )

@@ -19,8 +19,8 @@ DEMO_MAX_MB = 15
 
 
 @click.command("demo-model")
-@click.option("--subjects", default=40, show_default=True)
-@click.option("--cells-per-subject", default=40, show_default=True)
+@click.option("--subjects", default=64, show_default=True)
+@click.option("--cells-per-subject", default=56, show_default=True)
 @click.option("--input-size", default=96, show_default=True)
 @click.option("--epochs", default=30, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -50,6 +50,7 @@ def demo_model(subjects, cells_per_subject, input_size, epochs, seed, bundle_dir
             weights="none",
             bn_momentum=0.9,
             patience=10,
+            stages=1,  # from scratch (no ImageNet weights here): the whole network trains at once
             seed=seed,
         )
         metrics = run_training(data, work / "run", opts)

@@ -7,8 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.conftest import REPO
 from training.synth import (
+    CellStain,
     Stain,
+    random_cell_stain,
     random_stain,
     render_cell,
     render_field,
@@ -48,23 +51,57 @@ def test_render_cell_rejects_unknown_label():
         render_cell(np.random.default_rng(0), "blast", size=64)
 
 
+def _cell_stats(img: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Cell diameter in px, coarse chromatin texture (low-pass grey sd / mean inside the cell), mean colour."""
+    cell = img.max(axis=2) > 0
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    inner = cv2.erode(cell.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
+    coarse = cv2.GaussianBlur(grey, (0, 0), 3)[inner]
+    return 2 * np.sqrt(cell.sum() / np.pi), float(coarse.std() / max(coarse.mean(), 1)), img[cell].mean(axis=0)
+
+
 def test_labels_differ_in_morphology():
     rng = np.random.default_rng(11)
     stats = {}
     for label in ("all", "hem"):
-        nuc_frac, cell_frac, nuc_bright = [], [], []
-        for _ in range(30):
-            img = render_cell(rng, label, size=96, stain=random_stain(rng))
-            nuc = _nucleus_mask(img)
-            nuc_frac.append(nuc.mean())
-            cell_frac.append((img.max(axis=2) > 20).mean())
-            nuc_bright.append(img[nuc].mean())
-        stats[label] = (np.mean(nuc_frac), np.mean(cell_frac), np.mean(nuc_bright))
-    all_nuc, all_cell, all_bright = stats["all"]
-    hem_nuc, hem_cell, hem_bright = stats["hem"]
-    assert all_cell > 1.3 * hem_cell  # blasts are larger
-    assert all_nuc > 1.4 * hem_nuc  # ... with a larger nucleus
-    assert all_bright > hem_bright + 15  # open chromatin is lighter than dense
+        rows = [_cell_stats(render_cell(rng, label, size=225, stain=random_cell_stain(rng))) for _ in range(30)]
+        stats[label] = (np.mean([r[0] for r in rows]), np.mean([r[1] for r in rows]))
+    assert stats["all"][0] > 1.12 * stats["hem"][0]  # blasts are larger
+    assert stats["hem"][1] > 1.15 * stats["all"][1]  # ... and lymphocytes' chromatin is clumped
+
+
+def test_cells_look_like_the_nine_real_cnmc_cells():
+    """Size and colour of SYNTHETIC cells against the nine real C-NMC 2019 cells (tests/data/cnmc-sample)."""
+    real = [
+        _cell_stats(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB))
+        for p in sorted((REPO / "tests/data/cnmc-sample").rglob("*.png"))
+    ]
+    assert len(real) == 9
+    rng = np.random.default_rng(3)
+    synthetic = [
+        _cell_stats(render_cell(rng, label, size=450, stain=random_cell_stain(rng))) for label in ("all", "hem") * 20
+    ]
+    real_d, syn_d = np.array([r[0] for r in real]), np.array([r[0] for r in synthetic])
+    # The same pixel scale: C-NMC's cells span about 170-250 px of 450, and so do the synthetic ones.
+    assert abs(np.median(syn_d) - np.median(real_d)) < 25 and syn_d.min() > 140 and syn_d.max() < 300
+    # Dull purple on average (real: about RGB 77, 35, 87), with the stain varying from subject to subject.
+    real_colour = np.mean([r[2] for r in real], axis=0)
+    colours = np.array([r[2] for r in synthetic])
+    assert np.abs(colours.mean(axis=0) - real_colour).max() < 30, (colours.mean(axis=0), real_colour)
+    assert (colours[:, 2] > colours[:, 1]).all() and (colours[:, 0] > colours[:, 1]).all()  # violet: G absorbed most
+    assert colours.std(axis=0).min() > 8  # stain randomisation: no one colour to learn
+
+
+def test_cell_stains_vary_lamp_focus_and_compression():
+    rng = np.random.default_rng(0)
+    stains = [random_cell_stain(rng) for _ in range(40)]
+    qualities = [s.jpeg_quality for s in stains]
+    assert None in qualities and any(q is not None and 55 <= q <= 95 for q in qualities)
+    assert len({round(s.blur_um, 2) for s in stains}) > 10 and len({s.lamp for s in stains}) == 40
+    # A field Stain is translated: a dimmer lamp darkens the same cell.
+    base = CellStain.from_stain(Stain())
+    dim = CellStain.from_stain(Stain(gain=0.8))
+    assert dim.lamp[0] == pytest.approx(0.8 * base.lamp[0]) and dim.nucleus_od == base.nucleus_od
 
 
 def test_stain_changes_colour_not_label_shape():
@@ -180,3 +217,19 @@ def test_full_resolution_field_renders():
     for cell in cells:
         x0, y0, x1, y1 = cell["box"]
         assert 0 <= x0 < x1 <= 4056 and 0 <= y0 < y1 <= 3040
+
+
+def test_comparison_figure_puts_real_cells_above_synthetic_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from device.cli import cli
+
+    out = tmp_path / "figure.png"
+    result = CliRunner().invoke(cli, ["synth", "figure", str(REPO / "tests/data/cnmc-sample"), str(out)])
+    assert result.exit_code == 0, result.output
+    figure = cv2.imread(str(out))
+    assert figure.shape == (3 * 150, 9 * 150, 3)
+    real_row = cv2.cvtColor(
+        cv2.imread(str(sorted((REPO / "tests/data/cnmc-sample").rglob("*.png"))[0])), cv2.COLOR_BGR2RGB
+    )
+    assert figure[:150, :150].mean() == pytest.approx(real_row.mean(), abs=6)  # the first real cell, shrunk

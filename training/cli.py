@@ -37,6 +37,17 @@ def synth_cells(out, subjects, cells_per_subject, size, seed):
     )
 
 
+@synth.command("figure")
+@click.argument("real", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def synth_figure(real, out, seed):
+    """Real cells under REAL (e.g. tests/data/cnmc-sample) beside SYNTHETIC ones, as one image OUT."""
+    from training.synth import comparison_figure
+
+    click.echo(f"written {comparison_figure(real, out, seed=seed)}")
+
+
 @synth.command("fields")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("-n", "count", default=3, show_default=True)
@@ -185,7 +196,7 @@ def data():
 @click.argument("root", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def data_inspect(root, as_json):
-    """Counts per class and subject, image sizes, exact duplicates and unreadable files of ROOT.
+    """Counts per class and subject, image sizes, duplicates (identical or near-identical) and unreadable files of ROOT.
 
     ROOT is a dataset folder, a CSV manifest (path,label[,subject]) or a .zip of a folder, such as the
     dashboard's export of reviewed cells as downloaded.
@@ -207,6 +218,10 @@ def data_inspect(root, as_json):
     click.echo("image sizes: " + ", ".join(f"{k} x{v}" for k, v in report["sizes"].items()))
     for group in report["duplicates"]:
         click.echo("duplicate (identical bytes): " + " = ".join(group))
+    for group in report["near_duplicates"]:
+        click.echo(f"near-duplicate ({report['near_duplicate_rule']}): " + " ~ ".join(group))
+    if report["duplicates"] or report["near_duplicates"]:
+        click.echo("train and cv keep each group of duplicates, and the subjects that share one, in one split")
     for line in report["unreadable"]:
         click.echo(f"unreadable, skipped: {line}")
     if report["unlabelled"]:

@@ -10,12 +10,20 @@ may be used to judge clinical performance.
 
 The morphology follows the textbook contrast. Blasts are larger, with a high
 nucleus-to-cytoplasm ratio, fine open chromatin, visible nucleoli and at times
-an indented nucleus; normal lymphocytes are small, with a dense dark round
-nucleus, coarse clumped chromatin and a thin rim of pale-blue cytoplasm. Each
-cell draws one hidden "blastness" score whose distributions overlap between
-the labels, and every feature follows that score, so the task has a Bayes
-ceiling of about 95% (cell size alone gives about 92%) and a small CNN cannot
-reach 100%.
+an indented nucleus; normal lymphocytes are small, with a dense round nucleus,
+coarse clumped chromatin and a thin rim of cytoplasm. Each cell draws one
+hidden "blastness" score, and every feature follows it.
+
+Single cells (`render_cell`) imitate C-NMC 2019's segmented cells, checked
+against nine real ones (tests/data/cnmc-sample, and the side-by-side figure
+`leukocam synth figure` draws): cells of 7-13 um at C-NMC's pixel scale,
+membranes with bumps and blebs, scant to moderate cytoplasm, dull purple
+stain. Colour is formed in optical density (Beer-Lambert) from a per-subject
+stain (`random_cell_stain`: stain direction and density, lamp, focus, sensor
+noise, JPEG), so a model trained on them cannot learn one colour. Their score
+distributions are 5 sd apart, so a well-trained model separates the two
+classes (the demo model's job), and int8 rounding has little to flip. Smear
+fields keep their own Wright/Giemsa look and a more overlapping score.
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so a seed
 gives byte-identical images. Only numpy, OpenCV and the standard library are
@@ -300,14 +308,215 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_cell(rng: np.random.Generator, label: str, size: int = 450, stain: Stain | None = None) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------------------
+# Single segmented cells, C-NMC 2019 style: a cell photographed through a stain, segmented, on black.
+#
+# Colour is drawn in optical density (Beer-Lambert), as light through a stained cell forms it: the camera
+# sees I = I0 * exp(-sum_k c_k * OD_k), one term per stain (the nuclear azure/haematoxylin-like stain and
+# the cytoplasm's), so a denser stain darkens every channel in a fixed ratio, and a subject's stain is a
+# direction and a density, not a hue. The cell is drawn on its glass, blurred, given sensor noise and JPEG
+# compression as a camera would, and only then cut out and put on black, so its rim carries the blur of
+# the glass as segmented real cells do.
+
+# Unit stain directions in OD (R, G, B). The nuclear stain absorbs green most (violet); C-NMC's dense, dull
+# purple and a brighter Wright/Giemsa lilac bound the per-subject blend (measured on the nine real C-NMC
+# cells: nucleus about RGB (60-95, 25-50, 70-100) under a ~235 lamp, OD about (1.3, 2.1, 1.1)).
+_NUC_OD_CNMC = np.array([0.47, 0.78, 0.40], dtype=np.float32)
+_NUC_OD_WRIGHT = np.array([0.52, 0.83, 0.26], dtype=np.float32)
+_CYTO_OD_BLUE = np.array([0.93, 0.36, 0.05], dtype=np.float32)  # absorbs red: pale blue cytoplasm
+
+_CELL_SCORE_MEAN = {"all": 0.78, "hem": 0.22}
+_CELL_SCORE_SD = 0.11
+"""Hidden blastness of a single cell per label: 0.56 / 0.11 = 5 sd apart (a Bayes AUC above 0.999), so a
+well-trained model separates the classes and int8 rounding has little to flip. The fields keep their own,
+more overlapping score (_BLASTNESS_*)."""
+
+
+@dataclass(frozen=True)
+class CellStain:
+    """One subject's stain, lamp and camera for single-cell images (C-NMC style), in optical density."""
+
+    nucleus_od: tuple[float, float, float] = (0.49, 0.80, 0.32)
+    """Unit OD direction of the nuclear stain (R, G, B)."""
+    nucleus_density: float = 2.3
+    """OD magnitude of dense (condensed) chromatin."""
+    cytoplasm_od: tuple[float, float, float] = (0.60, 0.55, 0.22)
+    """OD of the cytoplasm (a blend of the nuclear stain and a blue basophilic one), magnitude included."""
+    lamp: tuple[float, float, float] = (232.0, 230.0, 234.0)
+    """Light through bare glass (R, G, B, 0-255): lamp colour and white balance."""
+    blur_um: float = 0.1
+    """Gaussian focus blur, sigma in micrometres."""
+    noise: float = 2.0
+    """Sensor noise, sd in 0-255 units."""
+    jpeg_quality: int | None = None
+    """JPEG quality the camera saved with; None for a lossless image (C-NMC's BMPs)."""
+
+    @classmethod
+    def from_stain(cls, stain: Stain) -> CellStain:
+        """The single-cell stain that a field `Stain` describes (hue shift, uptake, lamp gain and cast, focus)."""
+        nucleus = _rotate_od(_NUC_OD_CNMC * 0.5 + _NUC_OD_WRIGHT * 0.5, stain.nucleus_hue_deg)
+        cyto = _rotate_od(0.45 * nucleus + 0.25 * _CYTO_OD_BLUE, stain.cytoplasm_hue_deg)
+        lamp = 232.0 * stain.gain * np.asarray(stain.cast, dtype=np.float32)
+        return cls(
+            nucleus_od=_triple(nucleus),
+            nucleus_density=2.3 * stain.intensity,
+            cytoplasm_od=_triple(cyto * stain.intensity),
+            lamp=_triple(lamp),
+            blur_um=stain.blur_um,
+        )
+
+
+def _triple(v) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
+def _rotate_od(od: np.ndarray, hue_deg: float) -> np.ndarray:
+    """Rotate an OD direction's hue by hue_deg, keeping its magnitude (the stain's colour, not its amount)."""
+    norm = float(np.linalg.norm(od))
+    colour = 255.0 * np.exp(-od / max(norm, 1e-6))  # the stain's colour at unit density
+    shifted = _shift_colour(_triple(colour), hue_deg, 1.0)
+    out = -np.log(np.clip(shifted, 1.0, 255.0) / 255.0)
+    return (out / max(float(np.linalg.norm(out)), 1e-6) * norm).astype(np.float32)
+
+
+def random_cell_stain(rng: np.random.Generator) -> CellStain:
+    """Draw one subject's stain, lamp and camera: from C-NMC's dense dull purple to a pale Wright lilac, pink,
+    grey or blue-grey, any lamp balance, in or slightly out of focus, lossless or JPEG."""
+    t = float(rng.uniform(0.0, 0.6))
+    nucleus = (1.0 - t) * _NUC_OD_CNMC + t * _NUC_OD_WRIGHT
+    nucleus = _rotate_od(nucleus * np.exp(rng.normal(0.0, 0.06, 3)).astype(np.float32), float(rng.normal(0, 7)))
+    nucleus /= float(np.linalg.norm(nucleus))
+    density = float(np.exp(rng.normal(math.log(2.6), 0.2)))  # pale to dark: about 1.7-3.9
+    cyto = float(rng.uniform(0.3, 0.8)) * nucleus * density + float(rng.uniform(0.05, 0.35)) * _CYTO_OD_BLUE
+    lamp = float(rng.uniform(205.0, 250.0)) * np.exp(rng.normal(0.0, 0.04, 3))
+    return CellStain(
+        nucleus_od=_triple(nucleus),
+        nucleus_density=density,
+        cytoplasm_od=_triple(cyto),
+        lamp=_triple(np.clip(lamp, 150.0, 255.0)),
+        blur_um=float(rng.uniform(0.04, 0.22)),
+        noise=float(rng.uniform(0.5, 4.0)),
+        jpeg_quality=None if rng.random() < 0.5 else int(rng.integers(55, 96)),
+    )
+
+
+@dataclass(frozen=True)
+class _CellShape:
+    """One segmented cell's morphology, every feature following one hidden blastness score m."""
+
+    blastness: float
+    diameter_um: float
+    nc_ratio: float  # nucleus radius / cell radius: scant (0.95) to moderate (0.7) cytoplasm
+    outline_irregularity: float
+    bumps: float  # amplitude of the small high-frequency bumps of the membrane
+    nucleus_irregularity: float
+    cleft_depth: float  # an indentation of the nucleus, fraction of its radius
+    clumping: float  # coarse chromatin clumps (mature lymphocytes)
+    stipple: float  # fine even chromatin (blasts)
+    nucleus_paleness: float  # open chromatin takes up less stain
+    nucleoli: int
+    nucleolus_visibility: float
+
+
+def _sample_cell_shape(rng: np.random.Generator, label: str) -> _CellShape:
+    _check_label(label)
+    m = float(np.clip(rng.normal(_CELL_SCORE_MEAN[label], _CELL_SCORE_SD), 0.0, 1.0))
+    return _CellShape(
+        blastness=m,
+        # C-NMC's cells at its scale: about 170-260 px of 450 (7.7-11.7 um); blasts larger, overlapping.
+        diameter_um=float(np.clip(7.9 + 3.4 * m + rng.normal(0.0, 0.55), 6.8, 12.8)),
+        nc_ratio=float(np.clip(0.80 + 0.08 * m + rng.normal(0.0, 0.05), 0.66, 0.97)),
+        outline_irregularity=float(rng.uniform(0.015, 0.05)),
+        bumps=float(rng.uniform(0.0, 0.025)),
+        nucleus_irregularity=float(0.015 + 0.05 * m * rng.random()),
+        cleft_depth=float(rng.uniform(0.1, 0.3)) if rng.random() < 0.1 + 0.4 * m else 0.0,
+        clumping=float(np.clip(0.05 + 0.45 * (1.0 - m) + rng.normal(0.0, 0.05), 0.0, 0.6)),
+        stipple=float(np.clip(0.05 + 0.15 * m + rng.normal(0.0, 0.02), 0.0, 0.3)),
+        nucleus_paleness=float(np.clip(0.12 * m + rng.normal(0.0, 0.04), 0.0, 0.3)),
+        nucleoli=int(rng.integers(1, 4)),
+        nucleolus_visibility=float(np.clip((m - 0.45) / 0.2, 0.0, 1.0)),
+    )
+
+
+def _membrane(rng: np.random.Generator, c: float, radius: float, shape: _CellShape) -> np.ndarray:
+    """The cell outline: low-order irregularity plus small bumps and the odd bleb, as real membranes have."""
+    pts = _outline(rng, c, c, radius, shape.outline_irregularity, elongation=rng.uniform(0, 0.06))
+    theta = np.linspace(0.0, 2.0 * np.pi, len(pts), endpoint=False)
+    r = np.ones_like(theta)
+    for k in range(6, 15):
+        r += rng.normal(0.0, shape.bumps / math.sqrt(k - 5)) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    for _ in range(int(rng.poisson(0.6))):  # blebs
+        d = np.angle(np.exp(1j * (theta - rng.uniform(0, 2 * np.pi))))
+        r += rng.uniform(0.03, 0.08) * np.exp(-((d / rng.uniform(0.12, 0.25)) ** 2))
+    return c + (pts - c) * r[:, None]
+
+
+def _cell_density_maps(
+    rng: np.random.Generator, shape: _CellShape, px_per_um: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nuclear-stain density, cytoplasm coverage and cell mask (float32, n x n) of one cell, centred."""
+    radius = 0.5 * shape.diameter_um * px_per_um
+    half = int(math.ceil(radius * 1.3)) + 3
+    n = 2 * half + 1
+    c = float(half)
+    cell = _fill((n, n), _membrane(rng, c, radius, shape))
+    n_radius = radius * shape.nc_ratio
+    slack = radius * (1.0 - shape.nc_ratio) * rng.uniform(0.1, 0.7)
+    ang = rng.uniform(0, 2 * np.pi)
+    ncx, ncy = c + slack * math.cos(ang), c + slack * math.sin(ang)
+    outline = _outline(rng, ncx, ncy, n_radius, shape.nucleus_irregularity, shape.cleft_depth, rng.uniform(0, 0.06))
+    nucleus = cv2.GaussianBlur(_fill((n, n), outline), (0, 0), max(0.4, 0.03 * n_radius)) * cell
+
+    # Chromatin: dense clumps with pale gaps (mature lymphocyte) or a fine even stipple (blast).
+    clumps = np.tanh(1.8 * _smooth_noise(rng, n, n, max(1.5, n_radius / 4.0)))
+    stipple = _smooth_noise(rng, n, n, max(1.0, n_radius / 12.0))
+    density = (1.0 - shape.nucleus_paleness) * (1.0 + 0.5 * shape.clumping * clumps + 0.6 * shape.stipple * stipple)
+    density = np.clip(density, 0.3, 1.6)
+    if shape.nucleolus_visibility > 0.0:
+        spots = np.zeros((n, n), dtype=np.float32)
+        for _ in range(shape.nucleoli):
+            rr = n_radius * rng.uniform(0.08, 0.16)
+            d = n_radius * 0.5 * math.sqrt(rng.random())
+            a = rng.uniform(0, 2 * np.pi)
+            centre = (int(round((ncx + d * math.cos(a)) * 8)), int(round((ncy + d * math.sin(a)) * 8)))
+            axes = (max(1, int(rr * 8)), max(1, int(rr * rng.uniform(0.7, 1.0) * 8)))
+            cv2.ellipse(spots, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, 3)
+        spots = cv2.GaussianBlur(spots, (0, 0), max(0.5, 0.03 * n_radius))
+        density *= 1.0 - 0.5 * shape.nucleolus_visibility * np.clip(spots, 0.0, 1.0)
+    cytoplasm = (cell * (1.0 - nucleus)) * (1.0 + 0.06 * _smooth_noise(rng, n, n, max(1.5, radius / 5.0)))
+    return (density * nucleus).astype(np.float32), cytoplasm.astype(np.float32), cell
+
+
+def _photograph(
+    nuclear: np.ndarray, cytoplasm: np.ndarray, stain: CellStain, px_per_um: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Light through the stained cell on glass, as the camera records it (float32 RGB 0-255)."""
+    od = (stain.nucleus_density * nuclear)[..., None] * np.asarray(stain.nucleus_od, np.float32) + cytoplasm[
+        ..., None
+    ] * np.asarray(stain.cytoplasm_od, np.float32)
+    img = np.asarray(stain.lamp, np.float32) * np.exp(-od)
+    if stain.blur_um * px_per_um > 0.2:
+        img = cv2.GaussianBlur(img, (0, 0), stain.blur_um * px_per_um)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * stain.noise
+    if stain.jpeg_quality is not None:
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(_to_uint8(img), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, stain.jpeg_quality]
+        )
+        img = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32)
+    return img
+
+
+def render_cell(
+    rng: np.random.Generator, label: str, size: int = 450, stain: CellStain | Stain | None = None
+) -> np.ndarray:
     """Render one segmented white cell centred on black, C-NMC 2019 style.
 
     Args:
         rng: the random generator (all randomness comes from it).
         label: "all" (leukemic lymphoblast) or "hem" (normal lymphocyte).
         size: output width and height in pixels (C-NMC uses 450).
-        stain: the subject's stain variation; None is a neutral stain.
+        stain: the subject's `CellStain` (see `random_cell_stain`); a field `Stain` is translated; None is
+            a neutral stain.
 
     Returns:
         uint8 RGB array of shape (size, size, 3); pixels outside the cell are 0.
@@ -315,23 +524,24 @@ def render_cell(rng: np.random.Generator, label: str, size: int = 450, stain: St
     _check_label(label)
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
-    stain = stain or Stain()
-    morph = _sample_morphology(rng, label)
-    # One magnification for every cell, as in C-NMC, so the blast/lymphocyte size difference is
-    # real: a 450 px image spans 450 x SYNTH_CELL_UM_PER_PX = 20.25 um (8 um -> 40%, 18 um -> 89%).
+    if stain is None:
+        stain = CellStain()
+    elif isinstance(stain, Stain):
+        stain = CellStain.from_stain(stain)
+    shape = _sample_cell_shape(rng, label)
+    # One magnification for every cell, as in C-NMC, so the blast/lymphocyte size difference is real: a
+    # 450 px image spans 450 x SYNTH_CELL_UM_PER_PX = 20.25 um.
     px_per_um = size / (CELL_IMAGE_SIDE * SYNTH_CELL_UM_PER_PX)
-    rgb, alpha = _white_cell_patch(rng, morph, stain, px_per_um)
-    # The camera blurs before segmentation, so blur colours first and cut the
-    # sharp-edged mask afterwards, as C-NMC's black background shows.
-    rgb = _finish(rgb, stain, stain.blur_um * px_per_um, rng)
-    rgb *= alpha[..., None]
-
+    nuclear, cytoplasm, cell = _cell_density_maps(rng, shape, px_per_um)
+    rgb = _photograph(nuclear, cytoplasm, stain, px_per_um, rng)
+    # Segmentation: a hard-edged mask (C-NMC's), slightly inside the blurred boundary.
+    rgb *= (cell > 0.5).astype(np.float32)[..., None]
     out = np.zeros((size, size, 3), dtype=np.float32)
     jitter = rng.integers(-max(1, size // 50), max(1, size // 50) + 1, size=2)
     p = rgb.shape[0]
     x0 = size // 2 - p // 2 + int(jitter[0])
     y0 = size // 2 - p // 2 + int(jitter[1])
-    _paste(out, rgb, np.ones(alpha.shape, np.float32), x0, y0)
+    _paste(out, rgb, np.ones(cell.shape, np.float32), x0, y0)
     return _to_uint8(out)
 
 
@@ -570,7 +780,7 @@ def write_cell_dataset(
     total = n_subjects * cells_per_subject
     with tqdm(total=total, desc="synthetic cells", unit="img", disable=total <= 200) as bar:
         for sid, label, fold in subjects:
-            stain = random_stain(rng)
+            stain = random_cell_stain(rng)
             for j in range(cells_per_subject):
                 # C-NMC names carry the capture (image) and the cell within it.
                 name = f"UID_{sid}_{j // 3 + 1}_{j % 3 + 1}_{label}.bmp"
@@ -651,3 +861,29 @@ def write_fields(
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def comparison_figure(real_dir: str | Path, out_path: str | Path, seed: int = 0, tile: int = 150) -> Path:
+    """A side-by-side figure: the real cells under real_dir (top row) above SYNTHETIC cells, half "all" and half
+    "hem", each with its own random stain (two rows). Every tile is labelled; the synthetic rows say SYNTHETIC."""
+    real = sorted(p for p in Path(real_dir).rglob("*") if p.suffix.lower() in (".png", ".bmp", ".jpg", ".jpeg"))
+    if not real:
+        raise ValueError(f"no cell images under {real_dir}")
+    real = real[:9]
+    n = len(real)
+
+    def label(img: np.ndarray, text: str) -> np.ndarray:
+        out = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
+        cv2.putText(out, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+        return out
+
+    rows = [[label(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), "real " + p.stem[4:]) for p in real]]
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        kinds = ["all"] * ((n + 1) // 2) + ["hem"] * (n // 2)
+        rows.append([label(render_cell(rng, k, 450, random_cell_stain(rng)), f"SYNTHETIC {k}") for k in kinds])
+    figure = np.vstack([np.hstack(r) for r in rows])
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_image(out, figure, [cv2.IMWRITE_JPEG_QUALITY, 88] if out.suffix.lower() in (".jpg", ".jpeg") else None)
+    return out

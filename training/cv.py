@@ -1,7 +1,8 @@
 """Subject-grouped k-fold cross-validation with a grouped held-out test split.
 
 `assign_folds` (StratifiedGroupKFold) puts every subject in exactly one of
-"test", "fold0".."fold{k-1}"; `folds.csv` records it per image. Fold i trains
+"test", "fold0".."fold{k-1}", together with every subject that shares a
+duplicate image with it (`mark_duplicates`); `folds.csv` records both per image. Fold i trains
 on the other folds and validates on fold i (early stopping, threshold and
 temperature use it, so its scores are slightly optimistic); every fold is also
 scored on the same held-out test split, which no fold ever sees.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.datasets import assign_folds, read_dataset, write_folds_csv
+from training.datasets import assign_folds, duplicate_summary, mark_duplicates, read_dataset, write_folds_csv
 
 SUMMARY_KEYS = ("accuracy", "sensitivity", "specificity", "f1_weighted", "auc")
 
@@ -41,7 +42,7 @@ def run_cv(data_dir: str | Path, out_dir: str | Path, opts, k: int = 5, progress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    samples = read_dataset(data_dir)
+    samples = mark_duplicates(read_dataset(data_dir), progress)
     splits = assign_folds(samples, k, opts.test_fraction, opts.seed)
     write_folds_csv(out / "folds.csv", samples, splits)
     test = [s for s, name in zip(samples, splits, strict=True) if name == "test"]
@@ -68,6 +69,7 @@ def run_cv(data_dir: str | Path, out_dir: str | Path, opts, k: int = 5, progress
             name: len({s.subject or str(s.path) for s, n in zip(samples, splits, strict=True) if n == name})
             for name in sorted(set(splits))
         },
+        "duplicates": duplicate_summary(samples),
         "per_fold": per_fold,
         # Only the held-out test rows are evidence. Each fold's threshold is chosen on its own validation
         # fold (for the target sensitivity), so validation sensitivity is fixed by construction: tuning data.

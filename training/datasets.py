@@ -2,7 +2,8 @@
 
 Readers here:
 - C-NMC 2019 training data (labels and subject IDs from the file names,
-  `UID_<subject>_<image>_<cell>_<all|hem>.bmp`; healthy subject IDs start with H);
+  `UID_<subject>_<image>_<cell>_<all|hem>.bmp`; healthy subject IDs start with H, and the real data also
+  writes one of them `h3`: subject IDs are upper-cased, so `h3` and `H3` are one subject);
 - the C-NMC preliminary test folder (numbered .bmp files plus a labels CSV
   `Patient_ID,new_names,labels`: Patient_ID holds the original C-NMC file name,
   from which the subject is taken; label 1 = ALL);
@@ -17,6 +18,10 @@ Images are loaded through the device's own decoder and `prepare_cell`, so
 training sees exactly what the Pi will feed the model. `assign_folds` makes the
 subject-grouped held-out split and cross-validation folds (scikit-learn
 StratifiedGroupKFold) and `write_folds_csv` records them for leakage audits.
+
+Duplicates: `mark_duplicates` names each image's group of identical or near-identical images
+(training/duplicates.py), and both splits (`split_by_subject`, `assign_folds`) group by `split_units`: a
+subject, joined with every subject that shares a duplicate group with it, so no group spans two parts.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import shutil
 import tempfile
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,8 @@ from tqdm import tqdm
 from device.errors import ImageError, LeukoCamError
 from device.imaging import decode_image
 from device.preprocess import PreprocessContract, prepare_cell
+from training.duplicates import NEAR_RULE, UnionFind, duplicate_groups, group_hashes, image_phash
+from training.duplicates import RULE as DUPLICATE_RULE
 
 CNMC_NAME = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.(bmp|png)$", re.IGNORECASE)
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -57,6 +64,9 @@ class Sample:
     """1 = leukemic blast (C-NMC "all"), 0 = normal (C-NMC "hem")."""
     subject: str | None
     """Patient / subject ID when the dataset records it, else None."""
+    dup_group: str = ""
+    """The image's group of identical or near-identical images ("dup3", set by `mark_duplicates`); "" when it
+    has no duplicate or was not checked."""
 
 
 ALLIDB_NAME = re.compile(r"^Im\d+_([01])\.(tif|tiff|jpg|png|bmp)$", re.IGNORECASE)
@@ -109,7 +119,7 @@ def _prelim_labels(root: Path) -> dict[Path, Sample]:
             if not matches or row["labels"] not in ("0", "1"):
                 continue
             m = CNMC_SUBJECT.search(row["patient_id"])
-            out[matches[0]] = Sample(matches[0], int(row["labels"]), m.group(1) if m else None)
+            out[matches[0]] = Sample(matches[0], int(row["labels"]), m.group(1).upper() if m else None)
     return out
 
 
@@ -216,7 +226,7 @@ def collect_samples(root: str | Path) -> tuple[list[Sample], list[Path]]:
         a = ALLIDB_NAME.match(p.name)
         parent = p.parent.name.lower()
         if m:
-            samples.append(Sample(p, 1 if m.group(4).lower() == "all" else 0, m.group(1)))
+            samples.append(Sample(p, 1 if m.group(4).lower() == "all" else 0, m.group(1).upper()))
         elif p in prelim:
             samples.append(prelim[p])
         elif a:
@@ -259,10 +269,16 @@ def subject_warning(samples: list[Sample]) -> str | None:
 
 
 def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
-    """Counts per class and subject, image sizes, exact duplicates and unreadable files; never raises on bad images."""
+    """Counts per class and subject, image sizes, duplicates and unreadable files; never raises on bad images.
+
+    `duplicates` lists groups of byte-identical files; `near_duplicates` groups of images that are the same
+    picture re-encoded, brightened or resized (training/duplicates.py), not all byte-identical.
+    """
     samples, unlabelled = collect_samples(root)
     sizes: Counter = Counter()
     by_hash: dict[str, list[str]] = {}
+    hashes: list[tuple[str, np.ndarray | None]] = []
+    shown: list[str] = []
     unreadable = []
     for s in tqdm(samples, desc="inspecting", unit="img", disable=not progress or len(samples) < 200):
         try:
@@ -273,7 +289,13 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
             unreadable.append(f"{display_path(s.path)}: {why}")
             continue
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
-        by_hash.setdefault(hashlib.sha256(data).hexdigest(), []).append(display_path(s.path))
+        digest = hashlib.sha256(data).hexdigest()
+        by_hash.setdefault(digest, []).append(display_path(s.path))
+        hashes.append((digest, image_phash(image)))
+        shown.append(display_path(s.path))
+    near: dict[int, list[int]] = {}
+    for i, g in enumerate(group_hashes(hashes)):
+        near.setdefault(g, []).append(i)
     per_subject = Counter(s.subject for s in samples if s.subject is not None)
     per_class = Counter(LABELS[s.label] for s in samples)
     problems = []
@@ -295,6 +317,10 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
         "per_subject": dict(sorted(per_subject.items())),
         "sizes": dict(sizes.most_common()),
         "duplicates": [paths for paths in by_hash.values() if len(paths) > 1],
+        "near_duplicates": [
+            [shown[i] for i in members] for members in near.values() if len({hashes[i][0] for i in members}) > 1
+        ],
+        "near_duplicate_rule": NEAR_RULE,
         "unreadable": unreadable,
         "unlabelled": [display_path(p) for p in unlabelled],
         "problems": problems,
@@ -302,7 +328,7 @@ def inspect_dataset(root: str | Path, progress: bool = True) -> dict:
 
 
 def summarize(samples: list[Sample]) -> dict:
-    """Counts per class and per subject, for reports and bundles."""
+    """Counts per class and per subject, and the duplicate groups (`duplicate_summary`), for reports and bundles."""
     per_class = Counter(LABELS[s.label] for s in samples)
     subjects = {s.subject for s in samples if s.subject is not None}
     return {
@@ -310,6 +336,59 @@ def summarize(samples: list[Sample]) -> dict:
         "per_class": dict(sorted(per_class.items())),
         "subjects": len(subjects),
         "subject_ids_known": len(subjects) > 0 and all(s.subject is not None for s in samples),
+        "duplicates": duplicate_summary(samples),
+    }
+
+
+def mark_duplicates(samples: list[Sample], progress: bool = True) -> list[Sample]:
+    """The samples with `dup_group` set: images with the same bytes or a near-identical picture (a perceptual
+    hash within training.duplicates.MAX_DISTANCE bits) share a group; unreadable files only match by bytes."""
+    names = duplicate_groups([s.path for s in samples], progress=progress)
+    return [replace(s, dup_group=name) for s, name in zip(samples, names, strict=True)]
+
+
+def split_units(samples: list[Sample]) -> list[str]:
+    """Each image's split unit: the groups that `split_by_subject` and `assign_folds` keep whole.
+
+    A unit is a subject (an image without a subject ID is its own unit, "image-<index>"), joined with every
+    other unit that shares a duplicate group (`dup_group`) with it, transitively: two images of one group
+    never land in two parts, and neither do the other images of their subjects. A unit that is one subject is
+    named by it, as before duplicates were grouped (so a dataset without duplicates splits as it did); a joined
+    unit by its members, sorted and joined with "+".
+    """
+    keys = [s.subject if s.subject is not None else f"image-{i}" for i, s in enumerate(samples)]
+    index = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    uf = UnionFind(len(index))
+    first: dict[str, int] = {}
+    for s, key in zip(samples, keys, strict=True):
+        if s.dup_group:
+            uf.union(index[first.setdefault(s.dup_group, key)], index[key])
+    members: dict[int, list[str]] = {}
+    for key, n in index.items():
+        members.setdefault(uf.find(n), []).append(key)
+    name = {key: "+".join(sorted(group)) for group in members.values() for key in group}
+    return [name[k] for k in keys]
+
+
+def duplicate_summary(samples: list[Sample]) -> dict:
+    """The duplicate groups: how many, how many images they hold, how many hold images of two or more subjects
+    (or subject-less images), how many subjects share a split unit with another subject because of them, and
+    how many split units there are."""
+    keys = [s.subject if s.subject is not None else f"image-{i}" for i, s in enumerate(samples)]
+    groups: dict[str, set] = {}
+    for s, key in zip(samples, keys, strict=True):
+        if s.dup_group:
+            groups.setdefault(s.dup_group, set()).add(key)
+    unit_members: dict[str, set] = {}
+    for unit, key in zip(split_units(samples), keys, strict=True):
+        unit_members.setdefault(unit, set()).add(key)
+    return {
+        "groups": len(groups),
+        "images": sum(1 for s in samples if s.dup_group),
+        "groups_across_subjects": sum(1 for members in groups.values() if len(members) > 1),
+        "subjects_joined": sum(len(m) for m in unit_members.values() if len(m) > 1),
+        "split_units": len(unit_members),
+        "rule": DUPLICATE_RULE,
     }
 
 
@@ -362,15 +441,16 @@ def largest_side(samples: list[Sample]) -> int:
 
 
 def split_by_subject(samples: list[Sample], fractions: dict[str, float], seed: int = 0) -> dict[str, list[Sample]]:
-    """Split into named parts so that no subject is in two parts, stratified by each subject's majority label.
+    """Split into named parts so that no subject and no duplicate group is in two parts, stratified by each
+    unit's majority label (the units are `split_units`: subjects joined by shared duplicate groups).
 
-    Without subject IDs every image is its own group: the split is by image,
+    Without subject IDs every image is its own unit (joined with its duplicates): the split is by image,
     which can leak a patient between parts and inflate scores.
     """
     rng = np.random.default_rng(seed)
     groups: dict[str, list[Sample]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(s.subject if s.subject is not None else f"image-{i}", []).append(s)
+    for s, unit in zip(samples, split_units(samples), strict=True):
+        groups.setdefault(unit, []).append(s)
     parts: dict[str, list[Sample]] = {name: [] for name in fractions}
     total = sum(fractions.values())
     for label in (0, 1):
@@ -389,24 +469,22 @@ def split_by_subject(samples: list[Sample], fractions: dict[str, float], seed: i
     return parts
 
 
-def _groups(samples: list[Sample]) -> np.ndarray:
-    return np.array([s.subject if s.subject is not None else f"image-{i}" for i, s in enumerate(samples)])
-
-
 def assign_folds(samples: list[Sample], k: int = 5, test_fraction: float = 0.3, seed: int = 0) -> list[str]:
     """Subject-grouped split names per sample: "test" for the held-out part, "fold0".."fold{k-1}" for the rest.
 
-    Both the held-out split and the folds use scikit-learn's StratifiedGroupKFold, so no subject is in two parts
-    and the class balance is kept as well as the groups allow. The held-out part is one of round(1/test_fraction)
-    grouped folds (0.3 -> 3 folds -> about a third), the closest grouped split to the requested fraction.
+    Both the held-out split and the folds use scikit-learn's StratifiedGroupKFold over `split_units`, so no
+    subject and no duplicate group is in two parts, and the class balance is kept as well as the groups allow.
+    The held-out part is one of round(1/test_fraction) grouped folds (0.3 -> 3 folds -> about a third), the
+    closest grouped split to the requested fraction.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    y, groups = np.array([s.label for s in samples]), _groups(samples)
+    y, groups = np.array([s.label for s in samples]), np.array(split_units(samples))
     n_groups = len(set(groups))
     n_test = max(2, int(round(1 / test_fraction))) if test_fraction > 0 else 0
     if n_groups < k + (1 if n_test else 0):
-        raise DatasetError(f"{n_groups} subjects are too few for {k} folds plus a held-out test split")
+        joined = " (subjects that share duplicate images count as one)" if any(s.dup_group for s in samples) else ""
+        raise DatasetError(f"{n_groups} subjects{joined} are too few for {k} folds plus a held-out test split")
     names = np.array([""] * len(samples), dtype=object)
     rest = np.arange(len(samples))
     if n_test:
@@ -420,12 +498,16 @@ def assign_folds(samples: list[Sample], k: int = 5, test_fraction: float = 0.3, 
 
 
 def write_folds_csv(path: str | Path, samples: list[Sample], splits: list[str]) -> None:
-    """One row per image: path, subject, label, split; what anyone needs to audit subject leakage."""
+    """One row per image: path, subject, label, split, dup_group; what anyone needs to audit leakage.
+
+    dup_group names the image's group of identical or near-identical images ("dup3"; every image of a group is
+    in the same split), empty for an image without a duplicate.
+    """
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "subject", "label", "split"])
+        w.writerow(["path", "subject", "label", "split", "dup_group"])
         for s, name in zip(samples, splits, strict=True):
-            w.writerow([str(s.path), s.subject or "", LABELS[s.label], name])
+            w.writerow([str(s.path), s.subject or "", LABELS[s.label], name, s.dup_group])
 
 
 def read_folds_csv(path: str | Path) -> list[dict]:

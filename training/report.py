@@ -134,6 +134,20 @@ def plot_gradcam_grid(
     return shown
 
 
+def _duplicates_line(dup: dict | None) -> list[str]:
+    """The report's line on duplicate images (training.datasets.duplicate_summary); none for runs made before."""
+    if not dup:
+        return []
+    if not dup.get("groups"):
+        return [f"Duplicates ({dup.get('rule', '?')}): none found."]
+    return [
+        f"Duplicates ({dup.get('rule', '?')}): {dup['groups']} groups, {dup['images']} images, "
+        f"{dup.get('groups_across_subjects', 0)} of them across subjects; each group is kept in one split, and "
+        f"{dup.get('subjects_joined', 0)} subjects that share one are split together "
+        f"({dup.get('split_units', '?')} split units)."
+    ]
+
+
 def write_report(
     out: str | Path,
     model,
@@ -171,6 +185,7 @@ def write_report(
     lines += [
         f"Data: {data.get('root', '?')}: {data.get('images', '?')} images, {data.get('per_class', {})}, "
         f"{data.get('subjects', 0)} subjects; split by {data.get('split_by', '?')}.",
+        *_duplicates_line(data.get("duplicates")),
         f"Backbone {info.get('options', {}).get('backbone', '?')}, stages {info.get('options', {}).get('stages', 1)}, "
         f"balance {info.get('options', {}).get('balance', '?')}.",
         "",

@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from training.datasets import (
     DatasetError,
     largest_side,
     load_images,
+    mark_duplicates,
     read_dataset,
     split_by_subject,
     subject_groups,
@@ -405,20 +406,25 @@ def start_run(out_dir: str | Path, opts: TrainOptions) -> Path:
 
 
 def _read_and_split(data_dir, opts, progress: bool, parts):
-    """Read the dataset, fix the preprocessing contract, warn when subjects are unknown, and split it by subject
-    (unless `parts` is given): what a single machine and every worker of a cluster do alike."""
+    """Read the dataset, fix the preprocessing contract, warn when subjects are unknown, mark duplicate images and
+    split it by subject and duplicate group (unless `parts` is given): what a single machine and every worker of
+    a cluster do alike."""
     samples = read_dataset(data_dir)
     contract = _preprocess_contract(samples, opts, progress)
-    summary = summarize(samples)
     warning = subject_warning(samples)
     if warning and progress:
         print(warning, file=sys.stderr)
     if parts is None:
+        samples = mark_duplicates(samples, progress)
         parts = split_by_subject(
             samples,
             {"train": 1 - opts.test_fraction - opts.val_fraction, "val": opts.val_fraction, "test": opts.test_fraction},
             seed=opts.seed,
         )
+    else:  # a given split (cross-validation) comes with its duplicate groups already marked
+        marked = {s.path: s.dup_group for part in parts.values() for s in part}
+        samples = [replace(s, dup_group=marked.get(s.path, "")) for s in samples]
+    summary = summarize(samples)
     return samples, contract, summary, parts
 
 

@@ -44,6 +44,10 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+LADDER = ("int8", "int8-selective", "dynamic", "float16", "int16x8", "float32")
+"""The per-crop latency table: `leukocam convert --quant auto`'s ladder in its order, then float32 (the reference)."""
+
+
 def bench_models(
     size: int = 300,
     modes=("int8", "float16", "float32"),
@@ -53,28 +57,28 @@ def bench_models(
     calibration: int = 16,
     seed: int = 0,
     keep_dir: str | Path | None = None,
+    ladder=LADDER,
+    ladder_threads: int = 2,
+    ladder_size: int | None = None,
+    selective_layers: int = 10,
 ) -> dict:
     """Build an EfficientNetB3 (random weights: latency does not depend on them), convert it, time everything.
 
+    `modes` get the full grid (threads x batches) at `size`; every mode in `ladder` gets its per-crop latency at
+    batch 1 with `ladder_threads` (the device's default) at `ladder_size` (default `size`; `leukocam bench` passes
+    the shipped bundle's), as `leukocam convert --quant auto` times its ladder. "int8-selective" is int8 with the
+    `selective_layers` worst layers (QuantizationDebugger) left in float.
     With keep_dir, the int8 bundle is kept there (keep_dir/int8) for the pipeline benchmark of the same run.
     """
     import keras
     import tensorflow as tf
 
-    from convert.bundle_writer import write_bundle
-    from convert.tflite import convert, float_outputs
-    from device.bundle import load_bundle
     from device.classifier import Classifier
-    from device.preprocess import PreprocessContract
-    from training.model import build_model
-    from training.synth import render_cell
 
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    crops = np.stack(
-        [render_cell(rng, "all" if i % 2 else "hem", size=size) for i in range(max(calibration, max(batches)))]
-    )
-    model = build_model(size, "efficientnetb3", weights=None)
+    ladder_size = ladder_size or size
+    grid = _Converted(size, max(calibration, max(batches)), calibration, selective_layers, seed)
+    model, crops = grid.model, grid.crops
     rows = []
     graph_call = tf.function(lambda x: model(x, training=False))  # graph mode, as model.predict runs it
     for b in batches:
@@ -92,32 +96,11 @@ def bench_models(
         keras_path = Path(tmp) / "model.keras"
         model.save(keras_path)
         keras_mb = keras_path.stat().st_size / 1e6
-        ref = float_outputs(model, crops[:2])
         for mode in modes:
-            data = convert(model, crops[:calibration], mode)
-            meta = {
-                "labels": ["normal", "blast"],
-                "input_size": size,
-                "preprocess": PreprocessContract(input_size=size).to_dict(),
-                "signature": "serving_default",
-                "outputs": {"probability": "probability", "logit": "logit", "cam": "cam"},
-                "threshold": 0.5,
-                "review_band": [0.3, 0.7],
-                "cam": {"shape": list(ref["cam"].shape[1:3])},
-                "quantization": {"mode": mode},
-                "name": f"bench-{mode}",
-            }
-            out = write_bundle(
-                Path(tmp) / mode,
-                data,
-                meta,
-                {"crops": crops[:2], "probabilities": ref["probability"], "cams": ref["cam"]},
-                tolerance=1.0,
-            )
-            bundle = load_bundle(out)
+            bundle = grid.bundle(mode, Path(tmp) / str(size))
             if keep_dir is not None and mode == "int8":
                 shutil.rmtree(Path(keep_dir) / "int8", ignore_errors=True)
-                shutil.copytree(out, Path(keep_dir) / "int8")
+                shutil.copytree(bundle.path, Path(keep_dir) / "int8")
             for t in threads:
                 with Classifier(bundle, threads=t) as clf:
                     for b in batches:
@@ -126,16 +109,31 @@ def bench_models(
                                 "model": f"tflite {mode}",
                                 "batch": b,
                                 "threads": t,
-                                "size_mb": len(data) / 1e6,
+                                "size_mb": len(grid.tflite(mode)) / 1e6,
                                 "ms": median_ms(lambda b=b, clf=clf: clf.raw(crops[:b]), repeats),
                             }
                         )
+        small = grid if ladder_size == size else _Converted(ladder_size, 1, calibration, selective_layers, seed)
+        ladder_rows = []
+        for mode in ladder:
+            with Classifier(small.bundle(mode, Path(tmp) / str(ladder_size)), threads=ladder_threads) as clf:
+                ladder_rows.append(
+                    {
+                        "mode": mode,
+                        "size_mb": len(small.tflite(mode)) / 1e6,
+                        "input": clf.input_dtype,
+                        "ms_per_crop": median_ms(lambda clf=clf: clf.raw(small.crops[:1]), repeats),
+                    }
+                )
     base = {r["batch"]: r["ms"] for r in rows if r["model"] == "tflite float32" and r["threads"] == 2}
     keras_ms = {r["batch"]: r["ms"] for r in rows if r["model"] == "keras float32"}
     for r in rows:
         r["per_image_ms"] = r["ms"] / r["batch"]
         r["vs_tflite_float32_2t"] = r["ms"] / base[r["batch"]] if r["batch"] in base else None
         r["vs_keras"] = r["ms"] / keras_ms[r["batch"]]
+    int8_ms = next((r["ms_per_crop"] for r in ladder_rows if r["mode"] == "int8"), None)
+    for r in ladder_rows:
+        r["vs_int8"] = r["ms_per_crop"] / int8_ms if int8_ms else None
     return {
         "benchmark": "models",
         "input_size": size,
@@ -145,7 +143,66 @@ def bench_models(
         "keras_file_mb": keras_mb,
         "repeats": repeats,
         "rows": rows,
+        "ladder": ladder_rows,
+        "ladder_size": ladder_size,
+        "ladder_threads": ladder_threads,
+        "selective_layers": selective_layers,
     }
+
+
+class _Converted:
+    """An EfficientNetB3 at one input size, with synthetic crops, and its TFLite conversions made on demand."""
+
+    def __init__(self, size: int, n_crops: int, calibration: int, selective_layers: int, seed: int):
+        from convert.tflite import float_outputs
+        from training.model import build_model
+        from training.synth import render_cell
+
+        rng = np.random.default_rng(seed)
+        self.size, self.calibration, self.selective_layers = size, calibration, selective_layers
+        self.crops = np.stack(
+            [render_cell(rng, "all" if i % 2 else "hem", size=size) for i in range(max(calibration, n_crops, 2))]
+        )
+        self.model = build_model(size, "efficientnetb3", weights=None)
+        self.ref = float_outputs(self.model, self.crops[:2])
+        self._tflite: dict[str, bytes] = {}
+
+    def tflite(self, mode: str) -> bytes:
+        from convert.tflite import convert, layer_errors
+
+        if mode not in self._tflite:
+            cal = self.crops[: self.calibration]
+            if mode == "int8-selective":
+                worst = layer_errors(self.model, cal, samples=min(self.calibration, 4))
+                keep = [w["tensor"] for w in worst[: self.selective_layers]]
+                self._tflite[mode] = convert(self.model, cal, "int8", float_layers=keep or None)
+            else:
+                self._tflite[mode] = convert(self.model, cal, mode)
+        return self._tflite[mode]
+
+    def bundle(self, mode: str, folder: Path):
+        """A bundle the device classifier can load for timing (its golden outputs are the float model's)."""
+        from convert.bundle_writer import write_bundle
+        from device.bundle import load_bundle
+        from device.preprocess import PreprocessContract
+
+        path = folder / mode
+        if not path.is_dir():
+            meta = {
+                "labels": ["normal", "blast"],
+                "input_size": self.size,
+                "preprocess": PreprocessContract(input_size=self.size).to_dict(),
+                "signature": "serving_default",
+                "outputs": {"probability": "probability", "logit": "logit", "cam": "cam"},
+                "threshold": 0.5,
+                "review_band": [0.3, 0.7],
+                "cam": {"shape": list(self.ref["cam"].shape[1:3])},
+                "quantization": {"mode": "int8" if mode == "int8-selective" else mode},
+                "name": f"bench-{mode}",
+            }
+            golden = {"crops": self.crops[:2], "probabilities": self.ref["probability"], "cams": self.ref["cam"]}
+            write_bundle(path, self.tflite(mode), meta, golden, tolerance=1.0)
+        return load_bundle(path)
 
 
 def to_markdown(result: dict) -> str:
@@ -163,6 +220,21 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['threads']} | {r['batch']} | {size} | {r['ms']:.1f} | {r['per_image_ms']:.1f} | {vs} | {r['vs_keras']:.2f} |"
         )
+    if result.get("ladder"):
+        lines += [
+            "",
+            f"### Quantization ladder at {result.get('ladder_size', result['input_size'])} px: per-crop latency (batch 1, "
+            f"{result['ladder_threads']} threads), same run",
+            "",
+            "The modes in the order `leukocam convert --quant auto` tries them, then float32 for reference; "
+            f"int8-selective keeps the {result['selective_layers']} worst layers in float.",
+            "",
+            "| mode | input | size MB | ms / crop | × int8 |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in result["ladder"]:
+            vs = "" if r["vs_int8"] is None else f"{r['vs_int8']:.2f}"
+            lines.append(f"| {r['mode']} | {r['input']} | {r['size_mb']:.1f} | {r['ms_per_crop']:.2f} | {vs} |")
     return "\n".join(lines) + "\n"
 
 

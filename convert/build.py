@@ -2,9 +2,13 @@
 
 `convert_bundle` measures the converted model against the float one with the
 device's own classifier and refuses to write a bundle that fails the fidelity
-gate (unless `force`). Mode "auto" tries int8, then int8 with its worst layers
-kept in float, then float16, then int16x8, and keeps the first that passes.
-`verify_bundle` re-measures an existing bundle the same way.
+gate (unless `force`). Mode "auto" climbs the quantization ladder, fastest
+first: int8, int8 with its worst layers kept in float, dynamic range, float16,
+int16x8, and keeps the first that passes. Every mode tried is timed (per crop,
+batch 1, through the device classifier) in the same run; the ladder with its
+timings and gate figures goes into model.json and the convert report
+(`convert_report.md` in the bundle, convert.report). `verify_bundle`
+re-measures an existing bundle the same way.
 
 Progress lines go to a `Progress` callback (by default, the "convert" logger);
 failures are ConvertError / GateFailedError (convert.errors), or the device's
@@ -25,6 +29,7 @@ import numpy as np
 
 from convert.bundle_writer import sha256_bytes, write_bundle
 from convert.errors import ConvertError, GateFailedError
+from convert.report import REPORT_FILE, convert_report, ladder_markdown, order_notes
 from convert.run_info import RunInfo, read_run_info
 from convert.tflite import SIGNATURE
 from convert.verify import Gate
@@ -35,13 +40,23 @@ from device.preprocess import PreprocessContract
 log = logging.getLogger("convert")
 
 SELECTIVE_LAYERS = 10
-# Cheapest on a Pi first: int16x8 is near-lossless but runs on slow reference kernels, so it comes last.
-AUTO_SEQUENCE = (("int8", 0), ("int8", SELECTIVE_LAYERS), ("float16", 0), ("int16x8", 0))
+# The ladder, by expected speed on a Pi's CPU, fastest first: full int8 (XNNPACK int8 kernels); int8 with its
+# worst layers in float (a few float ops and (de)quantize pairs); dynamic range (int8 weights, activations
+# quantized on the fly); float16 (weights expanded to float, float kernels); int16x8 last (near-lossless but
+# on slow reference kernels). The order is fixed; the latencies measured in each run are recorded beside it.
+AUTO_SEQUENCE = (("int8", 0), ("int8", SELECTIVE_LAYERS), ("dynamic", 0), ("float16", 0), ("int16x8", 0))
+FLIPS_IN_META = 50
+"""model.json keeps the first flips of the shipped mode; the convert report lists them all."""
 GATE_ADVICE = (
     "the converted model fails the fidelity gate; no bundle was written. Try: more or better "
     "calibration crops (--calibration, --extra-calibration), --float-layers N (selective int8), "
-    "--quant int16x8|float16|auto; or --force to write it anyway (it will say so in model.json)"
+    "--quant dynamic|float16|int16x8|auto; or --force to write it anyway (it will say so in model.json)"
 )
+
+
+def mode_label(mode: str, n_float: int) -> str:
+    """How convert names a mode: "int8", "int8 with 10 float layers", "dynamic", ..."""
+    return mode + (f" with {n_float} float layers" if n_float else "")
 
 
 class Progress(Protocol):
@@ -83,6 +98,8 @@ class RunData:
     """The test split, measured once on the chosen bundle; None when DATA lacks it."""
     test_y: np.ndarray | None = None
     gate_split: str = "validation"
+    held_out_names: tuple[str, ...] | None = None
+    """Each gate crop's file, relative to DATA (for the flips)."""
 
     @property
     def model_path(self) -> Path:
@@ -148,13 +165,21 @@ def load_run(
         if extra:
             xc = np.concatenate([xc, np.stack(extra)])
         progress(f"calibration: {len(extra)} extra crops from {extra_calibration}")
-    xg, yg, _, _ = load_images(gate_part, contract, um_per_px=um)
+    xg, yg, kept, _ = load_images(gate_part, contract, um_per_px=um)
+    names = tuple(_relative(s.path, data_dir) for s in kept)
     xt, yt = (
         (load_images(test_part, contract, um_per_px=um)[:2])
         if test_part and gate_part is not test_part
         else (None, None)
     )
-    return RunData(model, info, xc, xg, yg, xt, yt, gate_split)
+    return RunData(model, info, xc, xg, yg, xt, yt, gate_split, names)
+
+
+def _relative(path, root) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return Path(path).name
 
 
 def draft_meta(run: RunData, name: str | None, cam_shape, mode: str) -> BundleMeta:
@@ -193,7 +218,7 @@ class ConvertOptions:
     """How to convert (the options of `leukocam convert`)."""
 
     mode: str = "int8"
-    """int8, int16x8, float16, float32, or auto (AUTO_SEQUENCE, first that passes the gate)."""
+    """int8, dynamic, int16x8, float16, float32, or auto (AUTO_SEQUENCE, first that passes the gate)."""
     calibration: int = 200
     """Calibration crops from the train split, stratified by class (0: only extra_calibration)."""
     extra_calibration: str | Path | None = None
@@ -214,6 +239,10 @@ class ConvertOptions:
     parity_fields: int = 30
     """SYNTHETIC fields also run through the device's whole field path beside the training path (0 skips);
     a significant sensitivity loss larger than the gate's max_delta_sensitivity fails the gate too."""
+    latency_threads: int = 2
+    """Interpreter threads when timing each mode (the device's default [model] threads)."""
+    latency_repeats: int = 5
+    """Timed single-crop calls per mode (the median is recorded), after two warm-up calls."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +255,8 @@ class ConvertResult:
     tflite_bytes: int
     failures: tuple[str, ...] = ()
     """Why the gate failed; empty when it passed (non-empty only with force)."""
+    report: str = ""
+    """The convert report (markdown), also written into the bundle as convert_report.md."""
 
     @property
     def verification(self) -> dict[str, Any]:
@@ -262,6 +293,9 @@ class _Candidate:
     outputs: dict[str, np.ndarray]
     input_type: str
     failures: list[str]
+    label: str = ""
+    latency_ms: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -272,6 +306,9 @@ class _Search:
     worst: list[dict[str, Any]] = field(default_factory=list)
     chosen: _Candidate | None = None
     """The last mode that was verified."""
+    ladder: tuple[str, ...] | None = None
+    """The modes in the order they are tried ("auto" only)."""
+    runtime: str = ""
 
 
 def convert_bundle(
@@ -281,7 +318,7 @@ def convert_bundle(
     options: ConvertOptions | None = None,
     progress: Progress = log_progress,
 ) -> ConvertResult:
-    """Convert, verify with the device classifier, gate, and write the bundle.
+    """Convert, verify with the device classifier, gate, and write the bundle (with its convert report).
 
     Raises:
         ConvertError: the run folder cannot be read, or no mode fits `max_mb`; nothing was written.
@@ -314,7 +351,17 @@ def convert_bundle(
             failures.append(f"field path loses sensitivity: {parity['reason']}")
     if failures:
         _report_failure(run, search, chosen, failures, opts.force, progress)
-    verification = {**chosen.verification, "split": run.gate_split}
+    for attempt in search.attempts:
+        if attempt["mode"] == chosen.label and not attempt.get("skipped"):
+            attempt["chosen"] = True
+    all_flips = chosen.verification.get("flips") or []
+    verification = {
+        **chosen.verification,
+        "flips": all_flips[:FLIPS_IN_META],
+        "split": run.gate_split,
+        "gate_crops": int(chosen.verification["n"]),
+        "gate_crops_enough": int(chosen.verification["n"]) >= gate.min_crops,
+    }
     meta = dataclasses.replace(
         ref.draft,
         quantization=QuantizationInfo(
@@ -324,10 +371,19 @@ def convert_bundle(
             input_type=chosen.input_type,
             attempts=tuple(search.attempts),
             worst_layers=tuple(search.worst[:10]) if search.worst else None,
+            ladder=search.ladder,
+            latency=_latency_summary(search, chosen, opts),
         ),
         verification=verification,
         field_parity=parity,
-        gate={**gate.to_dict(), "passed": not failures, "failures": failures, "forced": bool(failures and opts.force)},
+        gate={
+            **gate.to_dict(),
+            "passed": not failures,
+            "failures": failures,
+            "forced": bool(failures and opts.force),
+            "warnings": list(chosen.warnings),
+            "per_class": gate.class_failures(chosen.verification),
+        },
     )
     metrics = measure_test_split(run, chosen.tflite, meta, chosen.mode, run.info.threshold) or {
         "split": run.gate_split,
@@ -340,44 +396,144 @@ def convert_bundle(
         "probabilities": chosen.outputs["probability"][ref.golden_idx],
         "cams": chosen.outputs["cam"][ref.golden_idx],
     }
-    out = write_bundle(out_dir, chosen.tflite, meta, golden_set, tolerance=0.05)
+    text = convert_report(meta, all_flips, tflite_bytes=len(chosen.tflite))
+    out = write_bundle(out_dir, chosen.tflite, meta, golden_set, tolerance=0.05, extra_files={REPORT_FILE: text})
+    for warning in chosen.warnings:
+        progress(f"warning: {warning}", warning=True)
+    progress(f"convert report: {out / REPORT_FILE}")
     return ConvertResult(
-        bundle_dir=out, meta=load_bundle(out).info, tflite_bytes=len(chosen.tflite), failures=tuple(failures)
+        bundle_dir=out,
+        meta=load_bundle(out).info,
+        tflite_bytes=len(chosen.tflite),
+        failures=tuple(failures),
+        report=text,
     )
 
 
 def _search_modes(run: RunData, ref: _Reference, opts: ConvertOptions, gate: Gate, progress: Progress) -> _Search:
-    """Convert and verify each mode in turn until one passes the gate (one mode unless "auto")."""
+    """Convert, time and verify each mode in turn until one passes the gate (one mode unless "auto")."""
     from convert.tflite import convert, layer_errors
+    from device.runtime import runtime_name
 
-    search = _Search()
-    attempts = AUTO_SEQUENCE if opts.mode == "auto" else ((opts.mode, opts.float_layers),)
-    for mode, n_float in attempts:
-        label = mode + (f" with {n_float} float layers" if n_float else "")
+    search = _Search(runtime=runtime_name())
+    if opts.mode == "auto":
+        search.ladder = tuple(mode_label(m, n) for m, n in AUTO_SEQUENCE)
+    for mode, n_float in AUTO_SEQUENCE if opts.mode == "auto" else ((opts.mode, opts.float_layers),):
+        label = mode_label(mode, n_float)
         if n_float and not search.worst:
             search.worst = layer_errors(run.model, run.calibration)
         keep_float = [w["tensor"] for w in search.worst[:n_float]]
+        record: dict[str, Any] = {"mode": label, "quant": mode, "float_layers": len(keep_float)}
+        if n_float and len(search.worst) <= n_float:
+            reason = (
+                f"the model has only {len(search.worst)} quantized tensors: keeping {n_float} in float leaves "
+                "nothing in int8"
+            )
+            _skip_or_raise(search, record, label, reason, opts, progress)
+            continue
         progress(f"converting: {label}, {len(run.calibration)} calibration crops ...")
-        tflite = convert(run.model, run.calibration, mode, float_layers=keep_float or None)
+        try:
+            tflite = convert(run.model, run.calibration, mode, float_layers=keep_float or None)
+        except ValueError as exc:  # the converter's or the QuantizationDebugger's refusal
+            _skip_or_raise(search, record, label, f"the converter failed: {exc}", opts, progress)
+            continue
+        record["bytes"] = len(tflite)
         if opts.max_mb is not None and len(tflite) > opts.max_mb * 1e6:
             reason = f"model file {len(tflite) / 1e6:.1f} MB > {opts.max_mb} MB limit"
-            progress(f"  {label}: skipped, {reason}")
-            search.attempts.append({"mode": label, "passed": False, "failures": [reason], "bytes": len(tflite)})
+            ms = _time_only(run, ref, mode, tflite, opts)
+            progress(f"  {label}: skipped, {reason} ({ms:.2f} ms per crop)")
+            search.attempts.append(
+                {**record, "passed": False, "failures": [reason], "skipped": reason, "latency_ms": ms}
+            )
             continue
-        candidate = _verify_mode(run, ref, mode, keep_float, tflite, gate, label, progress)
-        search.attempts.append(
-            {
-                "mode": label,
-                "passed": not candidate.failures,
-                "failures": candidate.failures,
-                "label_agreement": candidate.verification["label_agreement"],
-                "bytes": len(tflite),
-            }
-        )
+        candidate = _verify_mode(run, ref, mode, keep_float, tflite, gate, label, opts, progress)
+        search.attempts.append({**record, **_attempt_figures(candidate)})
         search.chosen = candidate
         if not candidate.failures:
             break
     return search
+
+
+def _skip_or_raise(
+    search: _Search, record: dict[str, Any], label: str, reason: str, opts: ConvertOptions, progress: Progress
+) -> None:
+    """A mode that cannot be converted: the next rung of the ladder ("auto"), else a ConvertError."""
+    if opts.mode != "auto":
+        raise ConvertError(f"{label}: {reason}; no bundle was written")
+    progress(f"  {label}: skipped, {reason}", warning=True)
+    search.attempts.append({**record, "passed": False, "failures": [reason], "skipped": reason})
+
+
+def _attempt_figures(c: _Candidate) -> dict[str, Any]:
+    """What model.json's quantization.attempts records of one verified mode."""
+    v = c.verification
+    return {
+        "passed": not c.failures,
+        "failures": c.failures,
+        "latency_ms": c.latency_ms,
+        "n": v["n"],
+        "label_agreement": v["label_agreement"],
+        "delta_sensitivity": v.get("delta_sensitivity"),
+        "delta_specificity": v.get("delta_specificity"),
+        "cam_correlation_mean": v.get("cam_correlation_mean"),
+        "mean_abs_dprob": v.get("mean_abs_dprob"),
+        "max_abs_dprob": v.get("max_abs_dprob"),
+        "flips": v.get("flips_total", 0),
+        "per_class": {
+            role: {k: pc[k] for k in ("label", "n", "label_agreement", "flips", "metric", "delta")}
+            for role, pc in (v.get("per_class") or {}).items()
+        },
+    }
+
+
+def _latency_summary(search: _Search, chosen: _Candidate, opts: ConvertOptions) -> dict[str, Any] | None:
+    """model.json's quantization.latency: the shipped mode's per-crop time, against int8's of the same run."""
+    from convert.bench import cpu_name
+
+    if chosen.latency_ms is None:
+        return None
+    int8_ms = next(
+        (a["latency_ms"] for a in search.attempts if a["mode"] == "int8" and a.get("latency_ms") is not None), None
+    )
+    notes = order_notes(search.attempts)
+    return {
+        "ms_per_crop": chosen.latency_ms,
+        "threads": opts.latency_threads,
+        "batch": 1,
+        "repeats": opts.latency_repeats,
+        "cpu": cpu_name(),
+        "runtime": search.runtime,
+        "int8_ms_per_crop": int8_ms,
+        "vs_int8": None if not int8_ms else chosen.latency_ms / int8_ms,
+        "order_agrees": not notes,
+        "order_note": "; ".join(notes) or None,
+    }
+
+
+def _staging(folder: Path, run: RunData, ref: _Reference, mode: str, tflite: bytes) -> Path:
+    """A provisional bundle (float outputs as golden, loose tolerance) so the device classifier can load it."""
+    return write_bundle(
+        folder / "staging",
+        tflite,
+        dataclasses.replace(ref.draft, quantization=QuantizationInfo(mode=mode)),
+        {
+            "crops": run.held_out[ref.golden_idx],
+            "probabilities": ref.outputs["probability"][ref.golden_idx],
+            "cams": ref.outputs["cam"][ref.golden_idx],
+        },
+        tolerance=1.0,
+    )
+
+
+def _time_only(run: RunData, ref: _Reference, mode: str, tflite: bytes, opts: ConvertOptions) -> float:
+    """The per-crop latency of a mode that is not verified (skipped for its size)."""
+    from convert.verify import latency_ms
+    from device.classifier import Classifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = _staging(Path(tmp), run, ref, mode, tflite)
+        with Classifier(load_bundle(staging), threads=opts.latency_threads) as clf:
+            return latency_ms(clf, run.held_out[0], opts.latency_repeats)
 
 
 def _verify_mode(
@@ -388,35 +544,38 @@ def _verify_mode(
     tflite: bytes,
     gate: Gate,
     label: str,
+    opts: ConvertOptions,
     progress: Progress,
 ) -> _Candidate:
-    """Run one converted model through the device classifier and compare it with the float model."""
-    from convert.verify import compare, device_outputs, report
+    """Run one converted model through the device classifier, time it, and compare it with the float model."""
+    from convert.verify import batched_raw, compare, latency_ms, report
+    from device.classifier import Classifier
 
     with tempfile.TemporaryDirectory() as tmp:
-        # A provisional bundle (float outputs as golden, loose tolerance) so the device classifier can load it.
-        staging = write_bundle(
-            Path(tmp) / "staging",
-            tflite,
-            dataclasses.replace(ref.draft, quantization=QuantizationInfo(mode=mode)),
-            {
-                "crops": run.held_out[ref.golden_idx],
-                "probabilities": ref.outputs["probability"][ref.golden_idx],
-                "cams": ref.outputs["cam"][ref.golden_idx],
-            },
-            tolerance=1.0,
-        )
-        quant_test, input_dtype = device_outputs(staging, run.held_out)
-    verification = compare(ref.outputs, quant_test, run.labels, run.info.threshold, ref.cams)
+        staging = _staging(Path(tmp), run, ref, mode, tflite)
+        with Classifier(load_bundle(staging), threads=opts.latency_threads) as clf:
+            quant_test, input_dtype = batched_raw(clf, run.held_out), clf.input_dtype
+            ms = latency_ms(clf, run.held_out[0], opts.latency_repeats)
+    verification = compare(
+        ref.outputs,
+        quant_test,
+        run.labels,
+        run.info.threshold,
+        ref.cams,
+        names=run.held_out_names,
+        label_names=run.info.labels,
+    )
     failures = gate.failures(verification)
-    progress(report(verification, label, failures))
-    return _Candidate(mode, keep_float, tflite, verification, quant_test, input_dtype, failures)
+    warnings = gate.warnings(verification)
+    progress(report(verification, label, failures, warnings, gate.class_failures(verification)))
+    progress(f"  latency {ms:.2f} ms per crop (batch 1, {opts.latency_threads} threads, device classifier)")
+    return _Candidate(mode, keep_float, tflite, verification, quant_test, input_dtype, failures, label, ms, warnings)
 
 
 def _report_failure(
     run: RunData, search: _Search, chosen: _Candidate, failures: list[str], force: bool, progress: Progress
 ) -> None:
-    """Say which layers quantize worst; raise GateFailedError unless forced."""
+    """Say which layers quantize worst and show the ladder; raise GateFailedError unless forced."""
     from convert.tflite import layer_errors
 
     if not search.worst and chosen.mode == "int8":
@@ -425,9 +584,10 @@ def _report_failure(
         progress("layers with the largest int8 quantization error (rmse in quantization steps):")
         for w in search.worst[:8]:
             progress(f"  {w['rmse_per_scale']:7.2f}  {w['op']:<16} {w['tensor'][:90]}")
+    progress(ladder_markdown(search.attempts, search.ladder))
     if not force:
         raise GateFailedError(GATE_ADVICE, chosen.verification, failures)
-    progress(f"--force: writing the {chosen.mode} bundle although it fails the gate", warning=True)
+    progress(f"--force: writing the {chosen.label or chosen.mode} bundle although it fails the gate", warning=True)
 
 
 def _provisional_bundle(folder: Path, tflite: bytes, meta: BundleMeta, mode: str) -> Path:
@@ -525,7 +685,14 @@ def verify_bundle(
     float_test = float_outputs(run.model, run.held_out)
     ref = reference_gradcam(run.model, run.held_out, float_test["probability"], threshold)
     quant_test, _ = device_outputs(bundle_dir, run.held_out)
-    verification = compare(float_test, quant_test, run.labels, threshold, ref)
+    verification = compare(
+        float_test, quant_test, run.labels, threshold, ref, names=run.held_out_names, label_names=bundle.labels
+    )
     failures = gate.failures(verification)
-    progress(report(verification, bundle.info.quantization.mode, failures))
+    warnings = gate.warnings(verification)
+    verification["gate_crops"] = int(verification["n"])
+    verification["gate_crops_enough"] = int(verification["n"]) >= gate.min_crops
+    progress(
+        report(verification, bundle.info.quantization.label, failures, warnings, gate.class_failures(verification))
+    )
     return VerifyResult(verification, tuple(failures))

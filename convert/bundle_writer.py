@@ -31,11 +31,13 @@ def write_bundle(
     meta: BundleMeta | Mapping[str, Any],
     golden: dict[str, np.ndarray],
     tolerance: float,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write model.tflite, golden.npz and model.json (with hashes) into out_dir atomically.
 
     `meta` is a BundleMeta (or its dict) without the fields this function fills in: schema_version,
-    tflite_sha256, tflite_bytes, golden and, unless given, created.
+    tflite_sha256, tflite_bytes, golden and, unless given, created. `extra_files` ({name: text}) are written
+    beside them, e.g. the convert report; the device neither reads nor checks them.
 
     Raises:
         BundleError: the resulting model.json would not load on the device; nothing is written.
@@ -70,6 +72,10 @@ def write_bundle(
         (tmp / MODEL_FILE).write_bytes(tflite)
         (tmp / GOLDEN_FILE).write_bytes(buf.getvalue())
         (tmp / META_FILE).write_text(json.dumps(checked.to_dict(), indent=2, sort_keys=True))
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name or name in (MODEL_FILE, GOLDEN_FILE, META_FILE):
+                raise ValueError(f"extra bundle file {name!r}: a plain file name other than the bundle's own")
+            (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():
             f.chmod(0o644)
             with open(f, "rb") as fh:

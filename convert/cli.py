@@ -2,14 +2,16 @@
 
 The conversion itself is `convert.build`: convert measures the converted model
 against the float one with the device's own classifier and refuses to write a
-bundle that fails the fidelity gate (unless --force). `--quant auto` tries
-int8, then int8 with its worst layers kept in float, then float16, then
-int16x8, and keeps the first that passes. This module parses options, prints
-the progress and turns a ConvertError into a one-line error (exit code 1).
+bundle that fails the fidelity gate (unless --force). `--quant auto` climbs the
+quantization ladder: int8, int8 with its worst layers kept in float, dynamic
+range, float16, int16x8, timing each, and keeps the first that passes. This
+module parses options, prints the progress and turns a ConvertError into a
+one-line error (exit code 1).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +80,14 @@ gate_options = [
         show_default=True,
         help="Gate: least CAM correlation with float Grad-CAM.",
     ),
+    click.option(
+        "--min-gate-crops",
+        type=click.IntRange(0),
+        default=1000,
+        show_default=True,
+        help="Gate: least held-out crops for its figures to mean more than noise (fewer: a warning in the "
+        "report and model.json, not a failure).",
+    ),
 ]
 
 
@@ -100,9 +110,11 @@ def with_gate_options(f):
 @click.option(
     "--quant",
     "mode",
-    type=click.Choice(["int8", "int16x8", "float16", "float32", "auto"]),
+    type=click.Choice(["int8", "dynamic", "int16x8", "float16", "float32", "auto"]),
     default="int8",
     show_default=True,
+    help="auto: int8, int8 with 10 float layers, dynamic, float16, int16x8 (fastest first), each timed; "
+    "the first that passes the gate is kept.",
 )
 @click.option(
     "--calibration",
@@ -147,6 +159,7 @@ def convert(
     min_agreement,
     max_delta_sensitivity,
     min_cam_correlation,
+    min_gate_crops,
     force,
     max_mb,
     name,
@@ -155,7 +168,7 @@ def convert(
     """Convert MODEL (a .keras file from `leukocam train`) into a verified model bundle."""
     from convert.verify import Gate
 
-    gate = Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
+    gate = Gate(min_agreement, max_delta_sensitivity, min_cam_correlation, min_gate_crops)
     run_convert(
         model,
         data_dir,
@@ -177,12 +190,12 @@ def convert(
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @with_gate_options
-def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, min_cam_correlation):
+def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, min_cam_correlation, min_gate_crops):
     """Check BUNDLE against its float MODEL on the held-out split, with the device's classifier code."""
     from convert.verify import Gate
 
     _, failures = run_verify(
-        bundle, model_path, data_dir, Gate(min_agreement, max_delta_sensitivity, min_cam_correlation)
+        bundle, model_path, data_dir, Gate(min_agreement, max_delta_sensitivity, min_cam_correlation, min_gate_crops)
     )
     if failures:
         raise SystemExit(1)
@@ -191,6 +204,12 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
 @click.command()
 @click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--size", default=300, show_default=True, help="Model input size in pixels (the paper's 300).")
+@click.option(
+    "--ladder-size",
+    type=click.IntRange(16),
+    default=None,
+    help="Input size for the quantization ladder's per-crop latencies (default: the shipped demo bundle's).",
+)
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Small sizes and fewer repeats, to check that the benchmarks run.")
 @click.option(
@@ -216,9 +235,10 @@ def verify(bundle, model_path, data_dir, min_agreement, max_delta_sensitivity, m
     help="Finder stress corpus (from `leukocam finder-eval --build`); default: a small one built from "
     "the repository's BCCD fields and synthetic fields.",
 )
-def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
+def bench(out_dir, size, ladder_size, repeats, quick, bundle_dir, only, corpus_dir):
     """Measure the capture pipeline, the finder, the dashboard, training throughput and the models in one run."""
     from convert.bench import (
+        LADDER,
         bench_finder,
         bench_models,
         bench_multiworker,
@@ -234,11 +254,23 @@ def bench(out_dir, size, repeats, quick, bundle_dir, only, corpus_dir):
 
     if quick:
         size, repeats = 64, 2
+        ladder_size = ladder_size or size
+    elif ladder_size is None:  # the architecture and size the appliance ships with
+        ladder_size = json.loads((DEMO_BUNDLE / "model.json").read_text())["input_size"]
     results = []
     model_ms_5 = None
     if only in ("all", "models"):
         click.echo(f"benchmarking models at {size} px ...")
-        result = bench_models(size=size, repeats=repeats, threads=(1, 2) if quick else (1, 2, 4), keep_dir=out_dir)
+        # --quick leaves out int8-selective (QuantizationDebugger runs); `make bench` times the whole ladder.
+        ladder = tuple(m for m in LADDER if m != "int8-selective") if quick else LADDER
+        result = bench_models(
+            size=size,
+            repeats=repeats,
+            threads=(1, 2) if quick else (1, 2, 4),
+            keep_dir=out_dir,
+            ladder=ladder,
+            ladder_size=ladder_size,
+        )
         result["markdown"] = to_markdown(result)
         results.append(result)
         model_ms_5 = next(

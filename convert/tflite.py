@@ -10,6 +10,9 @@ probability (one extra output, no gradients on the Pi). Outputs are float
 - int8 with float layers ("selective"): the layers that QuantizationDebugger
   finds worst stay float; a little larger and slower, usually most of the
   accuracy back;
+- dynamic: dynamic-range quantization, int8 weights with float activations
+  (no calibration; float input and outputs): near-lossless, about the int8
+  size, slower than int8 (the activations are quantized on the fly);
 - int16x8: 16-bit activations, 8-bit weights; float input; more faithful, slow
   kernels on ARM;
 - float16: weights in float16 (half the float32 size), float compute;
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 SIGNATURE = "serving_default"
-QUANT_MODES = ("int8", "int16x8", "float16", "float32")
+QUANT_MODES = ("int8", "dynamic", "int16x8", "float16", "float32")
 
 
 def export_model(model):
@@ -93,6 +96,8 @@ def converter_for(model, calibration: np.ndarray, mode: str) -> Iterator:
             conv.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
             ]
+        elif mode == "dynamic":  # int8 weights, float activations: no representative dataset
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
         elif mode == "float16":
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.target_spec.supported_types = [tf.float16]

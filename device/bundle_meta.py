@@ -274,15 +274,48 @@ class QuantizationInfo:
     """How the model was quantized; `mode` is what the device shows."""
 
     mode: str
-    """int8, int16x8, float16 or float32."""
+    """int8, dynamic, int16x8, float16 or float32."""
     float_layers: tuple[str, ...] | None = None
     """int8 only: the tensors kept in float (selective int8)."""
     calibration_images: int | None = None
     input_type: str | None = None
     attempts: tuple[Mapping[str, Any], ...] | None = None
-    """Every mode convert tried, in order, with its gate result."""
+    """Every mode convert tried, in order, with its gate result (and, since the measured ladder, its bytes,
+    per-crop latency and gate figures; the one shipped has "chosen": true)."""
     worst_layers: tuple[Mapping[str, Any], ...] | None = None
+    ladder: tuple[str, ...] | None = None
+    """`--quant auto`: the modes in the order convert tries them (expected speed, fastest first)."""
+    latency: Mapping[str, Any] | None = None
+    """The shipped mode's per-crop latency measured at conversion: {"ms_per_crop", "threads", "batch", "repeats",
+    "cpu", "runtime", "int8_ms_per_crop", "vs_int8", "order_agrees", "order_note"} (None: not measured)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The shipped mode as convert names it, e.g. "int8 with 10 float layers"."""
+        for attempt in self.attempts or ():
+            if attempt.get("chosen") and isinstance(attempt.get("mode"), str):
+                return attempt["mode"]
+        n = len(self.float_layers or ())
+        return self.mode + (f" with {n} float layers" if n else "")
+
+    @property
+    def speed_vs_int8(self) -> float | None:
+        """How many times the int8 per-crop latency the shipped mode took at conversion; None when not measured."""
+        value = (self.latency or {}).get("vs_int8")
+        return float(value) if _is_number(value) else None
+
+    def fallbacks(self) -> list[tuple[str, list[str]]]:
+        """The modes tried before the shipped one that failed, with why: [(label, failures)]."""
+        out = []
+        attempts = self.attempts or ()
+        marked = any(a.get("chosen") for a in attempts)  # older bundles: the shipped one is the one named `label`
+        for attempt in attempts:
+            if attempt.get("chosen") if marked else attempt.get("mode") == self.label:
+                break
+            if not attempt.get("passed"):
+                out.append((str(attempt.get("mode")), [str(f) for f in attempt.get("failures") or ()]))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
@@ -294,6 +327,10 @@ class QuantizationInfo:
         for key in ("attempts", "worst_layers"):
             if getattr(self, key) is not None:
                 out[key] = [copy.deepcopy(dict(r)) for r in getattr(self, key)]
+        if self.ladder is not None:
+            out["ladder"] = list(self.ladder)
+        if self.latency is not None:
+            out["latency"] = copy.deepcopy(dict(self.latency))
         return {**out, **copy.deepcopy(dict(self.extra))}
 
     @classmethod
@@ -305,6 +342,8 @@ class QuantizationInfo:
             input_type=f.text("input_type"),
             attempts=f.records("attempts"),
             worst_layers=f.records("worst_layers"),
+            ladder=f.strings("ladder"),
+            latency=f.mapping("latency"),
             extra=f.extra(),
         )
 

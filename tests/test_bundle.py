@@ -120,6 +120,29 @@ def test_loaded_bundle_is_typed(demo_bundle_dir):
     assert info.headline_metrics()["auc"] == bundle.meta["metrics"]["quantized"]["auc"]
 
 
+def test_the_quantization_ladder_is_typed_and_round_trips(demo_bundle_dir):
+    meta = json.loads((demo_bundle_dir / "model.json").read_text())
+    q = BundleMeta.from_dict(meta).quantization
+    # A bundle from before the timed ladder: no ladder, no latency; its fallbacks are still named.
+    assert q.ladder is None and q.latency is None and q.speed_vs_int8 is None and q.label == "int16x8"
+    assert [mode for mode, _ in q.fallbacks()] == [a["mode"] for a in meta["quantization"]["attempts"][:-1]]
+    meta["quantization"].update(
+        ladder=["int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8"],
+        attempts=[
+            {"mode": "int8", "passed": False, "failures": ["label agreement 0.98 < 0.99"], "latency_ms": 10.0},
+            {"mode": "int8 with 10 float layers", "passed": True, "failures": [], "latency_ms": 12.0, "chosen": True},
+        ],
+        mode="int8",
+        float_layers=["a", "b"],
+        latency={"ms_per_crop": 12.0, "int8_ms_per_crop": 10.0, "vs_int8": 1.2, "threads": 2},
+    )
+    info = BundleMeta.from_dict(meta)
+    assert info.to_dict() == meta, "the new keys are written back as read"
+    q = info.quantization
+    assert q.label == "int8 with 10 float layers", "the chosen attempt names the mode, not the float-layer count"
+    assert q.speed_vs_int8 == 1.2 and q.fallbacks() == [("int8", ["label agreement 0.98 < 0.99"])]
+
+
 def test_quantized_metrics_fall_back_to_the_verification(demo_bundle_dir):
     meta = json.loads((demo_bundle_dir / "model.json").read_text())
     del meta["metrics"]  # bundles from before convert measured the test split
@@ -151,6 +174,8 @@ def test_unknown_and_null_fields_survive_the_round_trip(demo_bundle_dir):
         (lambda m: m["golden"].update(tolerance=-1), "golden.tolerance"),
         (lambda m: m["quantization"].pop("mode"), "quantization.mode"),
         (lambda m: m["quantization"].update(float_layers="conv"), "quantization.float_layers"),
+        (lambda m: m["quantization"].update(ladder="int8,dynamic"), "quantization.ladder"),
+        (lambda m: m["quantization"].update(latency=[12.0]), "quantization.latency"),
         (lambda m: m.update(tflite_sha256="abc"), "tflite_sha256"),
         (lambda m: m.update(synthetic="yes"), "synthetic"),
         (lambda m: m.update(signature=""), "signature"),

@@ -7,6 +7,7 @@ training never imports convert.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -106,10 +107,12 @@ def test_convert_records_verification_and_verify_reproduces_it(tiny_run, tmp_pat
         cli, ["verify", str(out), "--model", str(model), "--data", str(data), "--min-cam-correlation", "1.01"]
     )
     assert result.exit_code == 1 and "gate: FAIL" in result.output and "CAM correlation" in result.output
+    assert "fewer than 1000" in result.output, "a gate on a few dozen crops says it measures noise"
+    assert meta["verification"]["gate_crops"] == v["n"] and meta["verification"]["gate_crops_enough"] is False
 
 
 @slow_tf
-@pytest.mark.parametrize("mode,float_layers", [("float16", 0), ("int8", 3)])
+@pytest.mark.parametrize("mode,float_layers", [("float16", 0), ("int8", 3), ("dynamic", 0)])
 def test_fallback_modes_run_on_the_device(tiny_run, tmp_path, mode, float_layers):
     from convert.cli import run_convert
     from convert.verify import Gate
@@ -132,17 +135,145 @@ def test_fallback_modes_run_on_the_device(tiny_run, tmp_path, mode, float_layers
         assert bundle.info.quantization.worst_layers[0]["rmse_per_scale"] > 0
     with Classifier(bundle, threads=1) as clf:
         assert clf.self_test().passed
+        preds = clf.classify(bundle.golden.crops)
+    assert len(preds) == len(bundle.golden.crops) and {p.label for p in preds} <= set(bundle.labels)
+    assert all(0.0 <= p.probability <= 1.0 and p.cam.shape == bundle.info.cam.shape for p in preds)
+    assert bundle.info.quantization.input_type == ("uint8" if mode == "int8" and not float_layers else "float32")
+    assert bundle.info.quantization.latency["ms_per_crop"] > 0, "every converted mode is timed"
     if mode == "float16":
         assert v["max_abs_dprob"] < 0.01  # float16 weights barely move the outputs
+    if mode == "dynamic":  # int8 weights, float activations: about the int8 file, far closer to float
+        assert bundle.info.tflite_bytes < 16e6, "B3's weights in int8: ~12.5 MB (float16 ~21 MB, float32 ~43 MB)"
+        assert v["max_abs_dprob"] < 0.05
+
+
+@slow_tf
+def test_auto_ladder_times_and_gates_every_mode_it_tries(small_run, tmp_path):
+    from convert.build import AUTO_SEQUENCE, mode_label
+    from convert.report import REPORT_FILE
+    from device.cli import cli
+
+    root, data, _ = small_run
+    out = tmp_path / "bundle"
+    # A gate no mode can pass, forced: every rung is converted, timed and measured, and the last one is written.
+    args = ["convert", str(root / "run" / "model.keras"), "--data", str(data), "--out", str(out), "--quant", "auto"]
+    args += ["--calibration", "32", "--min-cam-correlation", "1.01", "--force", "--parity-fields", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "model.json").read_text())
+    q = meta["quantization"]
+    ladder = [mode_label(m, n) for m, n in AUTO_SEQUENCE]
+    assert q["ladder"] == ladder == ["int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8"]
+    assert [a["mode"] for a in q["attempts"]] == ladder and q["mode"] == "int16x8"
+    # This small CNN has fewer quantized tensors than the 10 the second rung keeps in float: that rung is
+    # skipped, and says why; every other rung is converted, timed and measured.
+    assert "nothing in int8" in q["attempts"][1]["skipped"] and q["attempts"][1]["failures"]
+    for a in q["attempts"][:1] + q["attempts"][2:]:
+        assert a["latency_ms"] > 0 and a["bytes"] > 0 and a["passed"] is False and a["failures"]
+        for key in ("label_agreement", "delta_sensitivity", "delta_specificity", "cam_correlation_mean", "flips"):
+            assert key in a, key
+        assert {c["label"] for c in a["per_class"].values()} == set(meta["labels"])
+    assert [a.get("chosen", False) for a in q["attempts"]] == [False] * 4 + [True]
+    lat = q["latency"]
+    assert lat["ms_per_crop"] == q["attempts"][-1]["latency_ms"] and lat["threads"] == 2 and lat["batch"] == 1
+    assert lat["int8_ms_per_crop"] == q["attempts"][0]["latency_ms"]
+    assert lat["vs_int8"] == pytest.approx(lat["ms_per_crop"] / lat["int8_ms_per_crop"])
+    assert isinstance(lat["order_agrees"], bool) and (lat["order_note"] is None) == lat["order_agrees"]
+    # The validation split of this small run is far below 1,000 crops: said, not failed.
+    v, gate = meta["verification"], meta["gate"]
+    assert v["gate_crops"] == v["n"] < 1000 and v["gate_crops_enough"] is False and gate["min_crops"] == 1000
+    assert any("fewer than 1000" in w for w in gate["warnings"]) and gate["forced"]
+    assert "fewer than 1000" in result.output
+    assert set(v["per_class"]) == {"positive", "negative"} and set(gate["per_class"]) == set(meta["labels"])
+    assert v["flips_total"] == len(v["flips"]) or len(v["flips"]) == 50
+    report = (out / REPORT_FILE).read_text()
+    assert "## Quantization ladder" in report and "### Per class" in report and "### Flips" in report
+    for label in ladder:
+        assert f"| {label} |" in report
+    assert "(shipped, forced)" in report and "too few" in report
+    assert load_bundle(out).info.quantization.label == "int16x8"
+
+
+def test_gate_reports_per_class_flips_and_too_few_crops(demo_bundle_dir):
+    """compare, Gate and the convert report on made-up outputs: no TensorFlow needed."""
+    from convert.report import convert_report
+    from convert.verify import Gate, compare
+    from device.bundle_meta import BundleMeta
+
+    labels = np.array([1] * 40 + [0] * 60)
+    pf = np.where(labels == 1, 0.9, 0.1).astype(np.float32)
+    pq = pf.copy()
+    pq[[3, 5]] = 0.4  # two blasts lost
+    pq[50] = 0.7  # one normal called blast
+    cams = np.random.default_rng(0).normal(size=(100, 3, 3)).astype(np.float32)
+    names = [f"cells/{i:03d}.png" for i in range(100)]
+    v = compare(
+        {"probability": pf, "cam": cams},
+        {"probability": pq, "cam": cams},
+        labels,
+        0.5,
+        names=names,
+        label_names=("normal", "blast"),
+    )
+    assert v["flips_total"] == 3 and [f["index"] for f in v["flips"]] == [3, 5, 50]
+    assert v["flips"][0] == {
+        "index": 3,
+        "file": "cells/003.png",
+        "label": "blast",
+        "float_probability": pytest.approx(0.9),
+        "quantized_probability": pytest.approx(0.4),
+        "float_label": "blast",
+        "quantized_label": "normal",
+    }
+    pos, neg = v["per_class"]["positive"], v["per_class"]["negative"]
+    assert pos["label"] == "blast" and pos["n"] == 40 and pos["flips"] == 2 and pos["metric"] == "sensitivity"
+    assert pos["label_agreement"] == pytest.approx(38 / 40) and pos["delta"] == pytest.approx(-2 / 40)
+    assert neg["n"] == 60 and neg["flips"] == 1 and neg["delta"] == pytest.approx(-1 / 60)
+    assert v["delta_sensitivity"] == pytest.approx(pos["delta"])
+    gate = Gate()
+    assert gate.failures(v) and "label agreement 0.970 < 0.99" in gate.failures(v)[0]
+    per_class = gate.class_failures(v)
+    assert per_class["blast"] and any("sensitivity" in p for p in per_class["blast"])
+    assert any("specificity" in p for p in per_class["normal"])
+    (warning,) = gate.warnings(v)
+    assert "only 100 held-out crops" in warning and "2.50 points of sensitivity" in warning
+    assert Gate(min_crops=100).warnings(v) == []
+    # The report of a bundle with that verification lists the flips and the gate per class.
+    meta = BundleMeta.from_dict(json.loads((demo_bundle_dir / "model.json").read_text()))
+    meta = dataclasses.replace(
+        meta,
+        verification={**v, "split": "validation", "gate_crops": 100, "gate_crops_enough": False},
+        gate={
+            **gate.to_dict(),
+            "passed": False,
+            "failures": gate.failures(v),
+            "warnings": [warning],
+            "per_class": per_class,
+        },
+    )
+    text = convert_report(meta, v["flips"])
+    assert "### Flips: 3 crop(s) changed label" in text
+    assert "| 3 | cells/003.png | blast | 0.9000 | 0.4000 | blast → normal |" in text
+    assert "| blast | 40 | 0.9500 | sensitivity | 1.000 | 0.950 | -0.050 |" in text
+    assert "outside: " in text and "**too few** (warning)" in text and "only 100 held-out crops" in text
+    assert "one blast crop is 2.50 points of sensitivity" in text
+    # The demo bundle's recorded ladder (before timing): its fallbacks are named, nothing is invented.
+    assert "## Quantization ladder" in text and "Fallback: int8 was not kept" in text
 
 
 @slow_tf
 def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     from convert.bench import bench_models, to_markdown, write_results
 
-    result = bench_models(size=32, modes=("int8", "float32"), batches=(1, 2), threads=(1, 2), repeats=1, calibration=2)
+    ladder = ("int8", "dynamic", "float32")  # int8 and float32 come from the grid: one more conversion
+    result = bench_models(
+        size=32, modes=("int8", "float32"), batches=(1, 2), threads=(1, 2), repeats=1, calibration=2, ladder=ladder
+    )
     models = {r["model"] for r in result["rows"]}
     assert models == {"keras float32", "tflite int8", "tflite float32"}
+    rows = {r["mode"]: r for r in result["ladder"]}
+    assert tuple(rows) == ladder and all(r["ms_per_crop"] > 0 for r in rows.values())
+    assert rows["int8"]["vs_int8"] == 1.0 and rows["int8"]["input"] == "uint8" and rows["dynamic"]["input"] == "float32"
     sizes = {r["model"]: r["size_mb"] for r in result["rows"] if r["size_mb"]}
     assert sizes["tflite int8"] < sizes["tflite float32"] / 2  # int8 weights are a quarter of float32
     for r in result["rows"]:
@@ -150,6 +281,7 @@ def test_model_benchmark_runs_and_reports_ratios(tmp_path):
     result["markdown"] = to_markdown(result)
     path = write_results([result], tmp_path)
     assert "tflite int8" in path.read_text() and json.loads(path.with_suffix(".json").read_text())[0]["cpu"]
+    assert "### Quantization ladder at 32 px" in path.read_text() and "| dynamic | float32 |" in path.read_text()
 
 
 @slow_tf

@@ -166,6 +166,49 @@ def test_status_page_and_model_card(app_and_client):
     assert data["model"]["metrics"]["sensitivity"] > 0 and "label_agreement" in data["model"]["verification"]
 
 
+def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, tmp_path, demo_bundle_dir):
+    import dataclasses
+    import json
+    import shutil
+
+    # The shipped demo bundle predates the timed ladder: the mode and the fallbacks it recorded, no cost.
+    with Appliance(config) as appliance:
+        client = create_app(appliance).test_client()
+        html = client.get("/status").get_data(as_text=True)
+        model = client.get("/api/status").get_json()["model"]
+    assert model["quantization_label"] == model["quantization"] and model["speed"] is None
+    row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
+    assert model["quantization"] in row and "slower" not in row
+    if model["fallbacks"]:  # a fallback is never silent: what was tried first, and why it was not kept
+        assert "fallback" in row and model["fallbacks"][0]["mode"] in row
+    # A bundle whose ladder convert timed: int16x8 shipped after int8 failed; the status page says the cost.
+    bundle = tmp_path / "ladder"
+    shutil.copytree(demo_bundle_dir, bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["quantization"].update(
+        mode="int16x8",
+        float_layers=[],
+        ladder=["int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8"],
+        attempts=[
+            {"mode": "int8", "passed": False, "failures": ["label agreement 0.977 < 0.99"], "latency_ms": 12.0},
+            {"mode": "int16x8", "passed": True, "failures": [], "latency_ms": 780.0, "chosen": True},
+        ],
+        latency={"ms_per_crop": 780.0, "threads": 2, "batch": 1, "int8_ms_per_crop": 12.0, "vs_int8": 65.0},
+    )
+    (bundle / "model.json").write_text(json.dumps(meta))
+    cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, bundle=str(bundle)))
+    with Appliance(cfg) as appliance:
+        client = create_app(appliance).test_client()
+        html = client.get("/status").get_data(as_text=True)
+        model = client.get("/api/status").get_json()["model"]
+    assert model["speed"]["vs_int8"] == 65.0 and model["speed"]["ms_per_crop"] == 780.0
+    row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
+    assert "int16x8: 65× slower per cell than int8, measured at conversion" in row
+    assert "780.0 ms against 12.0 ms per cell" in row
+    assert "fallback" in row and "int8 (label agreement 0.977 &lt; 0.99)" in row
+    assert model["fallbacks"] == [{"mode": "int8", "failures": ["label agreement 0.977 < 0.99"]}]
+
+
 def test_live_polling_endpoints(app_and_client):
     appliance, client = app_and_client
     latest = client.get("/api/latest").get_json()

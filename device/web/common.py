@@ -115,6 +115,9 @@ def model_card() -> dict:
         "threshold": app.bundle.threshold,
         "review_band": list(app.bundle.review_band),
         "quantization": info.quantization.mode,
+        "quantization_label": info.quantization.label,
+        "speed": quantization_speed(info.quantization),
+        "fallbacks": [{"mode": mode, "failures": why} for mode, why in info.quantization.fallbacks()],
         "created": info.created,
         "input_size": info.input_size,
         "runtime": app.classifier.runtime,
@@ -137,6 +140,37 @@ def model_card() -> dict:
         if app.self_test is None
         else {"passed": app.self_test.passed, "message": app.self_test.message},
     }
+
+
+def quantization_speed(q) -> dict | None:
+    """The shipped mode's per-crop latency measured at conversion, and its cost against int8 in the same run
+    (device.bundle_meta.QuantizationInfo.latency); None for bundles converted before convert timed the modes."""
+    lat = q.latency or {}
+    ms = lat.get("ms_per_crop")
+    if not isinstance(ms, int | float):
+        return None
+    factor = q.speed_vs_int8
+    if factor is None or q.label == "int8":
+        note = f"{q.label}: {_ms(ms)} ms per cell, measured at conversion"
+    else:
+        times = f"{factor:.0f}×" if factor >= 10 else f"{factor:.1f}×"
+        cost = f"{times} slower per cell than int8" if factor >= 1 else f"{times} the int8 time per cell"
+        note = (
+            f"{q.label}: {cost}, measured at conversion ({_ms(ms)} ms against "
+            f"{_ms(lat.get('int8_ms_per_crop') or 0)} ms per cell, {lat.get('threads')} threads)"
+        )
+    return {
+        "ms_per_crop": ms,
+        "int8_ms_per_crop": lat.get("int8_ms_per_crop"),
+        "vs_int8": factor,
+        "threads": lat.get("threads"),
+        "cpu": lat.get("cpu"),
+        "note": note,
+    }
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def slide_progress(slide_id: str) -> dict:

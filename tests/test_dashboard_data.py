@@ -79,7 +79,7 @@ def test_different_fields_give_no_false_repeats(tmp_path, clf, analyses):
     s = store.slide_summary("T")
     assert (s["cells"], s["duplicates"]) == (total, 0)
     # The measurement behind MAX_HAMMING: distances between all pairs of different cells of the demo fields
-    # (10 cells: the smallest was 8 bits of 64 when the bound was chosen) against the same cell seen again
+    # (13 cells, each hashed on its own box: the smallest is 13 bits of 64) against the same cell seen again
     # (0 bits: test above). A bound at half the smallest gap keeps different cells apart.
     cells = [c for a in analyses.values() for c in a.cells]
     assert all(c.dhash is not None for c in cells)

@@ -82,7 +82,14 @@ def field_parity(
     for _ in range(n_fields):
         masks: list[np.ndarray] = []
         field, cells = synth.render_field(
-            rng, width, height, cells_per_field, um_per_px=um_per_px, stain=synth.random_stain(rng), masks=masks
+            rng,
+            width,
+            height,
+            cells_per_field,
+            um_per_px=um_per_px,
+            stain=synth.random_stain(rng),
+            masks=masks,
+            cell_style="cnmc",  # the single cells a model learns (render_cell, like C-NMC's), not the smear look
         )
         train_crops = []
         for c, m in zip(cells, masks, strict=True):

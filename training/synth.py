@@ -379,23 +379,34 @@ def _rotate_od(od: np.ndarray, hue_deg: float) -> np.ndarray:
     return (out / max(float(np.linalg.norm(out)), 1e-6) * norm).astype(np.float32)
 
 
-def random_cell_stain(rng: np.random.Generator) -> CellStain:
+def random_cell_stain(rng: np.random.Generator, spread: float = 1.0) -> CellStain:
     """Draw one subject's stain, lamp and camera: from C-NMC's dense dull purple to a pale Wright lilac, pink,
-    grey or blue-grey, any lamp balance, in or slightly out of focus, lossless or JPEG."""
-    t = float(rng.uniform(0.0, 0.6))
+    grey or blue-grey, any lamp balance, in or slightly out of focus, lossless or JPEG.
+
+    `spread` scales every draw's distance from the middle of its range: 1 is the full range (the demo model's
+    data), 0 one house stain and camera. The same draws are made whatever the spread."""
+
+    def around(x: float, centre: float) -> float:
+        return x if spread == 1.0 else centre + spread * (x - centre)
+
+    t = around(float(rng.uniform(0.0, 0.6)), 0.3)
     nucleus = (1.0 - t) * _NUC_OD_CNMC + t * _NUC_OD_WRIGHT
-    nucleus = _rotate_od(nucleus * np.exp(rng.normal(0.0, 0.06, 3)).astype(np.float32), float(rng.normal(0, 7)))
+    shift = np.exp(spread * rng.normal(0.0, 0.06, 3)).astype(np.float32)
+    nucleus = _rotate_od(nucleus * shift, spread * float(rng.normal(0, 7)))
     nucleus /= float(np.linalg.norm(nucleus))
-    density = float(np.exp(rng.normal(math.log(2.6), 0.2)))  # pale to dark: about 1.7-3.9
-    cyto = float(rng.uniform(0.3, 0.8)) * nucleus * density + float(rng.uniform(0.05, 0.35)) * _CYTO_OD_BLUE
-    lamp = float(rng.uniform(205.0, 250.0)) * np.exp(rng.normal(0.0, 0.04, 3))
+    density = float(np.exp(math.log(2.6) + spread * rng.normal(0.0, 0.2)))  # pale to dark: about 1.7-3.9
+    cyto = (
+        around(float(rng.uniform(0.3, 0.8)), 0.55) * nucleus * density
+        + around(float(rng.uniform(0.05, 0.35)), 0.2) * _CYTO_OD_BLUE
+    )
+    lamp = around(float(rng.uniform(205.0, 250.0)), 228.0) * np.exp(spread * rng.normal(0.0, 0.04, 3))
     return CellStain(
         nucleus_od=_triple(nucleus),
         nucleus_density=density,
         cytoplasm_od=_triple(cyto),
         lamp=_triple(np.clip(lamp, 150.0, 255.0)),
-        blur_um=float(rng.uniform(0.04, 0.22)),
-        noise=float(rng.uniform(0.5, 4.0)),
+        blur_um=around(float(rng.uniform(0.04, 0.22)), 0.13),
+        noise=around(float(rng.uniform(0.5, 4.0)), 2.25),
         jpeg_quality=None if rng.random() < 0.5 else int(rng.integers(55, 96)),
     )
 
@@ -487,14 +498,18 @@ def _cell_density_maps(
     return (density * nucleus).astype(np.float32), cytoplasm.astype(np.float32), cell
 
 
+def _cell_od(nuclear: np.ndarray, cytoplasm: np.ndarray, stain: CellStain) -> np.ndarray:
+    """Optical density (float32 n x n x 3) of a cell's nuclear-stain and cytoplasm maps under a stain."""
+    return (stain.nucleus_density * nuclear)[..., None] * np.asarray(stain.nucleus_od, np.float32) + cytoplasm[
+        ..., None
+    ] * np.asarray(stain.cytoplasm_od, np.float32)
+
+
 def _photograph(
     nuclear: np.ndarray, cytoplasm: np.ndarray, stain: CellStain, px_per_um: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Light through the stained cell on glass, as the camera records it (float32 RGB 0-255)."""
-    od = (stain.nucleus_density * nuclear)[..., None] * np.asarray(stain.nucleus_od, np.float32) + cytoplasm[
-        ..., None
-    ] * np.asarray(stain.cytoplasm_od, np.float32)
-    img = np.asarray(stain.lamp, np.float32) * np.exp(-od)
+    img = np.asarray(stain.lamp, np.float32) * np.exp(-_cell_od(nuclear, cytoplasm, stain))
     if stain.blur_um * px_per_um > 0.2:
         img = cv2.GaussianBlur(img, (0, 0), stain.blur_um * px_per_um)
     img += rng.standard_normal(img.shape, dtype=np.float32) * stain.noise
@@ -619,6 +634,7 @@ def render_field(
     stain: Stain | None = None,
     gap_um: float = 1.0,
     masks: list | None = None,
+    cell_style: str = "smear",
 ) -> tuple[np.ndarray, list[dict]]:
     """Render a synthetic Wright/Giemsa peripheral smear field with a few white cells.
 
@@ -635,6 +651,9 @@ def render_field(
             overlap by that much, so cells touch (clumps, blast-dense fields).
         masks: a list to receive each white cell's true extent: a bool HxW mask of the field
             (the ideal segmentation, as C-NMC's organisers cut their cells).
+        cell_style: "smear" draws the white cells in the field's Wright/Giemsa look (lilac nuclei, pale blue
+            cytoplasm); "cnmc" draws the single cells of `render_cell` (the cells the demo model learns),
+            their optical density laid over the field's glass under the field's stain.
 
     Returns:
         (field, cells): uint8 RGB array (height, width, 3), and one dict per white
@@ -651,7 +670,10 @@ def render_field(
         raise ValueError(f"labels has {len(labels)} entries but n_white is {n_white}")
     for label in labels:
         _check_label(label)
+    if cell_style not in ("smear", "cnmc"):
+        raise ValueError(f"cell_style must be 'smear' or 'cnmc', got {cell_style!r}")
     stain = stain or Stain()
+    cell_stain = CellStain.from_stain(stain)
 
     # Background with a slight vignette and mottle, as an uneven lamp gives.
     yv = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
@@ -676,8 +698,11 @@ def render_field(
     placed: list[tuple[int, int, int, int]] = []
     margin = max(2, int(gap_um / um_per_px)) if gap_um > 0 else int(round(gap_um / um_per_px))
     for label in labels:
-        morph = _sample_morphology(rng, label)
-        rgb, alpha = _white_cell_patch(rng, morph, stain, 1.0 / um_per_px)
+        if cell_style == "cnmc":
+            nuclear, cytoplasm, alpha = _cell_density_maps(rng, _sample_cell_shape(rng, label), 1.0 / um_per_px)
+            rgb = np.asarray(_FIELD_BG, np.float32) * np.exp(-_cell_od(nuclear, cytoplasm, cell_stain))
+        else:
+            rgb, alpha = _white_cell_patch(rng, _sample_morphology(rng, label), stain, 1.0 / um_per_px)
         ys, xs = np.nonzero(alpha > 0.02)
         # The cell's own extent in the patch, padded one pixel for the focus
         # blur that spreads the edge afterwards; placement uses this, not the
@@ -727,6 +752,7 @@ def write_cell_dataset(
     size: int = 450,
     seed: int = 0,
     blast_fraction: float | None = None,
+    stain_spread: float = 1.0,
 ) -> dict:
     """Write a synthetic single-cell dataset in the C-NMC 2019 folder layout.
 
@@ -742,6 +768,8 @@ def write_cell_dataset(
         size: image width and height in pixels.
         seed: random seed; the same seed writes the same images.
         blast_fraction: fraction of subjects that are ALL patients (default 0.5).
+        stain_spread: how far subjects' stains, lamps and cameras range (`random_cell_stain`): 1 the full
+            range; smaller for tests that must train a discriminating model in seconds on a few subjects.
 
     Returns:
         A summary: counts per class, per subject and per fold, the seed, synthetic=True.
@@ -780,7 +808,7 @@ def write_cell_dataset(
     total = n_subjects * cells_per_subject
     with tqdm(total=total, desc="synthetic cells", unit="img", disable=total <= 200) as bar:
         for sid, label, fold in subjects:
-            stain = random_cell_stain(rng)
+            stain = random_cell_stain(rng, stain_spread)
             for j in range(cells_per_subject):
                 # C-NMC names carry the capture (image) and the cell within it.
                 name = f"UID_{sid}_{j // 3 + 1}_{j % 3 + 1}_{label}.bmp"
@@ -814,6 +842,7 @@ def write_fields(
     n_white: tuple[int, int] = (2, 5),
     um_per_px: float = 0.1,
     seed: int = 0,
+    cell_style: str = "smear",
 ) -> list[Path]:
     """Write synthetic smear fields as JPEG files with JSON annotations beside them.
 
@@ -825,6 +854,7 @@ def write_fields(
         n_white: inclusive (min, max) white cells per field.
         um_per_px: scale in micrometres per pixel.
         seed: random seed; the same seed writes the same fields.
+        cell_style: how the white cells are drawn (`render_field`): "smear" or "cnmc".
 
     Returns:
         The paths of the written ``field_NNNN.jpg`` files, in order.
@@ -845,7 +875,7 @@ def write_fields(
     for i in tqdm(range(n), desc="synthetic fields", unit="field", disable=n <= 20):
         stain = random_stain(rng)
         count = int(rng.integers(lo, hi + 1))
-        field, cells = render_field(rng, width, height, count, um_per_px, stain=stain)
+        field, cells = render_field(rng, width, height, count, um_per_px, stain=stain, cell_style=cell_style)
         path = out / f"field_{i:04d}.jpg"
         _write_image(path, field, [cv2.IMWRITE_JPEG_QUALITY, 92])
         meta = {
@@ -854,6 +884,7 @@ def write_fields(
             "seed": seed,
             "index": i,
             "um_per_px": um_per_px,
+            "cell_style": cell_style,
             "width": width,
             "height": height,
             "cells": cells,

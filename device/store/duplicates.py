@@ -6,20 +6,19 @@ fraction, so each cell's crop gets a perceptual hash when it is stored, and a ne
 `duplicate_of` an earlier cell of the same slide when the two hashes are close AND the two boxes
 have about the same size. Slide counts, the blast fraction and its CI then count each cell once.
 
-The hash is a 64-bit difference hash (dHash) of the grey crop: the crop (the model's input, the
-cell cut out on black) shrunk to 9 x 8 pixels, one bit per horizontal neighbour pair ("brighter to
-the right"). It ignores brightness, contrast and JPEG noise and changes little with small changes
-of the crop.
+The hash is a 64-bit difference hash (dHash) of the grey crop: the cell's own box within the crop (the
+model's input, the cell cut out on black), shrunk to 9 x 8 pixels, one bit per horizontal neighbour pair
+("brighter to the right"). It ignores brightness, contrast and JPEG noise and changes little with small
+changes of the crop. Hashing the whole crop instead made its 9 x 8 thumbnail mostly the cell's outline, so
+round cells of one size hashed alike (two different demo cells were 2 bits apart).
 
-The bound, measured on the shipped demo fields (device/demo/fields, 10 cells; tests/test_dashboard_data.py
+The bound, measured on the shipped demo fields (device/demo/fields, 13 cells; tests/test_dashboard_data.py
 repeats the measurement): the same field analysed again gives identical crops (distance 0); the closest
-two DIFFERENT cells are 8 bits apart (synthetic cells look much alike; real cells differ more). A repeat
-is therefore at most `MAX_HAMMING` = 4 bits away (half the closest different pair), and its box differs
-by at most `MAX_SIZE_CHANGE` = 20 % in width and in height (the same cell re-found in a shifted field
-changed its box by at most 12 %). When the stage moved and the finder cut the cell differently, its
-hash can move by up to 13 bits: such repeats are caught only in part (20 of 40 in a trial with the demo
-fields shifted by 8 to 90 pixels); a wider bound would merge different cells, which is the worse error
-(a cell that is never counted is never reviewed either).
+two DIFFERENT cells are 13 bits apart. A repeat is therefore at most `MAX_HAMMING` = 4 bits away, and its
+box differs by at most `MAX_SIZE_CHANGE` = 20 % in width and in height (the same cell re-found in a shifted
+field changed its box by at most 12 %). When the stage moved and the finder cut the cell differently, its
+hash can move further: such repeats are caught only in part; a wider bound would merge different cells,
+which is the worse error (a cell that is never counted is never reviewed either).
 
 A cell and its repeats form a group under the first cell (`duplicate_of` always names a first cell,
 never a repeat): a review of any copy reviews the group, so nobody has to review the same cell twice,
@@ -37,6 +36,8 @@ MAX_HAMMING = 4
 """At most this many of the 64 bits differ between a cell and its repeat (see the module docstring)."""
 MAX_SIZE_CHANGE = 0.2
 """A repeat's box width and height each differ by at most this fraction of the larger one."""
+TIGHT_LEVEL = 16
+"""Grey levels above this are the cell (the crop's surround is black, with JPEG and resampling smear)."""
 MIN_CONTRAST = 2.0
 """A crop whose 9 x 8 grey thumbnail varies less than this (std, grey levels) is too flat to hash: not checked."""
 
@@ -46,6 +47,11 @@ def crop_dhash(crop: np.ndarray) -> int | None:
     import cv2  # only the pipeline hashes; the store itself only compares
 
     grey = crop if crop.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)
+    # The cell's own box, not the black around it: at 9 x 8 the whole crop is mostly the cell's outline, and
+    # round cells of one size then hash alike (2 bits apart); the cell alone shows its texture.
+    ys, xs = np.nonzero(grey > TIGHT_LEVEL)
+    if ys.size:
+        grey = grey[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     small = cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
     if float(small.std()) < MIN_CONTRAST:
         return None

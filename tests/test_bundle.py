@@ -111,7 +111,7 @@ def test_loaded_bundle_is_typed(demo_bundle_dir):
     assert info.input_size == bundle.contract.input_size == 96
     assert info.outputs.by_role() == {"probability": "probability", "logit": "logit", "cam": "cam"}
     assert info.cam.shape == (3, 3) and info.golden.tolerance == bundle.golden.tolerance
-    assert info.quantization.mode == "int16x8" and info.quantization.float_layers == ()
+    assert info.quantization.mode == "dynamic" and info.quantization.float_layers == ()
     assert info.quantization.attempts[-1]["passed"] and info.gate_passed is True
     assert info.synthetic is bundle.synthetic is True and info.name == "leukocam-demo-synthetic"
     # The test split's numbers when convert measured it; the headline values are the point estimates.
@@ -123,8 +123,15 @@ def test_loaded_bundle_is_typed(demo_bundle_dir):
 def test_the_quantization_ladder_is_typed_and_round_trips(demo_bundle_dir):
     meta = json.loads((demo_bundle_dir / "model.json").read_text())
     q = BundleMeta.from_dict(meta).quantization
+    # The demo bundle climbed the timed ladder: every rung named, its own cost against int8 measured.
+    assert q.ladder == ("int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8")
+    assert q.label == "dynamic" and q.speed_vs_int8 == pytest.approx(meta["quantization"]["latency"]["vs_int8"])
+    assert [mode for mode, _ in q.fallbacks()] == [a["mode"] for a in meta["quantization"]["attempts"][:-1]]
     # A bundle from before the timed ladder: no ladder, no latency; its fallbacks are still named.
-    assert q.ladder is None and q.latency is None and q.speed_vs_int8 is None and q.label == "int16x8"
+    old = json.loads(json.dumps(meta))
+    del old["quantization"]["ladder"], old["quantization"]["latency"]
+    q = BundleMeta.from_dict(old).quantization
+    assert q.ladder is None and q.latency is None and q.speed_vs_int8 is None and q.label == "dynamic"
     assert [mode for mode, _ in q.fallbacks()] == [a["mode"] for a in meta["quantization"]["attempts"][:-1]]
     meta["quantization"].update(
         ladder=["int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8"],
@@ -196,7 +203,10 @@ def test_unknown_and_null_fields_survive_the_round_trip(demo_bundle_dir):
         (lambda m: m.update(review_band=[0.1, 0.5, 0.9]), "review_band must be [low, high]"),
         (lambda m: m.update(review_band=[0.7, 0.3]), "low <= high"),
         (lambda m: m.update(review_band=[0.3, float("inf")]), "review_band must be [low, high]"),
-        (lambda m: m.update(review_band=[0.6, 0.9]), "review_band [0.6, 0.9] must contain threshold 0.5"),
+        (
+            lambda m: m.update(threshold=0.5, review_band=[0.6, 0.9]),
+            "review_band [0.6, 0.9] must contain threshold 0.5",
+        ),
         (lambda m: m.update(golden=[1, 2]), "golden must be a JSON object"),
         (lambda m: m["golden"].update(tolerance=float("nan")), "golden.tolerance"),
         (lambda m: m.update(quantization="int8"), "quantization must be a JSON object"),

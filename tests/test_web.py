@@ -171,16 +171,32 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
     import json
     import shutil
 
-    # The shipped demo bundle predates the timed ladder: the mode and the fallbacks it recorded, no cost.
+    # The shipped demo bundle climbed the timed ladder: int8 failed the gate, dynamic range shipped, and the
+    # page says so and what it costs.
     with Appliance(config) as appliance:
+        client = create_app(appliance).test_client()
+        html = client.get("/status").get_data(as_text=True)
+        model = client.get("/api/status").get_json()["model"]
+    assert model["quantization"] == "dynamic" and model["speed"]["note"].startswith("dynamic: ")
+    row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
+    assert "slower per cell than int8" in row
+    assert "fallback" in row and model["fallbacks"][0]["mode"] == "int8" and "int8" in row  # never silent
+    # A bundle from before the timed ladder: the mode and the fallbacks it recorded, no cost.
+    old = tmp_path / "old"
+    shutil.copytree(demo_bundle_dir, old)
+    meta = json.loads((old / "model.json").read_text())
+    del meta["quantization"]["ladder"], meta["quantization"]["latency"]
+    for attempt in meta["quantization"]["attempts"]:
+        attempt.pop("latency_ms", None)
+    (old / "model.json").write_text(json.dumps(meta))
+    with Appliance(dataclasses.replace(config, model=dataclasses.replace(config.model, bundle=str(old)))) as appliance:
         client = create_app(appliance).test_client()
         html = client.get("/status").get_data(as_text=True)
         model = client.get("/api/status").get_json()["model"]
     assert model["quantization_label"] == model["quantization"] and model["speed"] is None
     row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
     assert model["quantization"] in row and "slower" not in row
-    if model["fallbacks"]:  # a fallback is never silent: what was tried first, and why it was not kept
-        assert "fallback" in row and model["fallbacks"][0]["mode"] in row
+    assert "fallback" in row and model["fallbacks"][0]["mode"] in row
     # A bundle whose ladder convert timed: int16x8 shipped after int8 failed; the status page says the cost.
     bundle = tmp_path / "ladder"
     shutil.copytree(demo_bundle_dir, bundle)

@@ -11,10 +11,11 @@ pixels, transformed with the 2-D DCT, and the 16 x 16 lowest frequencies compare
 each. Each bit is set for about half the coefficients of any image, so the black background of a segmented
 cell, which is the same in every image, does not make different cells look alike.
 
-Why not the device's 64-bit difference hash (device.store.duplicates): on segmented cells on black its 9 x 8
-thumbnail is mostly the cell's outline, and two real C-NMC cells of different subjects in tests/data/cnmc-sample
-are 1 bit apart (UID_1_9_1 and UID_H48_16_13); the device can use it because it also asks for the same slide
-and box size. The pHash below puts those nine real cells at least 72 bits apart.
+Why not the device's 64-bit difference hash (device.store.duplicates): it is made for one slide's repeats
+(the device also asks for the same slide and box size), and 64 bits leave little room between an edited copy
+and a different cell; hashed on the whole crop on black, two real C-NMC cells of different subjects in
+tests/data/cnmc-sample were 1 bit apart (the device now hashes the cell's own box). The pHash below puts
+those nine real cells at least 72 bits apart.
 
 The bound, `MAX_DISTANCE` = 12 of 256 bits (4.7 %, as 3 of 64), measured (tests/test_duplicate_splits.py repeats
 the main points): re-encoding as JPEG (quality 95 to 30), brightness -20 % to +25 %, contrast +20 %, gamma 0.8,

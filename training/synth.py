@@ -274,18 +274,9 @@ def _white_cell_patch(
     nuc_rgb = nuc_col[None, None, :] * np.clip(shade, 0.45, 1.5)[..., None]
 
     if morph.nucleoli_visibility > 0.0:
-        spots = np.zeros((n, n), dtype=np.float32)
-        for _ in range(morph.nucleoli):
-            rr = n_radius * rng.uniform(0.08, 0.15)
-            d = n_radius * 0.45 * math.sqrt(rng.random())
-            a = rng.uniform(0, 2 * np.pi)
-            centre = (
-                int(round((ncx + d * math.cos(a)) * 8)),
-                int(round((ncy + d * math.sin(a)) * 8)),
-            )
-            axes = (max(1, int(rr * 8)), max(1, int(rr * rng.uniform(0.75, 1.0) * 8)))
-            cv2.ellipse(spots, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, 3)
-        spots = cv2.GaussianBlur(spots, (0, 0), max(0.5, 0.25 * n_radius * 0.12))
+        spots = _nucleoli(
+            rng, n, (ncx, ncy), n_radius, morph.nucleoli, (0.15, 0.45, 0.75), max(0.5, 0.25 * n_radius * 0.12)
+        )
         w = (0.8 * morph.nucleoli_visibility * np.clip(spots, 0, 1) * nucleus)[..., None]
         nuc_rgb = nuc_rgb * (1.0 - w) + nucleolus_col[None, None, :] * w
 
@@ -293,6 +284,31 @@ def _white_cell_patch(
     nw = nucleus[..., None]
     rgb = cyto_rgb * (1.0 - nw) + nuc_rgb * nw
     return rgb.astype(np.float32), cell
+
+
+def _nucleoli(
+    rng: np.random.Generator,
+    n: int,
+    centre: tuple[float, float],
+    n_radius: float,
+    count: int,
+    shape: tuple[float, float, float],
+    blur_px: float,
+) -> np.ndarray:
+    """Soft nucleolus spots (float32 n x n, about 0-1) inside a nucleus of radius n_radius at centre.
+
+    `shape` is (largest radius as a fraction of n_radius, farthest offset from the centre as a fraction of
+    n_radius, least axis ratio); each spot is an ellipse drawn at 1/8 px, blurred by blur_px."""
+    largest, reach, ratio = shape
+    spots = np.zeros((n, n), dtype=np.float32)
+    for _ in range(count):
+        rr = n_radius * rng.uniform(0.08, largest)
+        d = n_radius * reach * math.sqrt(rng.random())
+        a = rng.uniform(0, 2 * np.pi)
+        at = (int(round((centre[0] + d * math.cos(a)) * 8)), int(round((centre[1] + d * math.sin(a)) * 8)))
+        axes = (max(1, int(rr * 8)), max(1, int(rr * rng.uniform(ratio, 1.0) * 8)))
+        cv2.ellipse(spots, at, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, 3)
+    return cv2.GaussianBlur(spots, (0, 0), blur_px)
 
 
 def _finish(img: np.ndarray, stain: Stain, blur_px: float, rng: np.random.Generator) -> np.ndarray:
@@ -484,15 +500,7 @@ def _cell_density_maps(
     density = (1.0 - shape.nucleus_paleness) * (1.0 + 0.5 * shape.clumping * clumps + 0.6 * shape.stipple * stipple)
     density = np.clip(density, 0.3, 1.6)
     if shape.nucleolus_visibility > 0.0:
-        spots = np.zeros((n, n), dtype=np.float32)
-        for _ in range(shape.nucleoli):
-            rr = n_radius * rng.uniform(0.08, 0.16)
-            d = n_radius * 0.5 * math.sqrt(rng.random())
-            a = rng.uniform(0, 2 * np.pi)
-            centre = (int(round((ncx + d * math.cos(a)) * 8)), int(round((ncy + d * math.sin(a)) * 8)))
-            axes = (max(1, int(rr * 8)), max(1, int(rr * rng.uniform(0.7, 1.0) * 8)))
-            cv2.ellipse(spots, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, 3)
-        spots = cv2.GaussianBlur(spots, (0, 0), max(0.5, 0.03 * n_radius))
+        spots = _nucleoli(rng, n, (ncx, ncy), n_radius, shape.nucleoli, (0.16, 0.5, 0.7), max(0.5, 0.03 * n_radius))
         density *= 1.0 - 0.5 * shape.nucleolus_visibility * np.clip(spots, 0.0, 1.0)
     cytoplasm = (cell * (1.0 - nucleus)) * (1.0 + 0.06 * _smooth_noise(rng, n, n, max(1.5, radius / 5.0)))
     return (density * nucleus).astype(np.float32), cytoplasm.astype(np.float32), cell

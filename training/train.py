@@ -405,6 +405,15 @@ def start_run(out_dir: str | Path, opts: TrainOptions) -> Path:
     return out
 
 
+def _write_folds(out: Path, loaded: dict[str, Part]) -> None:
+    """out/folds.csv: every loaded image with its split (and its duplicate group)."""
+    write_folds_csv(
+        out / "folds.csv",
+        [s for p in loaded.values() for s in p.kept],
+        [name for name, p in loaded.items() for _ in p.kept],
+    )
+
+
 def _read_and_split(data_dir, opts, progress: bool, parts):
     """Read the dataset, fix the preprocessing contract, warn when subjects are unknown, mark duplicate images and
     split it by subject and duplicate group (unless `parts` is given): what a single machine and every worker of
@@ -446,11 +455,7 @@ def load_and_split(data_dir: str | Path, out: Path, opts: TrainOptions, progress
         x, y, kept, bad = load_images(part, contract, progress=progress, um_per_px=opts.um_per_px)
         loaded[name] = Part(x, y, kept)
         problems += bad
-    write_folds_csv(
-        out / "folds.csv",
-        [s for p in loaded.values() for s in p.kept],
-        [name for name, p in loaded.items() for _ in p.kept],
-    )
+    _write_folds(out, loaded)
     return Splits(contract, summary, problems, loaded)
 
 
@@ -799,11 +804,7 @@ def load_scoring_splits(shards: Shards, out: Path, opts: TrainOptions, progress:
             x, y, kept, bad = load_images(part, shards.contract, progress=progress, um_per_px=opts.um_per_px)
             loaded[name] = Part(x, y, kept)
             problems += bad
-    write_folds_csv(
-        out / "folds.csv",
-        [s for p in loaded.values() for s in p.kept],
-        [name for name, p in loaded.items() for _ in p.kept],
-    )
+    _write_folds(out, loaded)
     return Splits(shards.contract, shards.summary, problems, loaded)
 
 

@@ -272,11 +272,7 @@ def _fit_head_on_embeddings(model, xtr, ytr, xva, yva, opts: TrainOptions, strat
     )
     model.get_layer(LOGIT_LAYER).set_weights(head.get_layer("head_logit").get_weights())
     if verbose:
-        print(
-            f"stage 1 (head on cached embeddings): {len(hist.history['loss'])} epochs, best val_loss "
-            f"{min(hist.history['val_loss']):.4f}; balance {balance}",
-            file=sys.stderr,
-        )
+        _say_head_fitted(hist.history, balance)
     return hist.history, balance
 
 
@@ -403,6 +399,15 @@ def start_run(out_dir: str | Path, opts: TrainOptions) -> Path:
     if opts.deterministic:
         tf.config.experimental.enable_op_determinism()
     return out
+
+
+def _say_head_fitted(history: dict, balance) -> None:
+    """The line that ends stage 1, on one machine and on a cluster alike."""
+    print(
+        f"stage 1 (head on cached embeddings): {len(history['loss'])} epochs, best val_loss "
+        f"{min(history['val_loss']):.4f}; balance {balance}",
+        file=sys.stderr,
+    )
 
 
 def _write_folds(out: Path, loaded: dict[str, Part]) -> None:
@@ -856,11 +861,7 @@ def _fit_head_distributed(model, shards: Shards, opts: TrainOptions, cluster, pr
     )
     model.get_layer(LOGIT_LAYER).set_weights(head.get_layer("head_logit").get_weights())
     if progress:
-        print(
-            f"stage 1 (head on cached embeddings): {len(state.history['loss'])} epochs, best val_loss "
-            f"{min(state.history['val_loss']):.4f}; balance {balance}",
-            file=sys.stderr,
-        )
+        _say_head_fitted(state.history, balance)
     return state.history, balance
 
 

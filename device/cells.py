@@ -72,7 +72,12 @@ class FinderParams:
     default_um_per_px: float = 0.1
     """Pixel size used when um_per_px is None and the red cells cannot tell (100x oil, VGA-ish)."""
     work_um_per_px: float = 0.4
-    """Working resolution; the field is downscaled to this (never upscaled) before finding."""
+    """Scale of the working copy (`working_copy`) that quality control, the scale check and the finder share;
+    the field is downscaled to this, never upscaled."""
+    find_um_per_px: float = 0.8
+    """The finder's own scale: the working copy is halved once more, and nuclei are found and cells cut there
+    (a 4.5 µm nucleus is still 5.6 px across). Measured on the stress corpus: 0.8 meets the target in every
+    condition, as 0.4 does, keeps field-path parity, and takes half the time (docs/finder.md)."""
     min_cell_um: float = 4.5
     """Smallest nucleus kept, as an equivalent-circle diameter (platelets are 2-3 µm)."""
     max_cell_um: float = 22.0
@@ -101,6 +106,7 @@ class FinderParams:
         for name in (
             "default_um_per_px",
             "work_um_per_px",
+            "find_um_per_px",
             "min_cell_um",
             "max_cell_um",
             "close_um",
@@ -401,8 +407,8 @@ def _levels(nuc: np.ndarray, floor: float) -> tuple[float, float, float]:
     `floor` is the least nuclear density anything called a nucleus must have.
     """
     values = nuc.ravel()
-    if values.size > 200_000:
-        values = values[:: values.size // 200_000 + 1]
+    if values.size > 60_000:  # a regular subsample: the levels of 60,000 pixels are those of all of them
+        values = values[:: values.size // 60_000 + 1]
     split = _otsu(values)
     below = values[values < split]
     if below.size < 0.02 * values.size:
@@ -729,7 +735,8 @@ def find_white_cells(
     Args:
         rgb: uint8 RGB field, HxWx3 (any size, from 224x224 to 12 MP).
         options: FinderParams; sizes are in microns.
-        small: `working_copy(rgb, options.um_per_px, options)`, when the caller already has it.
+        small: `working_copy(rgb, options.um_per_px, options)`, when the caller already has it (and has a
+            calibrated pixel size in options.um_per_px).
 
     Returns:
         FoundCells in field pixels, strongest stain first. Empty for a field
@@ -739,12 +746,21 @@ def find_white_cells(
         ValueError: rgb is not a uint8 HxWx3 array.
     """
     check_rgb(rgb, "find_white_cells")
-    if field_problem(rgb) is not None:
-        return []
     H, W = rgb.shape[:2]
-    um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
-    if small is None or options.um_per_px is None:
+    checked = small is None or options.um_per_px is None
+    if checked:
+        if field_problem(rgb) is not None:
+            return []
+        um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
         small = working_copy(rgb, um_per_px, options)
+    else:
+        um_per_px = options.um_per_px
+    # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8).
+    small = _downscale(small, min(1.0, um_per_px * W / small.shape[1] / options.find_um_per_px))
+    # With a shared copy, the shrunk copy tells a blank, saturated or noise field as well as the 12 MP frame
+    # would, at a fraction of the cost.
+    if not checked and (min(H, W) < MIN_FIELD_PX or field_problem(small) is not None):
+        return []
     h, w = small.shape[:2]
     sx, sy = W / w, H / h
     work_um = um_per_px * (sx + sy) / 2  # microns per working pixel

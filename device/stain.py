@@ -93,7 +93,8 @@ def illumination(rgb: np.ndarray, blocks: int = 8, full_size: bool = True) -> np
         thumb = cv2.resize(rgb, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
     thumb = thumb.astype(np.float32)
     th, tw = thumb.shape[:2]
-    lum = thumb.sum(axis=2)
+    ones = np.ones(3, np.float32)
+    lum = thumb @ ones  # summed channels (a matrix product: far faster than sum over a 3-long axis)
     # The global white: the brightest 2% of the field.
     white = np.maximum(thumb[lum >= float(np.percentile(lum, 98))].reshape(-1, 3).mean(axis=0), 1.0)
     nb_y = max(1, round(blocks * th / max(th, tw)))
@@ -105,9 +106,9 @@ def illumination(rgb: np.ndarray, blocks: int = 8, full_size: bool = True) -> np
     bh, bw = th // nb_y, tw // nb_x
     blocks = thumb[: nb_y * bh, : nb_x * bw].reshape(nb_y, bh, nb_x, bw, 3).transpose(0, 2, 1, 3, 4)
     blocks = blocks.reshape(nb_y * nb_x, bh * bw, 3)
-    bl = blocks.sum(axis=2)
-    top = bl >= np.percentile(bl, 95, axis=1, keepdims=True)
-    vals = (blocks * top[..., None]).sum(axis=1) / top.sum(axis=1, keepdims=True)
+    bl = blocks @ ones
+    top = (bl >= np.percentile(bl, 95, axis=1, keepdims=True)).astype(np.float32)
+    vals = np.einsum("bn,bnc->bc", top, blocks) / top.sum(axis=1, keepdims=True)
     cy, cx = np.meshgrid(
         (np.arange(nb_y) + 0.5) * bh / th - 0.5, (np.arange(nb_x) + 0.5) * bw / tw - 0.5, indexing="ij"
     )

@@ -139,8 +139,29 @@ def test_bad_fields_give_no_cells_and_no_exception(name):
     rgb = BAD_FIELDS[name]
     assert find_white_cells(rgb) == []
     assert find_white_cells(rgb, FinderParams(um_per_px=0.1)) == []
+    # As the appliance calls it: with the shared working copy, whose own check stands in for the frame's.
+    assert find_white_cells(rgb, FinderParams(um_per_px=0.1), small=working_copy(rgb, 0.1)) == []
     if name != "noise on glass":
         assert field_problem(rgb) is not None
+
+
+def test_shared_working_copy_finds_the_same_cells_at_the_finders_scale():
+    # The appliance hands the finder the 0.4 µm/px copy that QC shares; the finder halves it to its own
+    # 0.8 µm/px. Same cells, same boxes and masks as a call on the frame alone.
+    from training.synth import render_field
+
+    field, truth = render_field(np.random.default_rng(3), 2000, 1500, 4, um_per_px=0.1, cell_style="cnmc")
+    options = FinderParams(um_per_px=0.1)
+    small = working_copy(field, 0.1, options)
+    assert small.shape[1] == 500  # 0.4 µm/px
+    alone, shared = find_white_cells(field, options), find_white_cells(field, options, small=small)
+    assert len(alone) == len(truth) == 4
+    assert [c.box for c in alone] == [c.box for c in shared]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(alone, shared, strict=True))
+    # Boxes are in field pixels, and cover the true cells.
+    assert match_boxes([c.box for c in alone], [t["box"] for t in truth]).true_positives == 4
+    with pytest.raises(ValueError, match="find_um_per_px"):
+        FinderParams(find_um_per_px=0)
 
 
 def test_huge_field_is_searched_at_working_scale():

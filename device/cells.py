@@ -173,10 +173,10 @@ def field_problem(rgb: np.ndarray, on_black: bool = False) -> str | None:
         if lit.shape[0] < 0.01 * sample.shape[0]:
             return "the image is black: no cell in it"
         sample = lit
-    lum = sample.sum(axis=1) / 3
+    lum = sample @ np.full(3, 1 / 3)
     if float(np.mean(lum)) < 20:
         return "the image is almost black: check the lamp, the shutter and the exposure"
-    if float(np.mean(sample.min(axis=1) >= 250)) > 0.9:
+    if float(np.mean(np.minimum(np.minimum(sample[:, 0], sample[:, 1]), sample[:, 2]) >= 250)) > 0.9:
         return "the image is saturated white: lower the exposure or the lamp"
     low, high = np.percentile(sample, [0.5, 99.5], axis=0)
     spread = high - low
@@ -210,8 +210,8 @@ def roughness(rgb: np.ndarray, side: int = 256) -> float:
     scale = min(1.0, side / max(h, w))
     if scale < 1:
         rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    grey = rgb.astype(np.float32).mean(axis=2)
-    lit = rgb.max(axis=2) > 16
+    grey = rgb.astype(np.float32) @ np.full(3, 1 / 3, np.float32)  # the channel mean, as a matrix product
+    lit = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > 16
     dx = np.abs(np.diff(grey, axis=1))[lit[:, 1:] & lit[:, :-1]]
     dy = np.abs(np.diff(grey, axis=0))[lit[1:] & lit[:-1]]
     spread = float(grey[lit].std()) if lit.any() else 0.0
@@ -728,7 +728,7 @@ def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderParams = Find
 
 
 def find_white_cells(
-    rgb: np.ndarray, options: FinderParams = FinderParams(), small: np.ndarray | None = None
+    rgb: np.ndarray, options: FinderParams = FinderParams(), small: np.ndarray | None = None, checked: bool = False
 ) -> list[FoundCell]:
     """Find the white cells in a stained smear field.
 
@@ -737,6 +737,8 @@ def find_white_cells(
         options: FinderParams; sizes are in microns.
         small: `working_copy(rgb, options.um_per_px, options)`, when the caller already has it (and has a
             calibrated pixel size in options.um_per_px).
+        checked: the caller has already found no `field_problem` with the field or its working copy (the
+            pipeline does, before quality control), so the finder does not check it again.
 
     Returns:
         FoundCells in field pixels, strongest stain first. Empty for a field
@@ -747,10 +749,10 @@ def find_white_cells(
     """
     check_rgb(rgb, "find_white_cells")
     H, W = rgb.shape[:2]
-    checked = small is None or options.um_per_px is None
-    if checked:
-        if field_problem(rgb) is not None:
+    if small is None or options.um_per_px is None:
+        if not checked and field_problem(rgb) is not None:
             return []
+        checked = True
         um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
         small = working_copy(rgb, um_per_px, options)
     else:

@@ -8,6 +8,7 @@ and benchmarks.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ HEATMAP_JPEG_QUALITY = 90
 which is the model's input and can become training data, stays lossless PNG."""
 _CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-qc")
 """Quality control runs here, beside the finder (OpenCV releases the GIL)."""
+_ENCODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="leukocam-encode")
+"""The cells' heatmap overlays are drawn and their images encoded here, one cell per thread (NumPy, OpenCV,
+and Pillow's zlib and libjpeg release the GIL): the lossless crop PNGs are most of the encoding time."""
 CLASSIFY_BATCH = 1
 """Crops per interpreter call. One keeps the interpreter's working memory small (a 300 px B3 at batch 8 needs
 about 20 MB more at the peak) for a few percent of int8 speed per crop."""
@@ -103,12 +107,16 @@ class Analyzer:
         if bad is not None:
             return _refused(f"cannot analyse this image: {bad}")
         t = time.perf_counter()
-        problem = finder.field_problem(field, on_black=single_cell)
-        um, review_scale = self._pixel_size(field, single_cell, notes) if problem is None else (None, False)
         calibrated = self.config.finder.um_per_px or None
         small = None
-        if problem is None and not single_cell:
-            # One shrink of the frame, shared by quality control, the scale check and the finder.
+        if calibrated is not None and not single_cell:
+            # One shrink of the frame, shared by the field check, quality control, the scale check and the
+            # finder (a blank, saturated or noise frame is told as well on the copy, at a fraction of the cost).
+            small = finder.working_copy(field, calibrated)
+        checked = small if small is not None and min(small.shape[:2]) >= finder.MIN_FIELD_PX else field
+        problem = finder.field_problem(checked, on_black=single_cell)
+        um, review_scale = self._pixel_size(field, single_cell, notes) if problem is None else (None, False)
+        if problem is None and not single_cell and small is None:
             small = finder.working_copy(field, um or self.default_um)
         timings["scale"] = _ms(t)
         # Quality control runs beside the finder on the shared copy (OpenCV and NumPy release the
@@ -122,7 +130,7 @@ class Analyzer:
             found = [finder.single_cell(field)]
         else:
             options = finder.FinderParams(um_per_px=um or self.default_um)
-            found = finder.find_white_cells(field, options, small=small)
+            found = finder.find_white_cells(field, options, small=small, checked=True)
         timings["find"] = _ms(t)
         qc, timings["qc"] = qc_future.result()
         limit = self.config.finder.max_cells
@@ -148,6 +156,9 @@ class Analyzer:
 
         t = time.perf_counter()
         cam_scale = self.classifier.cam_scale
+        cells = list(zip(found, preds, crops if crops is not None else [], strict=True))
+        # The overlays, one cell per thread (NumPy and OpenCV release the GIL on whole crops).
+        heatmaps = list(_ENCODERS.map(lambda cell: evidence_overlay(cell[2], cell[1].cam, cam_scale), cells))
         results = tuple(
             ClassifiedCell(
                 box=tuple(int(v) for v in c.box),
@@ -157,11 +168,11 @@ class Analyzer:
                 positive=p.positive,
                 needs_review=p.needs_review or review_scale,
                 crop=crop,
-                heatmap=evidence_overlay(crop, p.cam, cam_scale),
+                heatmap=heatmap,
                 cam=p.cam,
                 dhash=crop_dhash(crop),
             )
-            for c, p, crop in zip(found, preds, crops if crops is not None else [], strict=True)
+            for (c, p, crop), heatmap in zip(cells, heatmaps, strict=True)
         )
         timings["cam"] = _ms(t)
 
@@ -254,20 +265,7 @@ def to_record(
     never holds the result back.
     """
     t = time.perf_counter()
-    cells = tuple(
-        CellRecord(
-            box=c.box,
-            probability=c.probability,
-            logit=c.logit,
-            label=c.label,
-            positive=c.positive,
-            needs_review=c.needs_review,
-            crop_png=encode_image(c.crop, "PNG", fast=True),
-            heatmap_jpeg=encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
-            dhash=c.dhash,
-        )
-        for c in analysis.cells
-    )
+    cells = tuple(_ENCODERS.map(_cell_record, analysis.cells))
     timings = dict(extra_timings or {}, **analysis.timings_ms, encode=_ms(t))
     qc = analysis.quality.to_dict()
     qc["skipped_cells"] = analysis.skipped
@@ -288,6 +286,21 @@ def to_record(
         camera=camera or {},
         cells=cells,
         cam_scale=analysis.cam_scale,
+    )
+
+
+def _cell_record(c: ClassifiedCell) -> CellRecord:
+    """One classified cell with its images encoded, as it is stored."""
+    return CellRecord(
+        box=c.box,
+        probability=c.probability,
+        logit=c.logit,
+        label=c.label,
+        positive=c.positive,
+        needs_review=c.needs_review,
+        crop_png=encode_image(c.crop, "PNG", fast=True),
+        heatmap_jpeg=encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
+        dhash=c.dhash,
     )
 
 

@@ -360,9 +360,11 @@ def bench_pipeline(
 STAGE_NOTES = {
     "total": "capture to result (wall clock)",
     "capture": "read and decode the replay JPEG (the camera on a rig)",
-    "scale": "pixel size (calibrated here) and one working-scale copy of the frame for QC and finder",
+    "scale": "one 0.4 µm/px working copy of the frame (calibrated pixel size), and the field check on it",
+    "find": "on the copy halved once more, 0.8 µm/px",
     "qc": "beside the finder, in its own thread",
-    "encode": "crop and heatmap PNGs",
+    "cam": "heatmap overlays, one cell per thread",
+    "encode": "crop PNGs and heatmap JPEGs, one cell per thread",
     "store": "files and rows of the result, fsynced",
     "archive": "the 12 MP field JPEG, after the result (not in the total)",
     "scale_check": "red cells against the calibration, after the result (not in the total)",

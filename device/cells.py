@@ -173,7 +173,7 @@ def field_problem(rgb: np.ndarray, on_black: bool = False) -> str | None:
         if lit.shape[0] < 0.01 * sample.shape[0]:
             return "the image is black: no cell in it"
         sample = lit
-    lum = sample @ np.full(3, 1 / 3)
+    lum = (sample @ np.ones(3)) / 3  # integer sums: exact in float64, as sum(axis=1) / 3 was
     if float(np.mean(lum)) < 20:
         return "the image is almost black: check the lamp, the shutter and the exposure"
     if float(np.mean(np.minimum(np.minimum(sample[:, 0], sample[:, 1]), sample[:, 2]) >= 250)) > 0.9:
@@ -757,12 +757,12 @@ def find_white_cells(
         small = working_copy(rgb, um_per_px, options)
     else:
         um_per_px = options.um_per_px
+        # The shared copy tells a blank, saturated or noise field as well as the 12 MP frame would, at a
+        # fraction of the cost (the frame itself when the copy is too small to judge), as the pipeline checks.
+        if not checked and field_problem(small if min(small.shape[:2]) >= MIN_FIELD_PX else rgb) is not None:
+            return []
     # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8).
     small = _downscale(small, min(1.0, um_per_px * W / small.shape[1] / options.find_um_per_px))
-    # With a shared copy, the shrunk copy tells a blank, saturated or noise field as well as the 12 MP frame
-    # would, at a fraction of the cost.
-    if not checked and (min(H, W) < MIN_FIELD_PX or field_problem(small) is not None):
-        return []
     h, w = small.shape[:2]
     sx, sy = W / w, H / h
     work_um = um_per_px * (sx + sy) / 2  # microns per working pixel

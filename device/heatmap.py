@@ -66,7 +66,7 @@ def evidence_overlay(crop: np.ndarray, cam: np.ndarray, scale: float, max_alpha:
         raise ValueError(f"scale must be a positive number, got {scale}")
     if not 0.0 <= max_alpha <= 1.0:
         raise ValueError(f"max_alpha must be in [0, 1], got {max_alpha}")
-    v = upsample_signed(cam, crop.shape[:2]) * np.float32(1.0 / scale)
+    v = np.divide(upsample_signed(cam, crop.shape[:2]), np.float32(scale))
     v = np.clip(np.nan_to_num(v, copy=False), -1.0, 1.0, out=v)
     # out = crop x (1 - alpha) + colour x alpha, where the colour is red for v > 0 and blue for v < 0. The
     # alpha is split by sign (one of the two is 0 at each pixel), so the colour is two weights per channel

@@ -32,7 +32,7 @@ HEATMAP_JPEG_QUALITY = 90
 which is the model's input and can become training data, stays lossless PNG."""
 _CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-qc")
 """Quality control runs here, beside the finder (OpenCV releases the GIL)."""
-_ENCODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="leukocam-encode")
+_ENCODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="leukocam-cells")
 """The cells' heatmap overlays are drawn and their images encoded here, one cell per thread (NumPy, OpenCV,
 and Pillow's zlib and libjpeg release the GIL): the lossless crop PNGs are most of the encoding time."""
 CLASSIFY_BATCH = 1
@@ -81,8 +81,9 @@ class FieldAnalysis:
     width: int
     height: int
     working: np.ndarray | None = None
-    """The field shrunk to the finder's working scale (shared by QC and the finder), for the scale
-    check that follows the result; None for single cells and fields that were refused."""
+    """The field shrunk to the shared 0.4 µm/px working copy (the field check, QC and the finder, which halves
+    it once more), for the scale check that follows a good result; None for single cells, uncalibrated
+    fields that were refused, and images that are no field at all."""
     cam_scale: float | None = None
     """|CAM| at which the heatmaps reach full colour (the classifier's fixed scale)."""
 

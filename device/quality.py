@@ -55,7 +55,7 @@ def assess(rgb: np.ndarray, min_focus: float, max_clipped_fraction: float) -> Qu
     focus = float(sd[0, 0]) ** 2
     # The share of pixels at 0 or 255, in the worst channel (counted by OpenCV: a tenth of NumPy's time on
     # a channel of an interleaved image).
-    clipped = max(1.0 - cv2.countNonZero(cv2.inRange(ch, 1, 254)) / ch.size for ch in cv2.split(small))
+    clipped = max((ch.size - cv2.countNonZero(cv2.inRange(ch, 1, 254))) / ch.size for ch in cv2.split(small))
     problems = []
     if focus < min_focus:
         problems.append(f"out of focus (sharpness {focus:.0f} < {min_focus:.0f}): turn the fine focus and retake")

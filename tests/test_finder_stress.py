@@ -162,6 +162,10 @@ def test_shared_working_copy_finds_the_same_cells_at_the_finders_scale():
     assert match_boxes([c.box for c in alone], [t["box"] for t in truth]).true_positives == 4
     with pytest.raises(ValueError, match="find_um_per_px"):
         FinderParams(find_um_per_px=0)
+    # A small field whose shared copy is too small to judge (15 px) is judged on the frame, as the pipeline does.
+    tiny, _ = render_field(np.random.default_rng(1), 120, 120, 1, um_per_px=0.1, cell_style="cnmc")
+    assert len(find_white_cells(tiny, options)) == 1
+    assert len(find_white_cells(tiny, options, small=working_copy(tiny, 0.1))) == 1
 
 
 def test_huge_field_is_searched_at_working_scale():

@@ -361,7 +361,7 @@ STAGE_NOTES = {
     "total": "capture to result (wall clock)",
     "capture": "read and decode the replay JPEG (the camera on a rig)",
     "scale": "one 0.4 µm/px working copy of the frame (calibrated pixel size), and the field check on it",
-    "find": "on the copy halved once more, 0.8 µm/px",
+    "find": "nuclei at 0.8 µm/px (the copy halved once more), outlines cut at 0.4",
     "qc": "beside the finder, in its own thread",
     "cam": "heatmap overlays, one cell per thread",
     "encode": "crop PNGs and heatmap JPEGs, one cell per thread",

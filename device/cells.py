@@ -75,9 +75,10 @@ class FinderParams:
     """Scale of the working copy (`working_copy`) that quality control, the scale check and the finder share;
     the field is downscaled to this, never upscaled."""
     find_um_per_px: float = 0.8
-    """The finder's own scale: the working copy is halved once more, and nuclei are found and cells cut there
-    (a 4.5 µm nucleus is still 5.6 px across). Measured on the stress corpus: 0.8 meets the target in every
-    condition, as 0.4 does, keeps field-path parity, and takes half the time (docs/finder.md)."""
+    """The finder's own scale: the working copy is halved once more and the nuclei are found there (a 4.5 µm
+    nucleus is still 5.6 px across); each cell's outline is cut back on the working copy. Measured on the stress
+    corpus: 0.8 meets the target in every condition, as 0.4 does, with the same masks and field-path parity,
+    in half the time (docs/finder.md)."""
     min_cell_um: float = 4.5
     """Smallest nucleus kept, as an equivalent-circle diameter (platelets are 2-3 µm)."""
     max_cell_um: float = 22.0
@@ -384,17 +385,24 @@ def check_scale(rgb: np.ndarray, calibrated: float, tolerance: float = 0.25, fac
 
 
 def _nuclear_map(small: np.ndarray, work_um: float, options: FinderParams):
-    """Nuclear-stain and red-cell-stain amounts of a working-resolution field, and its stains."""
-    od = stain_model.optical_density(small)
+    """Optical density, nuclear-stain and red-cell-stain amounts of a working-resolution field, its stains,
+    and the light behind it (the thumbnail-sized surface `stain.optical_density` stretches)."""
+    light = stain_model.illumination(small, full_size=False)
+    od = stain_model.optical_density(small, light)
     vectors = stain_model.estimate_stains(od)
+    nuc, red = _stain_amounts(od, vectors, options.smooth_um / work_um)
+    return od, nuc, red, vectors, light
+
+
+def _stain_amounts(od: np.ndarray, vectors, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclear and red-cell stain amounts of an OD image, smoothed with a Gaussian of `sigma` px."""
     conc = stain_model.concentrations(od, vectors)
     nuc = np.ascontiguousarray(conc[..., 0])
     red = np.ascontiguousarray(conc[..., 1])
-    if options.smooth_um > 0:
-        sigma = options.smooth_um / work_um
+    if sigma > 0:
         nuc = cv2.GaussianBlur(nuc, (0, 0), sigma)
         red = cv2.GaussianBlur(red, (0, 0), sigma)
-    return od, nuc, red, vectors
+    return nuc, red
 
 
 def _levels(nuc: np.ndarray, floor: float) -> tuple[float, float, float]:
@@ -648,6 +656,57 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     return lut[pieces]
 
 
+class _BodyMaps:
+    """The maps cell bodies are cut on, window by window: the finder's own arrays, or a finer copy of the field.
+
+    The finder finds nuclei at 0.8 µm/px, but a cell's outline is cut at the shared copy's 0.4 µm/px when it
+    has one: the crop's mask is then as fine as before, and only the few windows around the cells are
+    converted to stain amounts at the finer scale.
+    """
+
+    def __init__(self, labels, od, nuc, red, fine=None, light=None, vectors=None, sigma: float = 0.0):
+        self.labels, self.od, self.nuc, self.red = labels, od, nuc, red
+        self.fine, self.light, self.vectors, self.sigma = fine, light, vectors, sigma
+        h, w = labels.shape
+        self.shape = (h, w) if fine is None else fine.shape[:2]
+        self.ry, self.rx = h / self.shape[0], w / self.shape[1]
+        """Finder pixels per body pixel (1, or 0.5 with a finer copy)."""
+
+    def box(self, r: _Region) -> tuple[int, int, int, int]:
+        """A finder-scale region's window (y0, y1, x0, x1) in body pixels."""
+        return (
+            int(math.floor(r.y0 / self.ry)),
+            min(self.shape[0], int(math.ceil(r.y1 / self.ry))),
+            int(math.floor(r.x0 / self.rx)),
+            min(self.shape[1], int(math.ceil(r.x1 / self.rx))),
+        )
+
+    def label_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Kept-nucleus labels in a body-pixel window (each body pixel takes the finder pixel it lies in)."""
+        if self.fine is None:
+            return self.labels[y0:y1, x0:x1]
+        h, w = self.labels.shape
+        ys = np.minimum(((np.arange(y0, y1) + 0.5) * self.ry).astype(np.intp), h - 1)
+        xs = np.minimum(((np.arange(x0, x1) + 0.5) * self.rx).astype(np.intp), w - 1)
+        return self.labels[np.ix_(ys, xs)]
+
+    def stain_window(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(od, nuclear, red-cell) maps of a body-pixel window."""
+        if self.fine is None:
+            return self.od[y0:y1, x0:x1], self.nuc[y0:y1, x0:x1], self.red[y0:y1, x0:x1]
+        # A margin for the smoothing, then the light of the same part of the field (a smooth surface).
+        hf, wf = self.shape
+        m = int(math.ceil(3 * self.sigma)) + 1
+        py0, px0, py1, px1 = max(0, y0 - m), max(0, x0 - m), min(hf, y1 + m), min(wf, x1 + m)
+        lh, lw = self.light.shape[:2]
+        ly0, lx0 = min(lh - 1, int(py0 * lh / hf)), min(lw - 1, int(px0 * lw / wf))
+        ly1, lx1 = max(ly0 + 1, -(-py1 * lh // hf)), max(lx0 + 1, -(-px1 * lw // wf))
+        od = stain_model.optical_density(self.fine[py0:py1, px0:px1], self.light[ly0:ly1, lx0:lx1])
+        nuc, red = _stain_amounts(od, self.vectors, self.sigma)
+        inner = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
+        return od[inner], nuc[inner], red[inner]
+
+
 def _cell_bodies(
     kept: list[_Region],
     grouped: np.ndarray,
@@ -655,25 +714,33 @@ def _cell_bodies(
     nuc: np.ndarray,
     red: np.ndarray,
     level: float,
-    cytoplasm_px: float,
-) -> list[tuple[np.ndarray, int, int]]:
+    cytoplasm_um: float,
+    work_um: float,
+    finer: tuple[np.ndarray, np.ndarray, object, float, float] | None = None,
+) -> tuple[list[tuple[np.ndarray, int, int]], tuple[int, int]]:
     """The whole cell (nucleus + its own cytoplasm) for each kept nucleus group, tightly.
 
     Cytoplasm is stained material next to a nucleus whose colour leans to the
     nuclear stain more than a red cell's does (basophilic cytoplasm takes up
     the azure dye; red cells take up eosin). The threshold on that lean comes
     from the field's own red cells. Each candidate pixel belongs to its nearest
-    nucleus (a Voronoi split), and at most `cytoplasm_px` from it, so touching
+    nucleus (a Voronoi split), and at most `cytoplasm_um` from it, so touching
     cells are cut between their nuclei and a red cell's rim is never a cell.
 
+    Args:
+        finer: (finer copy of the field, light surface, stain vectors, its µm per pixel, smoothing in µm): cut the bodies
+            there (the nuclei stay the finder's, each finer pixel taking the label of the finder pixel it
+            lies in); None cuts them on the finder's own maps.
+
     Returns:
-        One (bool mask, window top, window left) per kept group, in working pixels.
+        One (bool mask, window top, window left) per kept group, in body pixels; and the body image's
+        (height, width).
     """
     lut = np.zeros(int(grouped.max()) + 1, np.int32)
     for k, r in enumerate(kept, start=1):
         lut[r.label] = k
     labels = lut[grouped]
-    # Field-wide levels from a regular subsample: the glass split and the red cells' own lean.
+    # Field-wide levels from a regular subsample of the finder's maps: the glass split and the red cells' lean.
     step = max(1, round(math.sqrt(labels.size / 100_000)))
     nuc_s, red_s, lab_s = nuc[::step, ::step], red[::step, ::step], labels[::step, ::step]
     total_s = _total_od(od[::step, ::step])
@@ -682,18 +749,24 @@ def _cell_bodies(
     red_px = (total_s >= glass_t) & (lab_s == 0) & (red_s > nuc_s)
     ref = lean_s[red_px] if red_px.sum() > 50 else np.array([0.2])
     lean_t = min(0.6, float(np.percentile(ref, 90)) + 0.1)
+    if finer is None:
+        maps, body_um = _BodyMaps(labels, od, nuc, red), work_um
+    else:
+        fine, light, vectors, body_um, smooth_um = finer
+        maps = _BodyMaps(labels, od, nuc, red, fine, light, vectors, smooth_um / body_um)
+    cytoplasm_px = cytoplasm_um / body_um
     smooth = _disc(max(3.0, cytoplasm_px / 3))
     pad = int(cytoplasm_px) + 2
-    h, w = labels.shape
+    h, w = maps.shape
     bodies = []
     for k, r in enumerate(kept, start=1):
-        g, y0, x0 = r.mask(grouped, pad)
-        y1, x1 = y0 + g.shape[0], x0 + g.shape[1]
+        by0, by1, bx0, bx1 = maps.box(r)
+        y0, x0, y1, x1 = max(0, by0 - pad), max(0, bx0 - pad), min(h, by1 + pad), min(w, bx1 + pad)
         # The nearest nucleus of any pixel within reach of this one lies within 2 x reach of it:
         # the Voronoi split is exact in a window grown by pad once more.
         vy0, vx0, vy1, vx1 = max(0, y0 - pad), max(0, x0 - pad), min(h, y1 + pad), min(w, x1 + pad)
-        win = labels[vy0:vy1, vx0:vx1]
-        n_w, r_w, od_w = nuc[vy0:vy1, vx0:vx1], red[vy0:vy1, vx0:vx1], od[vy0:vy1, vx0:vx1]
+        win = maps.label_window(vy0, vy1, vx0, vx1)
+        od_w, n_w, r_w = maps.stain_window(vy0, vy1, vx0, vx1)
         lean = n_w / (np.abs(n_w) + np.maximum(r_w, 0) + 1e-3)
         material = (_total_od(od_w) >= glass_t) & (lean > lean_t) & (n_w > level)
         # Nearest nucleus and the distance to it, in one pass.
@@ -703,6 +776,7 @@ def _cell_bodies(
         owner_of_seed = np.zeros(int(nearest.max()) + 1, np.int32)
         owner_of_seed[nearest[win > 0]] = win[win > 0]
         inner = (slice(y0 - vy0, y1 - vy0), slice(x0 - vx0, x1 - vx0))
+        g = win[inner] == k
         mine_owner = owner_of_seed[nearest[inner]] == k
         candidate = (material[inner] & (dist[inner] <= cytoplasm_px)) | (win[inner] > 0)
         mine = (candidate & mine_owner).astype(np.uint8)
@@ -715,7 +789,7 @@ def _cell_bodies(
         mine = cv2.morphologyEx(mine, cv2.MORPH_CLOSE, smooth)
         mine = cv2.morphologyEx(mine, cv2.MORPH_OPEN, smooth).astype(bool)
         bodies.append((_fill_holes(mine | g) & mine_owner, y0, x0))
-    return bodies
+    return bodies, (h, w)
 
 
 def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderParams = FinderParams()) -> np.ndarray:
@@ -761,13 +835,15 @@ def find_white_cells(
         # fraction of the cost (the frame itself when the copy is too small to judge), as the pipeline checks.
         if not checked and field_problem(small if min(small.shape[:2]) >= MIN_FIELD_PX else rgb) is not None:
             return []
-    # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8).
-    small = _downscale(small, min(1.0, um_per_px * W / small.shape[1] / options.find_um_per_px))
+    # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8). The
+    # nuclei are found there; the cells' outlines are cut on the working copy (see _BodyMaps).
+    fine = small
+    small = _downscale(fine, min(1.0, um_per_px * W / fine.shape[1] / options.find_um_per_px))
     h, w = small.shape[:2]
     sx, sy = W / w, H / h
     work_um = um_per_px * (sx + sy) / 2  # microns per working pixel
 
-    od, nuc, red, vectors = _nuclear_map(small, work_um, options)
+    od, nuc, red, vectors, light = _nuclear_map(small, work_um, options)
     level, low, seed_t = _levels(nuc, options.min_nuclear_od)
     min_area = math.pi / 4 * (options.min_cell_um / work_um) ** 2
     max_area = math.pi / 4 * (options.max_cell_um / work_um) ** 2
@@ -794,19 +870,24 @@ def find_white_cells(
         if float(nuc[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]][g].mean()) < level + options.min_nuclear_od:
             continue
         kept.append(r)
-    bodies = _cell_bodies(kept, grouped, od, nuc, red, level, options.cytoplasm_um / work_um)
+    finer = None
+    if fine is not small:
+        fine_um = um_per_px * (W / fine.shape[1] + H / fine.shape[0]) / 2
+        finer = (fine, light, vectors, fine_um, options.smooth_um)
+    bodies, (bh, bw) = _cell_bodies(kept, grouped, od, nuc, red, level, options.cytoplasm_um, work_um, finer)
+    bsx, bsy = W / bw, H / bh  # field pixels per body pixel
     cells: list[tuple[float, FoundCell]] = []
     for r, (cell, oy, ox) in zip(kept, bodies, strict=True):
         cys, cxs = np.nonzero(cell)
         bx0, by0, bx1, by1 = ox + cxs.min(), oy + cys.min(), ox + cxs.max() + 1, oy + cys.max() + 1
-        touches = bool(bx0 <= 0 or by0 <= 0 or bx1 >= w or by1 >= h)
+        touches = bool(bx0 <= 0 or by0 <= 0 or bx1 >= bw or by1 >= bh)
         box = (
-            max(0, int(math.floor(bx0 * sx))),
-            max(0, int(math.floor(by0 * sy))),
-            min(W, int(math.ceil(bx1 * sx))),
-            min(H, int(math.ceil(by1 * sy))),
+            max(0, int(math.floor(bx0 * bsx))),
+            max(0, int(math.floor(by0 * bsy))),
+            min(W, int(math.ceil(bx1 * bsx))),
+            min(H, int(math.ceil(by1 * bsy))),
         )
-        mask = _upsample_mask(cell, (ox, oy), box, sx, sy)
+        mask = _upsample_mask(cell, (ox, oy), box, bsx, bsy)
         g, gy, gx = r.mask(grouped)
         mean_stain = float(nuc[gy : gy + g.shape[0], gx : gx + g.shape[1]][g].mean())
         score = float(np.clip(1.0 - seed_t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0

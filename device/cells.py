@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -189,6 +190,12 @@ def field_problem(rgb: np.ndarray, on_black: bool = False) -> str | None:
             "check the lamp and the exposure, or upload a photo of a stained smear"
         )
     return None
+
+
+def copy_problem(rgb: np.ndarray, small: np.ndarray, on_black: bool = False) -> str | None:
+    """`field_problem` judged on a shrunk copy of the field (a blank, saturated or noise frame is told as well
+    there, at a fraction of the cost on 12 MP), or on the field itself when the copy is too small to judge."""
+    return field_problem(small if min(small.shape[:2]) >= MIN_FIELD_PX else rgb, on_black)
 
 
 MAX_ROUGHNESS = 0.7
@@ -656,6 +663,18 @@ def _group(pieces: np.ndarray, gap_px: float, full_radius_px: float, merge_px: f
     return lut[pieces]
 
 
+class _FinerCopy(NamedTuple):
+    """A finer copy of the field to cut the cell bodies on (see `_BodyMaps`)."""
+
+    rgb: np.ndarray
+    light: np.ndarray
+    """The light surface the finder measured (thumbnail-sized; `stain.optical_density` stretches it)."""
+    vectors: object
+    """The finder's stain vectors (`stain.StainVectors`)."""
+    um_per_px: float
+    smooth_um: float
+
+
 class _BodyMaps:
     """The maps cell bodies are cut on, window by window: the finder's own arrays, or a finer copy of the field.
 
@@ -716,7 +735,7 @@ def _cell_bodies(
     level: float,
     cytoplasm_um: float,
     work_um: float,
-    finer: tuple[np.ndarray, np.ndarray, object, float, float] | None = None,
+    finer: _FinerCopy | None = None,
 ) -> tuple[list[tuple[np.ndarray, int, int]], tuple[int, int]]:
     """The whole cell (nucleus + its own cytoplasm) for each kept nucleus group, tightly.
 
@@ -728,9 +747,8 @@ def _cell_bodies(
     cells are cut between their nuclei and a red cell's rim is never a cell.
 
     Args:
-        finer: (finer copy of the field, light surface, stain vectors, its µm per pixel, smoothing in µm): cut the bodies
-            there (the nuclei stay the finder's, each finer pixel taking the label of the finder pixel it
-            lies in); None cuts them on the finder's own maps.
+        finer: cut the bodies on this finer copy of the field (the nuclei stay the finder's, each finer pixel
+            taking the label of the finder pixel it lies in); None cuts them on the finder's own maps.
 
     Returns:
         One (bool mask, window top, window left) per kept group, in body pixels; and the body image's
@@ -752,8 +770,8 @@ def _cell_bodies(
     if finer is None:
         maps, body_um = _BodyMaps(labels, od, nuc, red), work_um
     else:
-        fine, light, vectors, body_um, smooth_um = finer
-        maps = _BodyMaps(labels, od, nuc, red, fine, light, vectors, smooth_um / body_um)
+        body_um = finer.um_per_px
+        maps = _BodyMaps(labels, od, nuc, red, finer.rgb, finer.light, finer.vectors, finer.smooth_um / body_um)
     cytoplasm_px = cytoplasm_um / body_um
     smooth = _disc(max(3.0, cytoplasm_px / 3))
     pad = int(cytoplasm_px) + 2
@@ -826,14 +844,11 @@ def find_white_cells(
     if small is None or options.um_per_px is None:
         if not checked and field_problem(rgb) is not None:
             return []
-        checked = True
         um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
         small = working_copy(rgb, um_per_px, options)
     else:
         um_per_px = options.um_per_px
-        # The shared copy tells a blank, saturated or noise field as well as the 12 MP frame would, at a
-        # fraction of the cost (the frame itself when the copy is too small to judge), as the pipeline checks.
-        if not checked and field_problem(small if min(small.shape[:2]) >= MIN_FIELD_PX else rgb) is not None:
+        if not checked and copy_problem(rgb, small) is not None:
             return []
     # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8). The
     # nuclei are found there; the cells' outlines are cut on the working copy (see _BodyMaps).
@@ -873,7 +888,7 @@ def find_white_cells(
     finer = None
     if fine is not small:
         fine_um = um_per_px * (W / fine.shape[1] + H / fine.shape[0]) / 2
-        finer = (fine, light, vectors, fine_um, options.smooth_um)
+        finer = _FinerCopy(fine, light, vectors, fine_um, options.smooth_um)
     bodies, (bh, bw) = _cell_bodies(kept, grouped, od, nuc, red, level, options.cytoplasm_um, work_um, finer)
     bsx, bsy = W / bw, H / bh  # field pixels per body pixel
     cells: list[tuple[float, FoundCell]] = []

@@ -114,8 +114,9 @@ class Analyzer:
             # One shrink of the frame, shared by the field check, quality control, the scale check and the
             # finder (a blank, saturated or noise frame is told as well on the copy, at a fraction of the cost).
             small = finder.working_copy(field, calibrated)
-        checked = small if small is not None and min(small.shape[:2]) >= finder.MIN_FIELD_PX else field
-        problem = finder.field_problem(checked, on_black=single_cell)
+        problem = (
+            finder.field_problem(field, on_black=single_cell) if small is None else finder.copy_problem(field, small)
+        )
         um, review_scale = self._pixel_size(field, single_cell, notes) if problem is None else (None, False)
         if problem is None and not single_cell and small is None:
             small = finder.working_copy(field, um or self.default_um)

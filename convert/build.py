@@ -3,8 +3,9 @@
 `convert_bundle` measures the converted model against the float one with the
 device's own classifier and refuses to write a bundle that fails the fidelity
 gate (unless `force`). Mode "auto" climbs the quantization ladder, fastest
-first: int8, int8 with its worst layers kept in float, dynamic range, float16,
-int16x8, and keeps the first that passes. Every mode tried is timed (per crop,
+first: int8, int8 after quantization-aware fine-tuning (convert.qat), int8
+with its worst layers kept in float, dynamic range, float16, int16x8, and
+keeps the first that passes. Every mode tried is timed (per crop,
 batch 1, through the device classifier) in the same run; the ladder with its
 timings and gate figures goes into model.json and the convert report
 (`convert_report.md` in the bundle, convert.report). `verify_bundle`
@@ -29,6 +30,7 @@ import numpy as np
 
 from convert.bundle_writer import sha256_bytes, write_bundle
 from convert.errors import ConvertError, GateFailedError
+from convert.qat import FineTuneOptions
 from convert.report import REPORT_FILE, convert_report, ladder_markdown, order_notes
 from convert.run_info import RunInfo, read_run_info
 from convert.tflite import SIGNATURE
@@ -40,11 +42,21 @@ from device.preprocess import PreprocessContract
 log = logging.getLogger("convert")
 
 SELECTIVE_LAYERS = 10
-# The ladder, by expected speed on a Pi's CPU, fastest first: full int8 (XNNPACK int8 kernels); int8 with its
+QAT_MODE = "int8-qat"
+"""Convert's name for int8 after quantization-aware fine-tuning; the bundle's runtime mode is int8."""
+# The ladder, by expected speed on a Pi's CPU, fastest first: full int8 (XNNPACK int8 kernels); the same int8
+# graph after quantization-aware fine-tuning (as fast as int8; minutes to make, so second); int8 with its
 # worst layers in float (a few float ops and (de)quantize pairs); dynamic range (int8 weights, activations
 # quantized on the fly); float16 (weights expanded to float, float kernels); int16x8 last (near-lossless but
 # on slow reference kernels). The order is fixed; the latencies measured in each run are recorded beside it.
-AUTO_SEQUENCE = (("int8", 0), ("int8", SELECTIVE_LAYERS), ("dynamic", 0), ("float16", 0), ("int16x8", 0))
+AUTO_SEQUENCE = (
+    ("int8", 0),
+    (QAT_MODE, 0),
+    ("int8", SELECTIVE_LAYERS),
+    ("dynamic", 0),
+    ("float16", 0),
+    ("int16x8", 0),
+)
 FLIPS_IN_META = 50
 """model.json keeps the first flips of the shipped mode; the convert report lists them all."""
 GATE_ADVICE = (
@@ -55,7 +67,9 @@ GATE_ADVICE = (
 
 
 def mode_label(mode: str, n_float: int) -> str:
-    """How convert names a mode: "int8", "int8 with 10 float layers", "dynamic", ..."""
+    """How convert names a mode: "int8", "int8 quantization-aware", "int8 with 10 float layers", "dynamic", ..."""
+    if mode == QAT_MODE:
+        return "int8 quantization-aware"
     return mode + (f" with {n_float} float layers" if n_float else "")
 
 
@@ -97,6 +111,9 @@ class RunData:
     test_x: np.ndarray | None = None
     """The test split, measured once on the chosen bundle; None when DATA lacks it."""
     test_y: np.ndarray | None = None
+    train_x: np.ndarray | None = None
+    """The train split's crops (for quantization-aware fine-tuning); None when DATA lacks it."""
+    train_y: np.ndarray | None = None
     gate_split: str = "validation"
     held_out_names: tuple[str, ...] | None = None
     """Each gate crop's file, relative to DATA (for the flips)."""
@@ -152,8 +169,9 @@ def load_run(
             warning=True,
         )
     um = info.data_um_per_px
+    xtrain, ytrain = load_images(train_part, contract, um_per_px=um)[:2] if train_part else (None, None)
     if calibration > 0:
-        xc, yc, _, _ = load_images(train_part or samples, contract, um_per_px=um)
+        xc, yc = (xtrain, ytrain) if train_part else load_images(samples, contract, um_per_px=um)[:2]
         xc = xc[stratified_pick(yc, calibration, seed)]
     else:  # only extra calibration crops
         xc = np.zeros((0, contract.input_size, contract.input_size, 3), dtype=np.uint8)
@@ -172,7 +190,7 @@ def load_run(
         if test_part and gate_part is not test_part
         else (None, None)
     )
-    return RunData(model, info, xc, xg, yg, xt, yt, gate_split, names)
+    return RunData(model, info, xc, xg, yg, xt, yt, xtrain, ytrain, gate_split, names)
 
 
 def _relative(path, root) -> str:
@@ -218,13 +236,15 @@ class ConvertOptions:
     """How to convert (the options of `leukocam convert`)."""
 
     mode: str = "int8"
-    """int8, dynamic, int16x8, float16, float32, or auto (AUTO_SEQUENCE, first that passes the gate)."""
+    """int8, int8-qat, dynamic, int16x8, float16, float32, or auto (AUTO_SEQUENCE, first that passes the gate)."""
     calibration: int = 200
     """Calibration crops from the train split, stratified by class (0: only extra_calibration)."""
     extra_calibration: str | Path | None = None
     """A folder of extra calibration crops, e.g. cells captured on the rig."""
     float_layers: int = 0
     """int8: keep the N worst layers in float (selective int8)."""
+    fine_tuning: FineTuneOptions = field(default_factory=FineTuneOptions)
+    """int8-qat (and its rung of auto): how the quantization-aware fine-tuning runs."""
     gate: Gate | None = None
     """The fidelity gate; None: Gate()."""
     force: bool = False
@@ -296,6 +316,8 @@ class _Candidate:
     label: str = ""
     latency_ms: float | None = None
     warnings: list[str] = field(default_factory=list)
+    fine_tuning: dict[str, Any] | None = None
+    """int8-qat: how the fine-tuning ran (convert.qat)."""
 
 
 @dataclass
@@ -373,6 +395,7 @@ def convert_bundle(
             worst_layers=tuple(search.worst[:10]) if search.worst else None,
             ladder=search.ladder,
             latency=_latency_summary(search, chosen, opts),
+            fine_tuning=chosen.fine_tuning,
         ),
         verification=verification,
         field_parity=parity,
@@ -412,6 +435,7 @@ def convert_bundle(
 
 def _search_modes(run: RunData, ref: _Reference, opts: ConvertOptions, gate: Gate, progress: Progress) -> _Search:
     """Convert, time and verify each mode in turn until one passes the gate (one mode unless "auto")."""
+    from convert.qat import fine_tune_for_int8
     from convert.tflite import convert, layer_errors
     from device.runtime import runtime_name
 
@@ -431,22 +455,44 @@ def _search_modes(run: RunData, ref: _Reference, opts: ConvertOptions, gate: Gat
             )
             _skip_or_raise(search, record, label, reason, opts, progress)
             continue
+        source, tuning = run.model, None
+        if mode == QAT_MODE:
+            if run.train_x is None or len(np.unique(run.train_y)) < 2:
+                reason = "quantization-aware fine-tuning needs the train split's crops of both classes in DATA"
+                _skip_or_raise(search, record, label, reason, opts, progress)
+                continue
+            progress(f"fine-tuning for int8: {label}, up to {opts.fine_tuning.max_crops} train crops ...")
+            try:
+                pick = np.sort(stratified_pick(run.train_y, opts.fine_tuning.max_crops, opts.seed))
+                source, tuning = fine_tune_for_int8(
+                    run.model,
+                    run.train_x[pick],
+                    run.info.threshold,
+                    run.calibration,
+                    opts.fine_tuning,
+                    progress,
+                )
+            except ValueError as exc:  # a model with no tensor int8 would round
+                _skip_or_raise(search, record, label, f"fine-tuning failed: {exc}", opts, progress)
+                continue
+            record["quant"], record["fine_tuning"] = "int8", tuning
         progress(f"converting: {label}, {len(run.calibration)} calibration crops ...")
         try:
-            tflite = convert(run.model, run.calibration, mode, float_layers=keep_float or None)
+            tflite = convert(source, run.calibration, record["quant"], float_layers=keep_float or None)
         except ValueError as exc:  # the converter's or the QuantizationDebugger's refusal
             _skip_or_raise(search, record, label, f"the converter failed: {exc}", opts, progress)
             continue
         record["bytes"] = len(tflite)
         if opts.max_mb is not None and len(tflite) > opts.max_mb * 1e6:
             reason = f"model file {len(tflite) / 1e6:.1f} MB > {opts.max_mb} MB limit"
-            ms = _time_only(run, ref, mode, tflite, opts)
+            ms = _time_only(run, ref, record["quant"], tflite, opts)
             progress(f"  {label}: skipped, {reason} ({ms:.2f} ms per crop)")
             search.attempts.append(
                 {**record, "passed": False, "failures": [reason], "skipped": reason, "latency_ms": ms}
             )
             continue
-        candidate = _verify_mode(run, ref, mode, keep_float, tflite, gate, label, opts, progress)
+        candidate = _verify_mode(run, ref, record["quant"], keep_float, tflite, gate, label, opts, progress)
+        candidate.fine_tuning = tuning
         search.attempts.append({**record, **_attempt_figures(candidate)})
         search.chosen = candidate
         if not candidate.failures:

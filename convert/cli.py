@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from convert.errors import ConvertError
+from convert.qat import FineTuneOptions
 
 if TYPE_CHECKING:
     from convert.verify import Gate
@@ -31,8 +32,8 @@ def echo_progress(message: str, *, warning: bool = False) -> None:
 def run_convert(model_path, data_dir, out_dir, **options) -> dict:
     """What `leukocam convert` runs: `convert_bundle` with its progress printed; returns the verification.
 
-    `options` are ConvertOptions fields (mode, calibration, extra_calibration, float_layers, gate, force,
-    golden, name, seed, max_mb, parity_fields).
+    `options` are ConvertOptions fields (mode, calibration, extra_calibration, float_layers, fine_tuning, gate,
+    force, golden, name, seed, max_mb, parity_fields).
 
     Raises:
         click.ClickException: a ConvertError (no bundle was written).
@@ -110,11 +111,12 @@ def with_gate_options(f):
 @click.option(
     "--quant",
     "mode",
-    type=click.Choice(["int8", "dynamic", "int16x8", "float16", "float32", "auto"]),
+    type=click.Choice(["int8", "int8-qat", "dynamic", "int16x8", "float16", "float32", "auto"]),
     default="int8",
     show_default=True,
-    help="auto: int8, int8 with 10 float layers, dynamic, float16, int16x8 (fastest first), each timed; "
-    "the first that passes the gate is kept.",
+    help="int8-qat: int8 after quantization-aware fine-tuning (minutes; see --qat-*). auto: int8, int8-qat, "
+    "int8 with 10 float layers, dynamic, float16, int16x8 (fastest first), each timed; the first that passes "
+    "the gate is kept.",
 )
 @click.option(
     "--calibration",
@@ -131,6 +133,27 @@ def with_gate_options(f):
 )
 @click.option(
     "--float-layers", type=int, default=0, show_default=True, help="int8: keep the N worst layers in float (selective)."
+)
+@click.option(
+    "--qat-epochs",
+    type=click.IntRange(1),
+    default=FineTuneOptions.epochs,
+    show_default=True,
+    help="int8-qat: passes over the fine-tuning crops (each in a random rotation or mirror image).",
+)
+@click.option(
+    "--qat-crops",
+    type=click.IntRange(2),
+    default=FineTuneOptions.max_crops,
+    show_default=True,
+    help="int8-qat: train-split crops to fine-tune on (stratified by class).",
+)
+@click.option(
+    "--qat-lr",
+    type=click.FloatRange(0, min_open=True),
+    default=FineTuneOptions.learning_rate,
+    show_default=True,
+    help="int8-qat: Adam's starting learning rate (cosine decay).",
 )
 @with_gate_options
 @click.option("--force", is_flag=True, help="Write the bundle even when the gate fails (model.json records it).")
@@ -156,6 +179,9 @@ def convert(
     calibration,
     extra_calibration,
     float_layers,
+    qat_epochs,
+    qat_crops,
+    qat_lr,
     min_agreement,
     max_delta_sensitivity,
     min_cam_correlation,
@@ -177,6 +203,7 @@ def convert(
         calibration=calibration,
         extra_calibration=extra_calibration,
         float_layers=float_layers,
+        fine_tuning=FineTuneOptions(epochs=qat_epochs, learning_rate=qat_lr, max_crops=qat_crops),
         gate=gate,
         force=force,
         name=name,

@@ -107,6 +107,20 @@ def ladder_markdown(
         lines.append(f"| {j} | {label} | not tried: an earlier mode passed |  |  |  |  |  |  |  |  |")
     notes = order_notes(attempts)
     lines.append("")
+    for a in attempts:
+        tuning = a.get("fine_tuning")
+        if isinstance(tuning, Mapping):
+            losses = ", ".join(_f(v, 4) for v in tuning.get("loss_per_epoch") or ())
+            lines += [
+                f"{a.get('mode')}: a copy of the model fine-tuned for int8 (convert.qat: the converter's "
+                f"rounding simulated at {tuning.get('fake_quant_tensors')} tensors, distilled from the float "
+                f"model) for {tuning.get('epochs')} epochs on {tuning.get('crops')} train-split crops in "
+                f"{_f(tuning.get('seconds'), 0)} s (loss per epoch: {losses}), then its logit's bias corrected by "
+                f"{_signed(tuning.get('logit_bias_correction'))} (the offset of its int8 logit near the threshold on "
+                f"{tuning.get('bias_measured_on')} of those crops); its gate compares it with the original float "
+                "model, like every other mode.",
+                "",
+            ]
     if notes:
         lines.append(
             "**The measured order differs from the ladder's** (the ladder keeps its fixed order, set by the "

@@ -288,6 +288,9 @@ class QuantizationInfo:
     latency: Mapping[str, Any] | None = None
     """The shipped mode's per-crop latency measured at conversion: {"ms_per_crop", "threads", "batch", "repeats",
     "cpu", "runtime", "int8_ms_per_crop", "vs_int8", "order_agrees", "order_note"} (None: not measured)."""
+    fine_tuning: Mapping[str, Any] | None = None
+    """int8 after quantization-aware fine-tuning: how it ran (convert.qat); the weights in the bundle are then the
+    fine-tuned copy's, verified against the original float model. None: post-training quantization only."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -329,8 +332,9 @@ class QuantizationInfo:
                 out[key] = [copy.deepcopy(dict(r)) for r in getattr(self, key)]
         if self.ladder is not None:
             out["ladder"] = list(self.ladder)
-        if self.latency is not None:
-            out["latency"] = copy.deepcopy(dict(self.latency))
+        for key in ("latency", "fine_tuning"):
+            if getattr(self, key) is not None:
+                out[key] = copy.deepcopy(dict(getattr(self, key)))
         return {**out, **copy.deepcopy(dict(self.extra))}
 
     @classmethod
@@ -344,6 +348,7 @@ class QuantizationInfo:
             worst_layers=f.records("worst_layers"),
             ladder=f.strings("ladder"),
             latency=f.mapping("latency"),
+            fine_tuning=f.mapping("fine_tuning"),
             extra=f.extra(),
         )
 

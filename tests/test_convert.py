@@ -158,22 +158,27 @@ def test_auto_ladder_times_and_gates_every_mode_it_tries(small_run, tmp_path):
     # A gate no mode can pass, forced: every rung is converted, timed and measured, and the last one is written.
     args = ["convert", str(root / "run" / "model.keras"), "--data", str(data), "--out", str(out), "--quant", "auto"]
     args += ["--calibration", "32", "--min-cam-correlation", "1.01", "--force", "--parity-fields", "0"]
+    args += ["--qat-epochs", "1", "--qat-crops", "32"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "model.json").read_text())
     q = meta["quantization"]
     ladder = [mode_label(m, n) for m, n in AUTO_SEQUENCE]
-    assert q["ladder"] == ladder == ["int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8"]
+    assert q["ladder"] == ladder
+    assert ladder == ["int8", "int8 quantization-aware", "int8 with 10 float layers", "dynamic", "float16", "int16x8"]
     assert [a["mode"] for a in q["attempts"]] == ladder and q["mode"] == "int16x8"
-    # This small CNN has fewer quantized tensors than the 10 the second rung keeps in float: that rung is
+    # This small CNN has fewer quantized tensors than the 10 the selective rung keeps in float: that rung is
     # skipped, and says why; every other rung is converted, timed and measured.
-    assert "nothing in int8" in q["attempts"][1]["skipped"] and q["attempts"][1]["failures"]
-    for a in q["attempts"][:1] + q["attempts"][2:]:
+    assert "nothing in int8" in q["attempts"][2]["skipped"] and q["attempts"][2]["failures"]
+    tuned = q["attempts"][1]
+    assert tuned["quant"] == "int8" and tuned["fine_tuning"]["crops"] == 32 and tuned["fine_tuning"]["epochs"] == 1
+    assert "fine_tuning" not in q, "the shipped int16x8 model is not the fine-tuned one"
+    for a in q["attempts"][:2] + q["attempts"][3:]:
         assert a["latency_ms"] > 0 and a["bytes"] > 0 and a["passed"] is False and a["failures"]
         for key in ("label_agreement", "delta_sensitivity", "delta_specificity", "cam_correlation_mean", "flips"):
             assert key in a, key
         assert {c["label"] for c in a["per_class"].values()} == set(meta["labels"])
-    assert [a.get("chosen", False) for a in q["attempts"]] == [False] * 4 + [True]
+    assert [a.get("chosen", False) for a in q["attempts"]] == [False] * 5 + [True]
     lat = q["latency"]
     assert lat["ms_per_crop"] == q["attempts"][-1]["latency_ms"] and lat["threads"] == 2 and lat["batch"] == 1
     assert lat["int8_ms_per_crop"] == q["attempts"][0]["latency_ms"]
@@ -191,6 +196,7 @@ def test_auto_ladder_times_and_gates_every_mode_it_tries(small_run, tmp_path):
     for label in ladder:
         assert f"| {label} |" in report
     assert "(shipped, forced)" in report and "too few" in report
+    assert "int8 quantization-aware: a copy of the model fine-tuned for int8" in report
     assert load_bundle(out).info.quantization.label == "int16x8"
 
 

@@ -55,7 +55,7 @@ def demo_model(
     fields_dir,
     keep,
 ):
-    """Rebuild the shipped SYNTHETIC demo bundle and sample fields (about 60 minutes on 2 cores)."""
+    """Rebuild the shipped SYNTHETIC demo bundle and sample fields (about 75 minutes on 2 cores)."""
     from convert.cli import run_convert
     from training.synth import write_cell_dataset, write_fields
     from training.train import TrainOptions, run_training

@@ -124,7 +124,14 @@ def test_the_quantization_ladder_is_typed_and_round_trips(demo_bundle_dir):
     meta = json.loads((demo_bundle_dir / "model.json").read_text())
     q = BundleMeta.from_dict(meta).quantization
     # The demo bundle climbed the timed ladder: every rung named, its own cost against int8 measured.
-    assert q.ladder == ("int8", "int8 with 10 float layers", "dynamic", "float16", "int16x8")
+    assert q.ladder == (
+        "int8",
+        "int8 quantization-aware",
+        "int8 with 10 float layers",
+        "dynamic",
+        "float16",
+        "int16x8",
+    )
     assert q.label == "dynamic" and q.speed_vs_int8 == pytest.approx(meta["quantization"]["latency"]["vs_int8"])
     assert [mode for mode, _ in q.fallbacks()] == [a["mode"] for a in meta["quantization"]["attempts"][:-1]]
     # A bundle from before the timed ladder: no ladder, no latency; its fallbacks are still named.

@@ -181,6 +181,7 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
     row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
     assert "slower per cell than int8" in row
     assert "fallback" in row and model["fallbacks"][0]["mode"] == "int8" and "int8" in row  # never silent
+    assert "int8 quantization-aware" in row and model["fallbacks"][1]["mode"] == "int8 quantization-aware"
     # A bundle from before the timed ladder: the mode and the fallbacks it recorded, no cost.
     old = tmp_path / "old"
     shutil.copytree(demo_bundle_dir, old)
@@ -223,6 +224,21 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
     assert "780.0 ms against 12.0 ms per cell" in row
     assert "fallback" in row and "int8 (label agreement 0.977 &lt; 0.99)" in row
     assert model["fallbacks"] == [{"mode": "int8", "failures": ["label agreement 0.977 < 0.99"]}]
+    # int8 after quantization-aware fine-tuning runs the int8 kernels: its time, never a "slower than int8".
+    meta["quantization"].update(
+        mode="int8",
+        attempts=[
+            {"mode": "int8", "passed": False, "failures": ["label agreement 0.946 < 0.99"], "latency_ms": 4.0},
+            {"mode": "int8 quantization-aware", "passed": True, "failures": [], "latency_ms": 4.4, "chosen": True},
+        ],
+        latency={"ms_per_crop": 4.4, "threads": 2, "batch": 1, "int8_ms_per_crop": 4.0, "vs_int8": 1.1},
+    )
+    (bundle / "model.json").write_text(json.dumps(meta))
+    with Appliance(cfg) as appliance:
+        client = create_app(appliance).test_client()
+        html = client.get("/status").get_data(as_text=True)
+    row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
+    assert "int8 quantization-aware: 4.4 ms per cell, measured at conversion" in row and "slower" not in row
 
 
 def test_live_polling_endpoints(app_and_client):

@@ -150,7 +150,7 @@ def quantization_speed(q) -> dict | None:
     if not isinstance(ms, int | float):
         return None
     factor = q.speed_vs_int8
-    if factor is None or q.label == "int8":
+    if factor is None or (q.mode == "int8" and not q.float_layers):  # int8 kernels (also after fine-tuning)
         note = f"{q.label}: {_ms(ms)} ms per cell, measured at conversion"
     else:
         times = f"{factor:.0f}×" if factor >= 10 else f"{factor:.1f}×"

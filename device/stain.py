@@ -160,27 +160,45 @@ def optical_density(rgb: np.ndarray, light: np.ndarray | None = None) -> np.ndar
     return np.maximum(od, 0.0, out=od)
 
 
-def _two_gaussians(x: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _two_gaussians(
+    x: np.ndarray, iterations: int = 30, bins: int = 512
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """EM fit of a two-component 1-D Gaussian mixture: (weights, means, sds, responsibility of comp. 1).
 
     Unlike Otsu, a mixture is not pulled into the big mode when one class is a
     few percent of the pixels, and it still finds a class that is most of them.
+
+    The fit runs on a histogram of `bins` bins (weighted EM over the bin centres, with Sheppard's
+    correction of the variance for the bin width) instead of on every value: the same means and spreads
+    to a fraction of a bin, at 512 rows instead of about 8,000 per iteration. The responsibilities
+    returned are those of the values themselves, under the fitted mixture.
     """
+    x = np.asarray(x, np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    counts, edges = np.histogram(x, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
+    width = edges[1] - edges[0]
+    occupied = counts > 0
+    centres = ((edges[:-1] + edges[1:]) / 2)[occupied]
+    n = counts[occupied].astype(np.float64)
     mu = np.percentile(x, [10, 90]).astype(np.float64)
     sd = np.full(2, max(float(x.std()) / 2, 1e-3))
     w = np.array([0.5, 0.5])
+
+    def responsibility(v: np.ndarray) -> np.ndarray:
+        dens = w / sd * np.exp(-0.5 * ((v[:, None] - mu) / sd) ** 2)
+        return dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
+
     for _ in range(iterations):
         before = mu
-        dens = w / sd * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)
-        r = dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
-        nk = r.sum(axis=0) + 1e-9
+        nr = n[:, None] * responsibility(centres)
+        nk = nr.sum(axis=0) + 1e-9
         w = nk / nk.sum()
-        mu = (r * x[:, None]).sum(axis=0) / nk
-        sd = np.sqrt((r * (x[:, None] - mu) ** 2).sum(axis=0) / nk)
+        mu = (nr * centres[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((nr * (centres[:, None] - mu) ** 2).sum(axis=0) / nk + width**2 / 12)
         sd = np.maximum(sd, 1e-3)
         if np.abs(mu - before).max() < 1e-3:
             break  # converged (angles in radians)
-    return w, mu, sd, r[:, 1]
+    return w, mu, sd, responsibility(x)[:, 1]
 
 
 def _angle_populations(flat: np.ndarray, plane: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray]:

@@ -92,6 +92,22 @@ def test_stain_estimate_tells_nuclei_from_red_cells_whatever_their_colour():
         assert float(stain_model.unit(v.nuclear) @ want) > 0.97, look
 
 
+@pytest.mark.parametrize("share", [0.03, 0.5, 0.9])
+def test_angle_mixture_fit_on_a_histogram_recovers_both_populations(share):
+    # The stain estimate's two-Gaussian fit runs on a 512-bin histogram of the angles: it must find a
+    # population that is a few percent of the pixels as well as one that is most of them.
+    rng = np.random.default_rng(4)
+    n = 8000
+    k = int(share * n)
+    x = np.concatenate([rng.normal(-0.4, 0.05, n - k), rng.normal(0.3, 0.08, k)])
+    w, mu, sd, resp = stain_model._two_gaussians(x)
+    np.testing.assert_allclose(w, [1 - share, share], atol=0.01)
+    big, small = x[: n - k], x[n - k :]  # each population's own sample: the fit matches it to a fraction of a bin
+    np.testing.assert_allclose(mu, [big.mean(), small.mean()], atol=0.005)
+    np.testing.assert_allclose(sd, [big.std(), small.std()], rtol=0.1)
+    assert resp.shape == x.shape and (resp[n - k :] > 0.5).mean() > 0.99 and (resp[: n - k] < 0.5).mean() > 0.99
+
+
 def test_stain_estimate_falls_back_on_glass():
     glass = np.full((100, 100, 3), 230, np.uint8)
     assert stain_model.estimate_stains(stain_model.optical_density(glass)) == stain_model.DEFAULT_STAINS

@@ -291,19 +291,50 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     recognise leftovers.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_files(path.parent, {path.name: data})
+    return path
+
+
+def atomic_write_files(folder: str | Path, files: dict[str, bytes]) -> None:
+    """Write several files into one folder, each as `atomic_write_bytes` would, with one fsync of the folder.
+
+    Every file's bytes are on disk before its name appears (temp file, fsync, rename), and the renames are made
+    durable together: a capture's ten cell images cost eleven fsyncs instead of twenty (an SD card's fsync is
+    milliseconds). On an error the temp files not yet renamed are removed and the error is raised.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pending: list[tuple[str, Path]] = []
+    try:
+        for name, data in files.items():
+            pending.append((_write_temp(folder / name, data), folder / name))
+        while pending:
+            tmp, path = pending[0]
+            os.replace(tmp, path)
+            pending.pop(0)
+    except BaseException:
+        for tmp, _ in pending:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise
+    fsync_dir(folder)
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """Write data to a new temp file beside path (`.NAME.XXXX.tmp`) and fsync it; returns the temp file's path.
+    A failed write leaves no temp file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    fsync_dir(path.parent)
-    return path
+    return tmp

@@ -23,6 +23,7 @@ from device.errors import ImageError
 from device.imaging import (
     DEFAULT_MAX_PIXELS,
     atomic_write_bytes,
+    atomic_write_files,
     check_rgb,
     decode_image,
     encode_image,
@@ -313,6 +314,25 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch, 
     assert info.value.errno in (errno.EIO, errno.ENOSPC)
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["result.png"]
+
+
+def test_atomic_write_files_writes_all_or_leaves_no_temp_file(tmp_path, monkeypatch):
+    folder = tmp_path / "capture"
+    atomic_write_files(folder, {"a.png": b"A", "b.jpg": b"BB", "c.png": b"CCC"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"a.png": b"A", "b.jpg": b"BB", "c.png": b"CCC"}
+    # The disk fills on the third file: the two written temp files go again and no name appears.
+    calls = []
+
+    def fsync_fills_up(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync_fills_up)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_files(tmp_path / "next", {"a.png": b"1", "b.png": b"2", "c.png": b"3", "d.png": b"4"})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "next") == []
 
 
 def test_atomic_write_failure_on_a_new_file_leaves_nothing(tmp_path, monkeypatch):

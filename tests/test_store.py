@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import device.imaging
 import device.store
 import device.store.base
 import device.store.captures
@@ -368,11 +369,11 @@ def test_check_space_counts_the_payload(store):
 
 
 class _FillsUp:
-    """Wraps atomic_write_bytes: the n-th call fails as a full disk would."""
+    """Wraps the write of one temp file (device.imaging._write_temp): the n-th call fails as a full disk would."""
 
     def __init__(self, fail_on: int, err: int = errno.ENOSPC):
         self.fail_on, self.err, self.paths = fail_on, err, []
-        self.real = device.store.files.atomic_write_bytes
+        self.real = device.imaging._write_temp
 
     def __call__(self, path, data):
         self.paths.append(Path(path))
@@ -389,7 +390,7 @@ def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
     before = _files(store)
 
     fills = _FillsUp(fail_on, err)
-    monkeypatch.setattr(device.store.files, "atomic_write_bytes", fills)
+    monkeypatch.setattr(device.imaging, "_write_temp", fills)
     with pytest.raises(StoreFullError, match="partial files removed"):
         store.save_capture(_record(seed=10))
     monkeypatch.undo()
@@ -406,7 +407,7 @@ def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
 
 def test_other_write_errors_are_not_reported_as_full(store, monkeypatch):
     fills = _FillsUp(2, errno.EIO)
-    monkeypatch.setattr(device.store.files, "atomic_write_bytes", fills)
+    monkeypatch.setattr(device.imaging, "_write_temp", fills)
     with pytest.raises(OSError) as info:
         store.save_capture(_record())
     assert not isinstance(info.value, StoreFullError) and info.value.errno == errno.EIO

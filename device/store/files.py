@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.errors import StoreFullError
-from device.imaging import atomic_write_bytes, fsync_dir
+from device.imaging import atomic_write_files, fsync_dir
 
 FIELD_NAME = "field.jpg"
 
@@ -55,19 +55,15 @@ def write_capture_files(images_dir: Path, rel_dir: Path, field_jpeg: bytes | Non
     """
     folder = images_dir / rel_dir
     try:
-        total = 0
         field_file = rel_dir / FIELD_NAME
-        if field_jpeg is not None:
-            atomic_write_bytes(images_dir / field_file, field_jpeg)
-            total += len(field_jpeg)
+        data = {} if field_jpeg is None else {FIELD_NAME: field_jpeg}
         cell_files = []
         for i, cell in enumerate(cells):
-            crop_file, heat_file = rel_dir / f"cell_{i:03d}.png", rel_dir / f"cell_{i:03d}_cam.jpg"
-            atomic_write_bytes(images_dir / crop_file, cell.crop_png)
-            atomic_write_bytes(images_dir / heat_file, cell.heatmap_jpeg)
-            total += len(cell.crop_png) + len(cell.heatmap_jpeg)
-            cell_files.append((crop_file, heat_file))
-        folder.mkdir(parents=True, exist_ok=True)
+            crop_name, heat_name = f"cell_{i:03d}.png", f"cell_{i:03d}_cam.jpg"
+            data[crop_name], data[heat_name] = cell.crop_png, cell.heatmap_jpeg
+            cell_files.append((rel_dir / crop_name, rel_dir / heat_name))
+        atomic_write_files(folder, data)
+        total = sum(len(v) for v in data.values())
         fsync_dir(folder.parent)
     except OSError as exc:
         remove_folder(folder)

@@ -278,7 +278,7 @@ with Appliance(cfg) as app:
         model = (time.perf_counter() - t) * 1000
         if i == 0:
             continue  # warm-up
-        rows.append({"total": total, "cells": cap["n_cells"], **cap["timings"]})
+        rows.append({"total": total, "n_cells": cap["n_cells"], **cap["timings"]})
         times.append(model)
 # VmHWM is this process's own peak RSS (getrusage would also count the parent's pages copied at fork).
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -332,7 +332,7 @@ def bench_pipeline(
             raise RuntimeError(f"pipeline benchmark failed:\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.split("RESULT", 1)[1])
     rows = data["rows"]
-    stages = [k for k in rows[0] if k not in ("total", "cells")]
+    stages = [k for k in rows[0] if k not in ("total", "n_cells")]
     med = {k: statistics.median(r[k] for r in rows) for k in ["total", *stages]}
     # What happens after the frame has arrived: everything but the camera (here: reading the replay file).
     after_frame = statistics.median(r["total"] - r.get("capture", 0.0) for r in rows)
@@ -342,7 +342,7 @@ def bench_pipeline(
         "cores": __import__("os").cpu_count(),
         "field": [width, height],
         "true_cells": len(truth),
-        "found_cells": rows[-1]["cells"],
+        "found_cells": rows[-1]["n_cells"],
         "captures": len(rows),
         "median_ms": med,
         "model_ms": data["model_ms"],
@@ -363,8 +363,7 @@ STAGE_NOTES = {
     "scale": "one 0.4 µm/px working copy of the frame (calibrated pixel size), and the field check on it",
     "find": "nuclei at 0.8 µm/px (the copy halved once more), outlines cut at 0.4",
     "qc": "beside the finder, in its own thread",
-    "cam": "heatmap overlays, one cell per thread",
-    "encode": "crop PNGs and heatmap JPEGs, one cell per thread",
+    "cells": "each cell's heatmap overlay, hash, crop PNG and heatmap JPEG, one cell per thread",
     "store": "files and rows of the result, fsynced",
     "archive": "the 12 MP field JPEG, after the result (not in the total)",
     "scale_check": "red cells against the calibration, after the result (not in the total)",
@@ -387,7 +386,7 @@ def pipeline_markdown(r: dict) -> str:
         "",
         f"Pure model time for the same {r['found_cells']} crops: {r['model_ms']:.1f} ms = "
         f"{r['model_share']:.0%} of capture-to-result. Everything after the frame arrived until the result is "
-        f"stored (QC, find, crop, classify, CAM, encode, store; the field JPEG and the scale check follow it): "
+        f"stored (QC, find, crop, classify, CAM overlays and cell images, store; the field JPEG and the scale check follow it): "
         f"{r['after_frame_ms']:.0f} ms, **{r['after_frame_vs_model']:.1f}× the pure model time** (median of "
         f"the per-capture ratios, each against a model run right after it; target ≤ 2×). Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB "
         "(target ≤ 300 MB).",

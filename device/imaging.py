@@ -249,8 +249,8 @@ def _rgb_pixels(img: Image.Image) -> np.ndarray:
     return out
 
 
-def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92, fast: bool = False) -> bytes:
-    """Encode a uint8 RGB array as JPEG or PNG bytes; `fast` PNG trades a little size for speed (still lossless)."""
+def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92) -> bytes:
+    """Encode a uint8 RGB array as JPEG or PNG bytes (for the appliance's cell crops, `device.pipeline.encode_crop_png`)."""
     check_rgb(rgb)
     buf = io.BytesIO()
     if fmt.upper() == "JPEG":
@@ -260,10 +260,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 92, fast: bo
             buf, format="JPEG", quality=quality
         )
     elif fmt.upper() == "PNG":
-        # Fast: zlib level 1 with run-length matching only (Z_RLE): a third quicker than level 1 alone
-        # and smaller on cells on black.
-        options = {"compress_level": 1, "compress_type": 3} if fast else {"compress_level": 6}
-        Image.fromarray(rgb).save(buf, format="PNG", **options)
+        Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
     else:
         Image.fromarray(rgb).save(buf, format=fmt.upper())
     return buf.getvalue()

@@ -309,7 +309,7 @@ def test_pipeline_and_training_benchmarks_run(demo_bundle_dir):
 
     p = bench_pipeline(demo_bundle_dir, width=1280, height=960, cells=2, captures=1)
     assert p["found_cells"] == p["true_cells"] == 2
-    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode", "store", "total"):
+    for stage in ("capture", "qc", "find", "crop", "classify", "cells", "store", "total"):
         assert p["median_ms"][stage] >= 0
     assert 0 < p["model_share"] <= 1.5 and p["peak_rss_mb"] > 50
     assert p["after_frame_ms"] > 0 and p["after_frame_vs_model"] > 0

@@ -71,6 +71,19 @@ def test_the_same_field_captured_twice_counts_once(tmp_path, clf, analyses, demo
     assert s["blast_fraction"] == pytest.approx(sum(c.positive for c in analyses[name].cells) / n)
 
 
+def test_the_stored_crop_is_the_models_input_pixel_for_pixel(tmp_path, clf, analyses):
+    # The crop PNG (fast OpenCV encoding, device.pipeline.encode_crop_png) is lossless: a reviewer sees, and an
+    # export hands on as training data, exactly what the model classified.
+    store = Store(tmp_path, min_free_mb=0)
+    name, analysis = sorted(analyses.items())[0]
+    cap = store.get_capture(_save(store, analysis, "P", name, clf))
+    assert len(cap["cells"]) == len(analysis.cells) >= 2
+    for row, cell in zip(cap["cells"], analysis.cells, strict=True):
+        np.testing.assert_array_equal(decode_image(store.image_file("crop", row["id"])), cell.crop)
+        heatmap = decode_image(store.image_file("heatmap", row["id"])).astype(np.int16)
+        assert np.abs(heatmap - cell.heatmap).mean() < 3  # the overlay, through JPEG
+
+
 def test_different_fields_give_no_false_repeats(tmp_path, clf, analyses):
     store = Store(tmp_path, min_free_mb=0)
     for name, analysis in analyses.items():

@@ -52,7 +52,7 @@ def test_capture_finds_and_classifies_cells_of_a_sample_field(config, demo_field
     assert truth["synthetic"] is True
     assert cap["n_cells"] == len(truth["cells"])
     assert cap["model_sha256"] == app.bundle.sha256 and cap["model_synthetic"]
-    for stage in ("capture", "qc", "find", "crop", "classify", "cam", "encode", "store"):
+    for stage in ("capture", "scale", "qc", "find", "crop", "classify", "cells", "store"):
         assert stage in cap["timings"]
     for cell in cap["cells"]:
         assert 0.0 <= cell["probability"] <= 1.0

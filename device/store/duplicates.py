@@ -49,9 +49,10 @@ def crop_dhash(crop: np.ndarray) -> int | None:
     grey = crop if crop.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)
     # The cell's own box, not the black around it: at 9 x 8 the whole crop is mostly the cell's outline, and
     # round cells of one size then hash alike (2 bits apart); the cell alone shows its texture.
-    ys, xs = np.nonzero(grey > TIGHT_LEVEL)
+    cell = grey > TIGHT_LEVEL
+    ys, xs = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))  # its rows and columns
     if ys.size:
-        grey = grey[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        grey = grey[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
     small = cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
     if float(small.std()) < MIN_CONTRAST:
         return None

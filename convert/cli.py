@@ -308,7 +308,7 @@ def bench(out_dir, size, ladder_size, repeats, quick, bundle_dir, only, corpus_d
         kept = Path(out_dir) / "int8"
         bundle = bundle_dir or (kept if only == "all" and kept.is_dir() else DEMO_BUNDLE)
         click.echo(f"benchmarking the capture pipeline with {bundle} ...")
-        w, h, n = (1280, 960, 2) if quick else (4056, 3040, 5)
+        w, h, n = (1280, 960, 2) if quick else (4056, 3040, 11)
         result = bench_pipeline(bundle, width=w, height=h, cells=5, captures=n)
         result["markdown"] = pipeline_markdown(result)
         from device.pi_bench import budget_markdown  # within or over the Pi 4 budgets, and by how much

@@ -3,8 +3,9 @@
 Every image that enters the device (camera file, replay folder, upload) goes
 through `decode_image`, which refuses corrupt, truncated, zero-byte and
 oversized (decompression-bomb) input with an ImageError that says so. Every
-file the device stores goes through `atomic_write_bytes`, so a power cut leaves
-either the old file or the new one, never half of one.
+file the device stores goes through `atomic_write_bytes` or, for a capture's
+images, `atomic_write_files`, so a power cut leaves either the old file or the
+new one, never half of one.
 """
 
 from __future__ import annotations
@@ -297,7 +298,9 @@ def atomic_write_files(folder: str | Path, files: dict[str, bytes]) -> None:
 
     Every file's bytes are on disk before its name appears (temp file, fsync, rename), and the renames are made
     durable together: a capture's ten cell images cost eleven fsyncs instead of twenty (an SD card's fsync is
-    milliseconds). On an error the temp files not yet renamed are removed and the error is raised.
+    milliseconds). Each file is atomic, not the set: an error part-way through the renames leaves the files
+    renamed so far under their names (the store writes into a new folder and removes it on an error). On an
+    error the temp files not yet renamed are removed and the error is raised.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

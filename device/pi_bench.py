@@ -223,7 +223,7 @@ def run_pipeline_bench(bundle: str | Path, quick: bool = False) -> dict:
     """`leukocam bench --only pipeline`'s measurement (convert.bench; no TensorFlow)."""
     from convert.bench import bench_pipeline
 
-    w, h, n = (1280, 960, 2) if quick else (*BUDGET_FIELD, 5)
+    w, h, n = (1280, 960, 2) if quick else (*BUDGET_FIELD, 11)
     return bench_pipeline(bundle, width=w, height=h, cells=BUDGET_CELLS, captures=n)
 
 

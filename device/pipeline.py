@@ -1,9 +1,10 @@
 """From a field image to classified cells: quality, find, crop, classify, CAM.
 
 `Analyzer` is built once (it holds the classifier) and is called per field. It
-returns a typed `FieldAnalysis` with per-stage timings; turning it into stored
-rows is `to_record`'s job, so the same analysis serves the camera loop, uploads
-and benchmarks.
+returns a typed `FieldAnalysis` with per-stage timings and each cell's images
+already encoded (one cell per thread, beside its overlay); packaging it into
+stored rows is `to_record`'s job, so the same analysis serves the camera loop,
+uploads and benchmarks.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ class ClassifiedCell:
     dhash: int | None = None
     """Perceptual hash of the crop, for finding the same cell stored twice in a slide (device.store.duplicates)."""
     crop_png: bytes = b""
-    """The crop, encoded as it is stored (lossless PNG: `encode_crop_png`)."""
+    """The crop, encoded as it is stored (lossless PNG: `encode_crop_png`); made with `crop` by `Analyzer.analyse`
+    (empty: `to_record` encodes `crop`)."""
     heatmap_jpeg: bytes = b""
-    """The heatmap, encoded as it is stored (JPEG)."""
+    """The heatmap, encoded as it is stored (JPEG); empty: `to_record` encodes `heatmap`."""
 
 
 @dataclass(frozen=True)
@@ -308,8 +310,9 @@ def _cell_record(c: ClassifiedCell) -> CellRecord:
         label=c.label,
         positive=c.positive,
         needs_review=c.needs_review,
-        crop_png=c.crop_png,
-        heatmap_jpeg=c.heatmap_jpeg,
+        # Made by `Analyzer.analyse` beside the overlay; a cell built elsewhere without them is encoded here.
+        crop_png=c.crop_png or encode_crop_png(c.crop),
+        heatmap_jpeg=c.heatmap_jpeg or encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
         dhash=c.dhash,
     )
 
@@ -325,14 +328,17 @@ def _pictures(crop: np.ndarray, cam: np.ndarray, cam_scale: float) -> tuple[np.n
     )
 
 
-_PNG_FAST = (
-    cv2.IMWRITE_PNG_COMPRESSION,
-    1,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_UP,
-)
+def png_fast_options(cv=cv2) -> tuple[int, ...]:
+    """imencode options for `encode_crop_png`. The strategy must follow the compression level (setting the level
+    resets it). The per-row filter option is OpenCV 4.12's; older OpenCV (the `device` extra allows 4.9) keeps
+    libpng's trial of every filter: the same pixels, slower."""
+    options = (cv.IMWRITE_PNG_COMPRESSION, 1, cv.IMWRITE_PNG_STRATEGY, cv.IMWRITE_PNG_STRATEGY_RLE)
+    if hasattr(cv, "IMWRITE_PNG_FILTER") and hasattr(cv, "IMWRITE_PNG_FILTER_UP"):
+        options += (cv.IMWRITE_PNG_FILTER, cv.IMWRITE_PNG_FILTER_UP)
+    return options
+
+
+_PNG_FAST = png_fast_options()
 
 
 def encode_crop_png(crop: np.ndarray) -> bytes:

@@ -41,11 +41,13 @@ def return_big_buffers_to_the_os(threshold: int = 4 << 20) -> bool:
     A 12 MP frame is 37 MB and a capture makes a few short-lived copies of it. glibc's default raises its
     mmap threshold after the first large free, after which such buffers come from the heap and stay
     resident: the appliance's peak memory then grows by tens of MB per capture pattern. Measured with a
-    300 px int8 bundle: steady RSS 221 -> 169 MB, peak 337 -> 289 MB. glibc only; elsewhere a no-op.
+    300 px int8 bundle, a 1 MB threshold against glibc's default: steady RSS 221 -> 169 MB, peak 337 -> 289
+    MB. glibc only; elsewhere a no-op.
     The price is a page fault per 4 kB on first touch of each fresh buffer. At 4 MB the finder's buffers
     (a 0.4 um/px working copy of a 12 MP frame is 2.3 MB, its float planes 3 MB) and the cells' 1 MB
     float planes stay on the heap: in the pipeline benchmark the 12 MP find took 63-67 ms instead of
-    76-77 at a 1 MB threshold, with the same peak RSS (237-239 MB). A 16 MB threshold, which also keeps
+    76-77 at a 1 MB threshold, with the same peak RSS (237-239 MB; steady RSS was not measured again). A
+    16 MB threshold, which also keeps
     the quarter-frame copies on the heap, measured a peak of 331 MB against 273 MB (an older pipeline).
     """
     try:

@@ -171,17 +171,22 @@ def _two_gaussians(
     The fit runs on a histogram of `bins` bins (weighted EM over the bin centres, with Sheppard's
     correction of the variance for the bin width) instead of on every value: the same means and spreads
     to a fraction of a bin, at 512 rows instead of about 8,000 per iteration. The responsibilities
-    returned are those of the values themselves, under the fitted mixture.
+    returned are those of the values themselves, under the fitted mixture. Non-finite values are left out of
+    the fit; with fewer than two finite values the fit is one population (weights 1 and 0).
     """
     x = np.asarray(x, np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    counts, edges = np.histogram(x, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
+    values = x[np.isfinite(x)]
+    if values.size < 2:  # nothing to fit: one population, which no caller takes for two
+        centre = float(values.mean()) if values.size else 0.0
+        return np.array([1.0, 0.0]), np.full(2, centre), np.full(2, 1e-3), np.zeros(x.shape)
+    lo, hi = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
     width = edges[1] - edges[0]
     occupied = counts > 0
     centres = ((edges[:-1] + edges[1:]) / 2)[occupied]
     n = counts[occupied].astype(np.float64)
-    mu = np.percentile(x, [10, 90]).astype(np.float64)
-    sd = np.full(2, max(float(x.std()) / 2, 1e-3))
+    mu = np.percentile(values, [10, 90]).astype(np.float64)
+    sd = np.full(2, max(float(values.std()) / 2, 1e-3))
     w = np.array([0.5, 0.5])
 
     def responsibility(v: np.ndarray) -> np.ndarray:
@@ -198,7 +203,7 @@ def _two_gaussians(
         sd = np.maximum(sd, 1e-3)
         if np.abs(mu - before).max() < 1e-3:
             break  # converged (angles in radians)
-    return w, mu, sd, responsibility(x)[:, 1]
+    return w, mu, sd, np.nan_to_num(responsibility(x)[:, 1])  # a non-finite value belongs to neither
 
 
 def _angle_populations(flat: np.ndarray, plane: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray]:

@@ -84,6 +84,25 @@ def test_the_stored_crop_is_the_models_input_pixel_for_pixel(tmp_path, clf, anal
         assert np.abs(heatmap - cell.heatmap).mean() < 3  # the overlay, through JPEG
 
 
+def test_crop_png_options_work_without_opencvs_filter_option():
+    # OpenCV before 4.12 (the device extra allows 4.9) has no per-row filter option: the crop PNG is then
+    # encoded with libpng's own filter choice, still lossless.
+    import types
+
+    import cv2
+
+    from device.pipeline import png_fast_options
+
+    old = types.SimpleNamespace(
+        **{k: getattr(cv2, k) for k in dir(cv2) if k.startswith("IMWRITE_PNG") and "FILTER" not in k}
+    )
+    options = png_fast_options(old)
+    assert cv2.IMWRITE_PNG_FILTER not in options[::2] and cv2.IMWRITE_PNG_FILTER in png_fast_options()[::2]
+    crop = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", crop, list(options))
+    assert ok and np.array_equal(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), crop)
+
+
 def test_different_fields_give_no_false_repeats(tmp_path, clf, analyses):
     store = Store(tmp_path, min_free_mb=0)
     for name, analysis in analyses.items():

@@ -316,7 +316,7 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch, 
     assert sorted(os.listdir(tmp_path)) == ["result.png"]
 
 
-def test_atomic_write_files_writes_all_or_leaves_no_temp_file(tmp_path, monkeypatch):
+def test_atomic_write_files_writes_each_file_whole_and_leaves_no_temp_file(tmp_path, monkeypatch):
     folder = tmp_path / "capture"
     atomic_write_files(folder, {"a.png": b"A", "b.jpg": b"BB", "c.png": b"CCC"})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"a.png": b"A", "b.jpg": b"BB", "c.png": b"CCC"}
@@ -333,6 +333,23 @@ def test_atomic_write_files_writes_all_or_leaves_no_temp_file(tmp_path, monkeypa
         atomic_write_files(tmp_path / "next", {"a.png": b"1", "b.png": b"2", "c.png": b"3", "d.png": b"4"})
     monkeypatch.undo()
     assert os.listdir(tmp_path / "next") == []
+
+
+def test_atomic_write_files_failing_part_way_through_the_renames(tmp_path, monkeypatch):
+    # Each file is atomic, not the set: the first rename stands, the rest stay temp files and are removed.
+    real, calls = os.replace, []
+
+    def replace_fails_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "simulated I/O error during rename")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_second)
+    with pytest.raises(OSError, match="rename"):
+        atomic_write_files(tmp_path, {"a.png": b"A", "b.png": b"B", "c.png": b"C"})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"A"
 
 
 def test_atomic_write_failure_on_a_new_file_leaves_nothing(tmp_path, monkeypatch):

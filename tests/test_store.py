@@ -405,6 +405,29 @@ def test_disk_fills_during_the_write(store, monkeypatch, err, fail_on):
     assert report.orphan_dirs == () and report.missing_files == () and report.temp_files == ()
 
 
+def test_a_rename_failing_part_way_leaves_no_part_of_the_capture(store, monkeypatch):
+    # The first images are already under their names when the third rename fails: the capture's folder goes.
+    kept_id = store.save_capture(_record(seed=9))
+    before = _files(store)
+    real, calls = os.replace, []
+
+    def replace_fails_third(src, dst):
+        calls.append(Path(dst))
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "simulated I/O error during rename")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_third)
+    with pytest.raises(OSError, match="rename"):
+        store.save_capture(_record(seed=10))
+    monkeypatch.undo()
+    assert len(calls) == 3 and not calls[0].parent.exists()
+    assert store.count_captures() == 1 and _files(store) == before
+    assert store.get_capture(kept_id) is not None
+    report = store.reconcile()
+    assert report.orphan_dirs == () and report.missing_files == () and report.temp_files == ()
+
+
 def test_other_write_errors_are_not_reported_as_full(store, monkeypatch):
     fills = _FillsUp(2, errno.EIO)
     monkeypatch.setattr(device.imaging, "_write_temp", fills)

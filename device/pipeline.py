@@ -312,7 +312,7 @@ def _cell_record(c: ClassifiedCell) -> CellRecord:
         needs_review=c.needs_review,
         # Made by `Analyzer.analyse` beside the overlay; a cell built elsewhere without them is encoded here.
         crop_png=c.crop_png or encode_crop_png(c.crop),
-        heatmap_jpeg=c.heatmap_jpeg or encode_image(c.heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
+        heatmap_jpeg=c.heatmap_jpeg or encode_heatmap(c.heatmap),
         dhash=c.dhash,
     )
 
@@ -324,7 +324,7 @@ def _pictures(crop: np.ndarray, cam: np.ndarray, cam_scale: float) -> tuple[np.n
         heatmap,
         crop_dhash(crop),
         encode_crop_png(crop),
-        encode_image(heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY),
+        encode_heatmap(heatmap),
     )
 
 
@@ -350,6 +350,11 @@ def encode_crop_png(crop: np.ndarray) -> bytes:
     if not ok:
         raise ImageError("OpenCV could not encode a cell crop as PNG")
     return buf.tobytes()
+
+
+def encode_heatmap(heatmap: np.ndarray) -> bytes:
+    """A cell's heatmap overlay as it is stored (a picture for people: JPEG)."""
+    return encode_image(heatmap, "JPEG", quality=HEATMAP_JPEG_QUALITY)
 
 
 def encode_field(field: np.ndarray) -> bytes:

@@ -40,16 +40,23 @@ help:
 	@echo "Variables: PY=$(PY) CONFIG=$(CONFIG)"
 
 # Stamps make a second `make run` / `make test` quick: pip runs again only when pyproject.toml changes.
+# TensorFlow's wheel is about 570 MB: an interrupted download is resumed up to 50 times, and the whole
+# install is tried 3 times (pip's cache keeps what already arrived), so a flaky link does not fail CI.
+PIP_INSTALL = for try in 1 2 3; do $(BIN)/python -m pip install -q --retries 10 --timeout 60 \
+	--resume-retries 50 -e ".[$(EXTRAS)]" && break; [ $$try -lt 3 ] || exit 1; echo "pip install failed (try $$try of 3); trying again"; sleep 10; done
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --retries 10 --timeout 60 --upgrade pip
 
+$(VENV)/.stamp-device: EXTRAS = device
 $(VENV)/.stamp-device: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[device]"
+	@$(PIP_INSTALL)
 	@touch $@
 
+$(VENV)/.stamp-test: EXTRAS = device,train,dev
 $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[device,train,dev]"
+	@$(PIP_INSTALL)
 	@touch $@ $(VENV)/.stamp-device
 
 install: $(VENV)/.stamp-device

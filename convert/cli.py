@@ -155,6 +155,13 @@ def with_gate_options(f):
     show_default=True,
     help="int8-qat: Adam's starting learning rate (cosine decay).",
 )
+@click.option(
+    "--qat-clip",
+    type=click.FloatRange(0.99, 1.0),
+    default=FineTuneOptions.clip_quantile,
+    show_default=True,
+    help="int8-qat: clip each batch-norm output at this quantile of its calibration values (1: no clipping).",
+)
 @with_gate_options
 @click.option("--force", is_flag=True, help="Write the bundle even when the gate fails (model.json records it).")
 @click.option(
@@ -182,6 +189,7 @@ def convert(
     qat_epochs,
     qat_crops,
     qat_lr,
+    qat_clip,
     min_agreement,
     max_delta_sensitivity,
     min_cam_correlation,
@@ -203,7 +211,9 @@ def convert(
         calibration=calibration,
         extra_calibration=extra_calibration,
         float_layers=float_layers,
-        fine_tuning=FineTuneOptions(epochs=qat_epochs, learning_rate=qat_lr, max_crops=qat_crops),
+        fine_tuning=FineTuneOptions(
+            epochs=qat_epochs, learning_rate=qat_lr, max_crops=qat_crops, clip_quantile=qat_clip
+        ),
         gate=gate,
         force=force,
         name=name,

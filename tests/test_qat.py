@@ -105,6 +105,7 @@ def test_fine_tuning_keeps_the_float_models_answers_and_says_how_it_ran(small_ru
     student, record = fine_tune_for_int8(model, x[:64], info.threshold, x[:32], opts)
     assert record["crops"] == 64 and len(record["loss_per_epoch"]) == 2 and record["fake_quant_tensors"] == 6
     assert record["epochs"] == 2 and record["seconds"] > 0 and "distilled" in record["method"]
+    assert record["clip_quantile"] == 0.9999 and record["clipped_tensors"] == 0, "this small CNN has no batch norm"
     assert np.isfinite(record["logit_bias_correction"]) and 20 <= record["bias_measured_on"] <= 64
     # The student is taught to give the float model's answers: on all crops, the same label almost everywhere.
     centre = np.log(info.threshold / (1 - info.threshold))
@@ -117,3 +118,83 @@ def test_fine_tuning_keeps_the_float_models_answers_and_says_how_it_ran(small_ru
     assert np.array_equal(dihedral(crop, np.array([4])), crop[:, :, ::-1])
     with pytest.raises(ValueError, match="at least 1"):
         FineTuneOptions(epochs=0)
+
+
+def _tiny_bn_model():
+    """Conv, batch norm and swish twice, then the head convert expects (a "gap" layer and a "logit" Dense)."""
+    import keras
+
+    rng = np.random.default_rng(3)
+    inp = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inp)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Activation("swish", name="act1")(x)
+    x = keras.layers.Conv2D(8, 1, use_bias=False, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, keras.layers.Dense(1, name="logit")(x))
+    for name in ("bn1", "bn2"):  # moving statistics of a trained model: not the identity
+        bn = model.get_layer(name)
+        bn.set_weights(
+            [
+                rng.uniform(0.5, 2.0, 8).astype(np.float32),
+                rng.normal(0, 0.5, 8).astype(np.float32),
+                rng.normal(0, 0.2, 8).astype(np.float32),
+                rng.uniform(0.01, 0.1, 8).astype(np.float32),
+            ]
+        )
+    return model
+
+
+@slow_tf
+def test_clipping_takes_each_batch_norm_to_its_quantile_and_the_converter_rounds_on_that_range():
+    """The clip after a batch norm bounds its values at the quantile; in the int8 model the convolution's own
+    output tensor (batch norm folded in) is quantized on the clip's range, not on the extremes."""
+    import keras
+
+    from convert.qat import CLIP_PREFIX, activation_bounds, clip_activations, quantization_aware
+    from convert.tflite import convert
+    from device.runtime import interpreter_class
+
+    model = _tiny_bn_model()
+    crops = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3)).astype(np.uint8)
+    before = [w.copy() for w in model.get_weights()]
+    assert clip_activations(model, crops, 1.0) == (model, 0), "quantile 1 clips nothing"
+    bounds = activation_bounds(model, crops, 0.99)
+    clipped, n = clip_activations(model, crops, 0.99)
+    assert n == 2 and all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    for name in ("bn1", "bn2"):
+        raw = np.asarray(keras.Model(model.input, model.get_layer(name).output)(crops.astype(np.float32)))
+        low, high = bounds[name]
+        assert np.quantile(raw, 0.01) == pytest.approx(low, abs=0.05 * (high - low))
+        assert raw.min() < low - 0.1 * (high - low) or raw.max() > high + 0.1 * (high - low), "outliers beyond"
+        out = np.asarray(keras.Model(clipped.input, clipped.get_layer(CLIP_PREFIX + name).output)(crops))
+        step = (max(high, 0) - min(low, 0)) / 255  # the range moves by under a step to put zero on the grid
+        assert out.min() >= min(low, 0) - step and out.max() <= max(high, 0) + step
+        assert 0.005 < np.mean((out <= low + step) | (out >= high - step)) < 0.05, "about 1% + 1% clipped"
+        assert len(np.unique(out)) <= 256
+        if name == "bn1":  # (bn2's input already went through bn1's clip)
+            assert np.abs(out - np.clip(raw, low, high)).max() <= step + 1e-5
+    # The clip rounds on its own range, so the fake-quant graph adds no rounding of its own there.
+    _, graph = quantization_aware(clipped)
+    names = {layer.name for layer in graph.layers}
+    assert CLIP_PREFIX + "bn1" in names and not {f"fake_quant_{CLIP_PREFIX}bn1", "fake_quant_bn1"} & names
+    assert "fake_quant_act1" in names
+    # The converter takes the clip's range and drops the op: the int8 tensor of bn1 (the folded convolution's
+    # output) has 256 steps from low to high, and the model has no op the original's int8 model lacks.
+    plain = interpreter_class()[0](model_content=convert(model, crops, "int8"))
+    interpreter = interpreter_class()[0](model_content=convert(clipped, crops, "int8"))
+    low, high = bounds["bn1"]
+    scales = {
+        t["quantization"][0]
+        for t in interpreter.get_tensor_details()
+        if "bn1" in t["name"] and t["dtype"] == np.int8 and t["quantization"][0] > 0
+    }
+    assert len(scales) == 1 and scales.pop() * 255 == pytest.approx(max(high, 0) - min(low, 0), rel=0.01)
+    ops = sorted(o["op_name"] for o in interpreter._get_ops_details())
+    assert ops == sorted(o["op_name"] for o in plain._get_ops_details())
+    with pytest.raises(ValueError, match="quantile"):
+        from convert.qat import FineTuneOptions
+
+        FineTuneOptions(clip_quantile=0.5)

@@ -193,7 +193,7 @@ def clip_activations(model, crops: np.ndarray, quantile: float):
     """(a copy of `model` with an ActivationClip after every batch norm, the number of clips).
 
     TFLite's int8 calibration takes each tensor's range from its minimum and maximum over the calibration
-    crops. In an EfficientNet trained from scratch, a batch norm's few most extreme values lie several times
+    crops. In an EfficientNet trained from scratch, a batch norm's few most extreme values lie well
     beyond its bulk (on the demo model, the 0.9999 quantile is about two thirds of the extreme), so one outlier
     coarsens the int8 step of every value. Clipping each batch norm's output at a high quantile of its
     values on the calibration crops (percentile calibration, as in PACT, Choi et al. 2018, with fixed

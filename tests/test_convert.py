@@ -158,7 +158,7 @@ def test_auto_ladder_times_and_gates_every_mode_it_tries(small_run, tmp_path):
     # A gate no mode can pass, forced: every rung is converted, timed and measured, and the last one is written.
     args = ["convert", str(root / "run" / "model.keras"), "--data", str(data), "--out", str(out), "--quant", "auto"]
     args += ["--calibration", "32", "--min-cam-correlation", "1.01", "--force", "--parity-fields", "0"]
-    args += ["--qat-epochs", "1", "--qat-crops", "32"]
+    args += ["--qat-epochs", "1", "--qat-crops", "32", "--qat-clip", "0.9995"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "model.json").read_text())
@@ -172,6 +172,7 @@ def test_auto_ladder_times_and_gates_every_mode_it_tries(small_run, tmp_path):
     assert "nothing in int8" in q["attempts"][2]["skipped"] and q["attempts"][2]["failures"]
     tuned = q["attempts"][1]
     assert tuned["quant"] == "int8" and tuned["fine_tuning"]["crops"] == 32 and tuned["fine_tuning"]["epochs"] == 1
+    assert tuned["fine_tuning"]["clip_quantile"] == 0.9995 and tuned["fine_tuning"]["clipped_tensors"] == 0
     assert "fine_tuning" not in q, "the shipped int16x8 model is not the fine-tuned one"
     for a in q["attempts"][:2] + q["attempts"][3:]:
         assert a["latency_ms"] > 0 and a["bytes"] > 0 and a["passed"] is False and a["failures"]

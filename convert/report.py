@@ -111,8 +111,12 @@ def ladder_markdown(
         tuning = a.get("fine_tuning")
         if isinstance(tuning, Mapping):
             losses = ", ".join(_f(v, 4) for v in tuning.get("loss_per_epoch") or ())
+            clips = tuning.get("clipped_tensors")
+            clipped = (
+                f"{clips} batch-norm outputs clipped at their {tuning.get('clip_quantile')} quantile, " if clips else ""
+            )
             lines += [
-                f"{a.get('mode')}: a copy of the model fine-tuned for int8 (convert.qat: the converter's "
+                f"{a.get('mode')}: a copy of the model fine-tuned for int8 (convert.qat: {clipped}the converter's "
                 f"rounding simulated at {tuning.get('fake_quant_tensors')} tensors, distilled from the float "
                 f"model) for {tuning.get('epochs')} epochs on {tuning.get('crops')} train-split crops in "
                 f"{_f(tuning.get('seconds'), 0)} s (loss per epoch: {losses}), then its logit's bias corrected by "

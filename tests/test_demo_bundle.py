@@ -29,7 +29,7 @@ def test_the_demo_bundle_says_it_is_synthetic_and_carries_metrics_with_intervals
     assert 0.5 < test["auc"] <= 1.0
 
 
-def test_the_gate_says_how_many_crops_it_measured_and_every_rung_was_timed(meta):
+def test_the_gate_says_how_many_crops_it_measured_and_every_rung_was_timed(meta, demo_bundle_dir):
     gate, verification, quant = meta["gate"], meta["verification"], meta["quantization"]
     assert gate["passed"] and not gate["forced"]
     assert gate["min_agreement"] >= 0.99 and gate["max_delta_sensitivity"] <= 0.01
@@ -47,6 +47,10 @@ def test_the_gate_says_how_many_crops_it_measured_and_every_rung_was_timed(meta)
     assert len(tuned) == 1 and tuned[0]["quant"] == "int8" and tuned[0]["n"] == verification["gate_crops"]
     assert tuned[0]["fine_tuning"]["crops"] == 1620 and tuned[0]["fine_tuning"]["epochs"] == 6
     assert tuned[0]["flips"] < quant["attempts"][0]["flips"], "fine-tuning flips fewer crops than plain int8"
+    # Every batch norm was clipped at its 0.9999 quantile first, and the convert report says so.
+    assert tuned[0]["fine_tuning"]["clipped_tensors"] == 78 and tuned[0]["fine_tuning"]["clip_quantile"] == 0.9999
+    report = (demo_bundle_dir / "convert_report.md").read_text()
+    assert "78 batch-norm outputs clipped at their 0.9999 quantile" in report
 
 
 def test_the_docs_show_what_the_bundle_does_on_the_nine_real_cells(demo_bundle_dir):

@@ -42,8 +42,9 @@ help:
 # Stamps make a second `make run` / `make test` quick: pip runs again only when pyproject.toml changes.
 # TensorFlow's wheel is about 570 MB: an interrupted download is resumed up to 50 times, and the whole
 # install is tried 3 times (pip's cache keeps what already arrived), so a flaky link does not fail CI.
-PIP_INSTALL = for try in 1 2 3; do $(BIN)/python -m pip install -q --retries 10 --timeout 60 \
-	--resume-retries 50 -e ".[$(EXTRAS)]" && break; [ $$try -lt 3 ] || exit 1; echo "pip install failed (try $$try of 3); trying again"; sleep 10; done
+# (--resume-retries needs pip 25.1: an older venv's pip is upgraded first.)
+PIP_INSTALL = for try in 1 2 3; do $(BIN)/python -m pip install -q --retries 10 --timeout 60 "pip>=25.1" && \
+	$(BIN)/python -m pip install -q --retries 10 --timeout 60 --resume-retries 50 -e ".[$(EXTRAS)]" && break; [ $$try -lt 3 ] || exit 1; echo "pip install failed (try $$try of 3); trying again"; sleep 10; done
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

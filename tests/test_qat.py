@@ -198,3 +198,35 @@ def test_clipping_takes_each_batch_norm_to_its_quantile_and_the_converter_rounds
         from convert.qat import FineTuneOptions
 
         FineTuneOptions(clip_quantile=0.5)
+
+
+@slow_tf
+def test_the_copies_keep_the_input_normalization_and_fine_tuning_trains_through_the_clips():
+    """Cloning rebuilds Normalization from its config (mean 0, variance 1) and caches those as tensors: the
+    student and the clipped copy must normalize the input as the trained model does (an ImageNet model's
+    stem). And fine-tuning a model with batch norms clips them and records it."""
+    import keras
+
+    from convert.qat import FineTuneOptions, clip_activations, fine_tune_for_int8, quantization_aware
+    from training.model import build_model
+
+    model = build_model(32, "efficientnetb0", weights=None)
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    mean, variance, *rest = norm.get_weights()
+    norm.set_weights([mean + 0.4, variance * 3.0, *rest])
+    norm.finalize_state()
+    crops = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    want = np.asarray(keras.Model(model.input, norm.output)(crops.astype(np.float32)))
+    student, _ = quantization_aware(model)
+    clipped, n = clip_activations(model, crops, 0.999)
+    assert n > 0
+    for copy in (student, clipped):
+        got = np.asarray(keras.Model(copy.input, copy.get_layer(norm.name).output)(crops.astype(np.float32)))
+        assert np.allclose(got, want, atol=1e-5)
+    assert np.allclose(student.predict(crops, verbose=0), model.predict(crops, verbose=0), atol=1e-4)
+
+    tiny = _tiny_bn_model()
+    x = np.random.default_rng(2).integers(0, 256, (32, 32, 32, 3)).astype(np.uint8)
+    tuned, record = fine_tune_for_int8(tiny, x, 0.5, x[:16], FineTuneOptions(epochs=1, batch_size=16))
+    assert record["clipped_tensors"] == 2 and "clipped" in record["method"]
+    assert {layer.name for layer in tuned.layers} >= {"activation_clip_bn1", "activation_clip_bn2"}

@@ -160,16 +160,21 @@ class Analyzer:
             )
         timings["crop"] = _ms(t)
 
+        # Each cell's overlay, hash and stored images in one task, one cell per thread (NumPy, OpenCV and
+        # libjpeg release the GIL on whole crops), started as soon as the cell's prediction is out: the
+        # encoding runs beside the model's next crop instead of after the last one.
         t = time.perf_counter()
-        preds = self.classifier.classify(crops, batch_size=CLASSIFY_BATCH) if crops is not None else []
+        cam_scale = self.classifier.cam_scale
+        preds, drawing = [], []
+        if crops is not None:
+            for crop, p in zip(crops, self.classifier.iter_classify(crops, batch_size=CLASSIFY_BATCH), strict=True):
+                preds.append(p)
+                drawing.append(_ENCODERS.submit(_pictures, crop, p.cam, cam_scale))
         timings["classify"] = _ms(t)
 
         t = time.perf_counter()
-        cam_scale = self.classifier.cam_scale
         cells = list(zip(found, preds, crops if crops is not None else [], strict=True))
-        # Each cell's overlay, hash and stored images in one task, one cell per thread (NumPy, OpenCV and
-        # libjpeg release the GIL on whole crops).
-        pictures = list(_ENCODERS.map(lambda cell: _pictures(cell[2], cell[1].cam, cam_scale), cells))
+        pictures = [d.result() for d in drawing]
         results = tuple(
             ClassifiedCell(
                 box=tuple(int(v) for v in c.box),

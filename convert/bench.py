@@ -361,12 +361,14 @@ STAGE_NOTES = {
     "total": "capture to result (wall clock)",
     "capture": "read and decode the replay JPEG (the camera on a rig)",
     "scale": "one 0.4 µm/px working copy of the frame (calibrated pixel size), and the field check on it",
-    "find": "nuclei at 0.8 µm/px (the copy halved once more), outlines cut at 0.4",
+    "find": "nuclei at 0.8 µm/px (the copy halved once more); then the waits for the kept cells' outlines, cut at 0.4 "
+    "in worker threads beside the model",
     "qc": "beside the finder, in its own thread",
-    "classify": "the model, one crop per call; each cell's pictures start beside the next crop",
-    "cells": "waiting for the last cells' heatmap overlay, hash, crop PNG and heatmap JPEG (one cell per thread)",
-    "store": "files and rows of the result, fsynced",
-    "archive": "the 12 MP field JPEG, after the result (not in the total)",
+    "crop": "each cell cut from the 12 MP frame and resized for the model",
+    "classify": "the model, one crop per call; each cell's overlay starts beside the next crop",
+    "cells": "waiting for the last cells' heatmap overlay, hash and heatmap JPEG (one cell per thread)",
+    "store": "heatmap files and rows of the result, fsynced",
+    "archive": "the cells' lossless crop PNGs and the 12 MP field JPEG, after the result (not in the total)",
     "scale_check": "red cells against the calibration, after the result (not in the total)",
 }
 

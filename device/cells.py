@@ -726,18 +726,8 @@ class _BodyMaps:
         return od[inner], nuc[inner], red[inner]
 
 
-def _cell_bodies(
-    kept: list[_Region],
-    grouped: np.ndarray,
-    od: np.ndarray,
-    nuc: np.ndarray,
-    red: np.ndarray,
-    level: float,
-    cytoplasm_um: float,
-    work_um: float,
-    finer: _FinerCopy | None = None,
-) -> tuple[list[tuple[np.ndarray, int, int]], tuple[int, int]]:
-    """The whole cell (nucleus + its own cytoplasm) for each kept nucleus group, tightly.
+class _BodyCutter:
+    """The whole cell (nucleus + its own cytoplasm) of each kept nucleus group, tightly, one cell per call.
 
     Cytoplasm is stained material next to a nucleus whose colour leans to the
     nuclear stain more than a red cell's does (basophilic cytoplasm takes up
@@ -746,39 +736,58 @@ def _cell_bodies(
     nucleus (a Voronoi split), and at most `cytoplasm_um` from it, so touching
     cells are cut between their nuclei and a red cell's rim is never a cell.
 
+    The field-wide levels are measured once, when the cutter is made; `cut` only reads them and the
+    maps, so the cells of one field can be cut in several threads at once (OpenCV and NumPy release the GIL).
+
     Args:
         finer: cut the bodies on this finer copy of the field (the nuclei stay the finder's, each finer pixel
             taking the label of the finder pixel it lies in); None cuts them on the finder's own maps.
-
-    Returns:
-        One (bool mask, window top, window left) per kept group, in body pixels; and the body image's
-        (height, width).
     """
-    lut = np.zeros(int(grouped.max()) + 1, np.int32)
-    for k, r in enumerate(kept, start=1):
-        lut[r.label] = k
-    labels = lut[grouped]
-    # Field-wide levels from a regular subsample of the finder's maps: the glass split and the red cells' lean.
-    step = max(1, round(math.sqrt(labels.size / 100_000)))
-    nuc_s, red_s, lab_s = nuc[::step, ::step], red[::step, ::step], labels[::step, ::step]
-    total_s = _total_od(od[::step, ::step])
-    glass_t = 0.5 * _glass_level(total_s)
-    lean_s = nuc_s / (np.abs(nuc_s) + np.maximum(red_s, 0) + 1e-3)
-    red_px = (total_s >= glass_t) & (lab_s == 0) & (red_s > nuc_s)
-    ref = lean_s[red_px] if red_px.sum() > 50 else np.array([0.2])
-    lean_t = min(0.6, float(np.percentile(ref, 90)) + 0.1)
-    if finer is None:
-        maps, body_um = _BodyMaps(labels, od, nuc, red), work_um
-    else:
-        body_um = finer.um_per_px
-        maps = _BodyMaps(labels, od, nuc, red, finer.rgb, finer.light, finer.vectors, finer.smooth_um / body_um)
-    cytoplasm_px = cytoplasm_um / body_um
-    smooth = _disc(max(3.0, cytoplasm_px / 3))
-    pad = int(cytoplasm_px) + 2
-    h, w = maps.shape
-    bodies = []
-    for k, r in enumerate(kept, start=1):
-        by0, by1, bx0, bx1 = maps.box(r)
+
+    def __init__(
+        self,
+        kept: list[_Region],
+        grouped: np.ndarray,
+        od: np.ndarray,
+        nuc: np.ndarray,
+        red: np.ndarray,
+        level: float,
+        cytoplasm_um: float,
+        work_um: float,
+        finer: _FinerCopy | None = None,
+    ):
+        lut = np.zeros(int(grouped.max()) + 1, np.int32)
+        for k, r in enumerate(kept, start=1):
+            lut[r.label] = k
+        labels = lut[grouped]
+        # Field-wide levels from a regular subsample of the finder's maps: the glass split and the red cells' lean.
+        step = max(1, round(math.sqrt(labels.size / 100_000)))
+        nuc_s, red_s, lab_s = nuc[::step, ::step], red[::step, ::step], labels[::step, ::step]
+        total_s = _total_od(od[::step, ::step])
+        self.glass_t = 0.5 * _glass_level(total_s)
+        lean_s = nuc_s / (np.abs(nuc_s) + np.maximum(red_s, 0) + 1e-3)
+        red_px = (total_s >= self.glass_t) & (lab_s == 0) & (red_s > nuc_s)
+        ref = lean_s[red_px] if red_px.sum() > 50 else np.array([0.2])
+        self.lean_t = min(0.6, float(np.percentile(ref, 90)) + 0.1)
+        if finer is None:
+            self.maps, body_um = _BodyMaps(labels, od, nuc, red), work_um
+        else:
+            body_um = finer.um_per_px
+            self.maps = _BodyMaps(
+                labels, od, nuc, red, finer.rgb, finer.light, finer.vectors, finer.smooth_um / body_um
+            )
+        self.kept, self.level = kept, level
+        self.cytoplasm_px = cytoplasm_um / body_um
+        self.smooth = _disc(max(3.0, self.cytoplasm_px / 3))
+        self.pad = int(self.cytoplasm_px) + 2
+        self.shape = self.maps.shape
+        """The body image's (height, width)."""
+
+    def cut(self, index: int) -> tuple[np.ndarray, int, int]:
+        """(bool mask, window top, window left), in body pixels, of the cell of kept group `index`."""
+        maps, pad, k = self.maps, self.pad, index + 1
+        h, w = self.shape
+        by0, by1, bx0, bx1 = maps.box(self.kept[index])
         y0, x0, y1, x1 = max(0, by0 - pad), max(0, bx0 - pad), min(h, by1 + pad), min(w, bx1 + pad)
         # The nearest nucleus of any pixel within reach of this one lies within 2 x reach of it:
         # the Voronoi split is exact in a window grown by pad once more.
@@ -786,7 +795,7 @@ def _cell_bodies(
         win = maps.label_window(vy0, vy1, vx0, vx1)
         od_w, n_w, r_w = maps.stain_window(vy0, vy1, vx0, vx1)
         lean = n_w / (np.abs(n_w) + np.maximum(r_w, 0) + 1e-3)
-        material = (_total_od(od_w) >= glass_t) & (lean > lean_t) & (n_w > level)
+        material = (_total_od(od_w) >= self.glass_t) & (lean > self.lean_t) & (n_w > self.level)
         # Nearest nucleus and the distance to it, in one pass.
         dist, nearest = cv2.distanceTransformWithLabels(
             (win == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
@@ -796,7 +805,7 @@ def _cell_bodies(
         inner = (slice(y0 - vy0, y1 - vy0), slice(x0 - vx0, x1 - vx0))
         g = win[inner] == k
         mine_owner = owner_of_seed[nearest[inner]] == k
-        candidate = (material[inner] & (dist[inner] <= cytoplasm_px)) | (win[inner] > 0)
+        candidate = (material[inner] & (dist[inner] <= self.cytoplasm_px)) | (win[inner] > 0)
         mine = (candidate & mine_owner).astype(np.uint8)
         # Keep what is connected to the nucleus, smooth the outline, fill holes.
         n_comp, comp = cv2.connectedComponents(mine, connectivity=8)
@@ -804,10 +813,9 @@ def _cell_bodies(
         keep[comp[g]] = True
         keep[0] = False
         mine = keep[comp].astype(np.uint8)
-        mine = cv2.morphologyEx(mine, cv2.MORPH_CLOSE, smooth)
-        mine = cv2.morphologyEx(mine, cv2.MORPH_OPEN, smooth).astype(bool)
-        bodies.append((_fill_holes(mine | g) & mine_owner, y0, x0))
-    return bodies, (h, w)
+        mine = cv2.morphologyEx(mine, cv2.MORPH_CLOSE, self.smooth)
+        mine = cv2.morphologyEx(mine, cv2.MORPH_OPEN, self.smooth).astype(bool)
+        return _fill_holes(mine | g) & mine_owner, y0, x0
 
 
 def working_copy(rgb: np.ndarray, um_per_px: float, options: FinderParams = FinderParams()) -> np.ndarray:
@@ -839,17 +847,72 @@ def find_white_cells(
     Raises:
         ValueError: rgb is not a uint8 HxWx3 array.
     """
+    located = locate_white_cells(rgb, options, small, checked)
+    return [located.cut(i) for i in range(len(located))]
+
+
+class LocatedCells:
+    """The white cells of a field, located (their nuclei, strongest stain first) but not yet cut out.
+
+    `len()` is the number of cells; `cut(i)` cuts the i-th whole cell (nucleus and cytoplasm) out at
+    the finer scale and returns its FoundCell. The cuts are independent: the pipeline cuts the cells it
+    keeps in worker threads, beside the model classifying the cells already cut.
+    `find_white_cells` is `[located.cut(i) for i in range(len(located))]`.
+    """
+
+    def __init__(self, shape: tuple[int, int], order: list[int], scores: list[float], areas_um2: list[float], bodies):
+        self._shape, self._order, self._scores, self._areas, self._bodies = shape, order, scores, areas_um2, bodies
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def score(self, i: int) -> float:
+        """The i-th cell's score (see FoundCell.score): known before the cell is cut."""
+        return self._scores[self._order[i]]
+
+    def cut(self, i: int) -> FoundCell:
+        """The i-th cell (strongest stain first), cut out: box and mask in field pixels."""
+        k = self._order[i]
+        H, W = self._shape
+        cell, oy, ox = self._bodies.cut(k)
+        bh, bw = self._bodies.shape
+        bsx, bsy = W / bw, H / bh  # field pixels per body pixel
+        cys, cxs = np.nonzero(cell)
+        bx0, by0, bx1, by1 = ox + cxs.min(), oy + cys.min(), ox + cxs.max() + 1, oy + cys.max() + 1
+        box = (
+            max(0, int(math.floor(bx0 * bsx))),
+            max(0, int(math.floor(by0 * bsy))),
+            min(W, int(math.ceil(bx1 * bsx))),
+            min(H, int(math.ceil(by1 * bsy))),
+        )
+        return FoundCell(
+            box=box,
+            mask=_upsample_mask(cell, (ox, oy), box, bsx, bsy),
+            nucleus_area_um2=self._areas[k],
+            score=self._scores[k],
+            touches_border=bool(bx0 <= 0 or by0 <= 0 or bx1 >= bw or by1 >= bh),
+        )
+
+
+_NOTHING = LocatedCells((0, 0), [], [], [], None)
+
+
+def locate_white_cells(
+    rgb: np.ndarray, options: FinderParams = FinderParams(), small: np.ndarray | None = None, checked: bool = False
+) -> LocatedCells:
+    """`find_white_cells` in two steps: the nuclei of the whole field now, each cell's outline on demand
+    (`LocatedCells.cut`). Same arguments and errors as `find_white_cells`."""
     check_rgb(rgb, "find_white_cells")
     H, W = rgb.shape[:2]
     if small is None or options.um_per_px is None:
         if not checked and field_problem(rgb) is not None:
-            return []
+            return _NOTHING
         um_per_px = options.um_per_px or estimate_um_per_px(rgb) or options.default_um_per_px
         small = working_copy(rgb, um_per_px, options)
     else:
         um_per_px = options.um_per_px
         if not checked and copy_problem(rgb, small) is not None:
-            return []
+            return _NOTHING
     # The finder's own, coarser scale: one more shrink of the working copy (a halving, from 0.4 to 0.8). The
     # nuclei are found there; the cells' outlines are cut on the working copy (see _BodyMaps).
     fine = small
@@ -874,7 +937,7 @@ def find_white_cells(
     pieces = _split_touching(nucleus, full_radius)
     grouped = _group(pieces, options.gap_um / work_um, full_radius, options.merge_um / work_um)
     regions, areas = _regions(grouped)
-    kept = []
+    kept, scores, areas_um2 = [], [], []
     for r in regions:
         if not min_area <= areas[r.label] <= max_area:
             continue
@@ -882,40 +945,19 @@ def find_white_cells(
         # A nucleus is at least min_thickness_um thick somewhere; text strokes and scale bars are not.
         if _inscribed_radius(g) < options.min_thickness_um / 2 / work_um:
             continue
-        if float(nuc[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]][g].mean()) < level + options.min_nuclear_od:
+        mean_stain = float(nuc[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]][g].mean())
+        if mean_stain < level + options.min_nuclear_od:
             continue
         kept.append(r)
+        scores.append(float(np.clip(1.0 - seed_t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0)
+        areas_um2.append(float(areas[r.label] * work_um**2))
     finer = None
     if fine is not small:
         fine_um = um_per_px * (W / fine.shape[1] + H / fine.shape[0]) / 2
         finer = _FinerCopy(fine, light, vectors, fine_um, options.smooth_um)
-    bodies, (bh, bw) = _cell_bodies(kept, grouped, od, nuc, red, level, options.cytoplasm_um, work_um, finer)
-    bsx, bsy = W / bw, H / bh  # field pixels per body pixel
-    cells: list[tuple[float, FoundCell]] = []
-    for r, (cell, oy, ox) in zip(kept, bodies, strict=True):
-        cys, cxs = np.nonzero(cell)
-        bx0, by0, bx1, by1 = ox + cxs.min(), oy + cys.min(), ox + cxs.max() + 1, oy + cys.max() + 1
-        touches = bool(bx0 <= 0 or by0 <= 0 or bx1 >= bw or by1 >= bh)
-        box = (
-            max(0, int(math.floor(bx0 * bsx))),
-            max(0, int(math.floor(by0 * bsy))),
-            min(W, int(math.ceil(bx1 * bsx))),
-            min(H, int(math.ceil(by1 * bsy))),
-        )
-        mask = _upsample_mask(cell, (ox, oy), box, bsx, bsy)
-        g, gy, gx = r.mask(grouped)
-        mean_stain = float(nuc[gy : gy + g.shape[0], gx : gx + g.shape[1]][g].mean())
-        score = float(np.clip(1.0 - seed_t / mean_stain, 0.0, 1.0)) if mean_stain > 0 else 0.0
-        found = FoundCell(
-            box=box,
-            mask=mask,
-            nucleus_area_um2=float(areas[r.label] * work_um**2),
-            score=score,
-            touches_border=touches,
-        )
-        cells.append((score, found))
-    cells.sort(key=lambda c: -c[0])
-    return [c for _, c in cells]
+    bodies = _BodyCutter(kept, grouped, od, nuc, red, level, options.cytoplasm_um, work_um, finer)
+    order = sorted(range(len(kept)), key=lambda k: -scores[k])  # strongest stain first (stable)
+    return LocatedCells((H, W), order, scores, areas_um2, bodies)
 
 
 def _upsample_mask(

@@ -12,7 +12,6 @@ fixed scale `Classifier.cam_scale` (device/heatmap.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,21 +168,17 @@ class Classifier:
 
     def classify(self, crops: np.ndarray, batch_size: int = 8) -> list[CellPrediction]:
         """Classify prepared crops (uint8 N x S x S x 3) with the bundle's threshold and review band."""
-        return list(self.iter_classify(crops, batch_size))
-
-    def iter_classify(self, crops: np.ndarray, batch_size: int = 8) -> Iterator[CellPrediction]:
-        """`classify`, one prediction at a time, in crop order, each as soon as its batch is done: the caller
-        can work on a cell (its overlay, its encoded images) while the interpreter runs the next batch."""
         if len(crops) == 0:
-            return
+            return []
         low, high = self.bundle.review_band
         thr = self.bundle.threshold
+        preds = []
         for start in range(0, len(crops), batch_size):
             out = self.raw(crops[start : start + batch_size])
             for p, lg, cam in zip(out["probability"], out["logit"], out["cam"], strict=True):
                 p = float(p)
                 positive = p >= thr
-                yield CellPrediction(
+                pred = CellPrediction(
                     probability=p,
                     label=self.bundle.labels[1 if positive else 0],
                     needs_review=low <= p <= high,
@@ -191,6 +186,8 @@ class Classifier:
                     cam=cam.astype(np.float32),
                     positive=positive,
                 )
+                preds.append(pred)
+        return preds
 
     def self_test(self) -> SelfTestResult:
         """Run the bundle's golden crops and compare with the outputs recorded at conversion."""

@@ -136,8 +136,8 @@ def export_dataset(
 ) -> tuple[tempfile.SpooledTemporaryFile, int]:
     """Write reviewed cells as a training dataset zip into a (spooled) temp file.
 
-    Returns (file positioned at 0, number of cells). Cells whose crop is gone
-    (retention) are skipped and counted in the README.
+    Returns (file positioned at 0, number of cells). Cells whose crop is not on disk
+    (retention; a power cut before it was written) are skipped and counted in the README.
     """
     cells = []
     for sid in slide_ids if slide_ids else [None]:
@@ -186,7 +186,10 @@ def export_dataset(
             normal=counts["normal"],
         )
         if missing:
-            text += f"\n{missing} reviewed cell(s) were left out: their images were deleted by retention.\n"
+            text += (
+                f"\n{missing} reviewed cell(s) were left out: their crops are not on disk (deleted by retention, "
+                "or lost in a power cut or a full disk just after the capture).\n"
+            )
         if any(c.get("model_synthetic") for c in cells):
             text = SYNTHETIC_WARNING + "\n" + text
         zf.writestr("README.txt", text)

@@ -1,24 +1,25 @@
 """From a field image to classified cells: quality, find, crop, classify, CAM.
 
 `Analyzer` is built once (it holds the classifier) and is called per field. It
-returns a typed `FieldAnalysis` with per-stage timings and each cell's images
-already encoded (one cell per thread, beside its overlay); packaging it into
+returns a typed `FieldAnalysis` with per-stage timings and each cell's heatmap
+already encoded (one cell per thread, beside the model); packaging it into
 stored rows is `to_record`'s job, so the same analysis serves the camera loop,
-uploads and benchmarks.
+uploads and benchmarks. The archival copies (the cells' crop PNGs and the field
+JPEG) are encoded after the result is stored (`encode_crops`, `encode_field`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from device import cells as finder
-from device.classifier import Classifier
+from device.classifier import CellPrediction, Classifier
 from device.config import Config
 from device.errors import ImageError
 from device.heatmap import evidence_overlay
@@ -35,9 +36,10 @@ HEATMAP_JPEG_QUALITY = 90
 which is the model's input and can become training data, stays lossless PNG."""
 _CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-qc")
 """Quality control runs here, beside the finder (OpenCV releases the GIL)."""
-_ENCODERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="leukocam-cells")
-"""The cells' heatmap overlays are drawn, their crops hashed and their images encoded here, one cell per thread
-(NumPy, OpenCV and Pillow's libjpeg release the GIL): the lossless crop PNGs are most of the encoding time."""
+_CELL_WORK = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="leukocam-cells")
+"""Per-cell work beside the model, one cell per task: each kept cell is cut out of the field (its outline), and
+its heatmap overlay drawn, its crop hashed and the overlay encoded (NumPy, OpenCV and Pillow's libjpeg release
+the GIL)."""
 CLASSIFY_BATCH = 1
 """Crops per interpreter call. One keeps the interpreter's working memory small (a 300 px B3 at batch 8 needs
 about 20 MB more at the peak) for a few percent of int8 speed per crop."""
@@ -67,9 +69,6 @@ class ClassifiedCell:
     """The signed class activation map (float32 h x w; positive = evidence for blast)."""
     dhash: int | None = None
     """Perceptual hash of the crop, for finding the same cell stored twice in a slide (device.store.duplicates)."""
-    crop_png: bytes = b""
-    """The crop, encoded as it is stored (lossless PNG: `encode_crop_png`); made with `crop` by `Analyzer.analyse`
-    (empty: `to_record` encodes `crop`)."""
     heatmap_jpeg: bytes = b""
     """The heatmap, encoded as it is stored (JPEG); empty: `to_record` encodes `heatmap`."""
 
@@ -134,46 +133,53 @@ class Analyzer:
         # rig runs after the result: see Appliance._after_result.)
         qc_future = _CHECKS.submit(self._quality, field if small is None or calibrated is None else small, single_cell)
         t = time.perf_counter()
+        limit = self.config.finder.max_cells
         if problem is not None:
-            found = []
+            cutting, skipped = [], 0
         elif single_cell:
-            found = [finder.single_cell(field)]
+            cutting, skipped = [_done(finder.single_cell(field))], 0
         else:
             options = finder.FinderParams(um_per_px=um or self.default_um)
-            found = finder.find_white_cells(field, options, small=small, checked=True)
+            located = finder.locate_white_cells(field, options, small=small, checked=True)
+            skipped = max(0, len(located) - limit)
+            # The cells kept (strongest stain first) are cut out in worker threads, beside the model
+            # classifying the cells already cut.
+            cutting = [_CELL_WORK.submit(located.cut, i) for i in range(min(limit, len(located)))]
         timings["find"] = _ms(t)
         qc, timings["qc"] = qc_future.result()
-        limit = self.config.finder.max_cells
-        skipped = max(0, len(found) - limit)
-        found = sorted(found, key=lambda c: -c.score)[:limit]
 
-        t = time.perf_counter()
-        if single_cell and found:
-            # An uploaded cell goes through exactly the training path (prepare_cell, no margin): training
-            # images are used as they are, so an upload of the same file gives the model the same input.
-            crops = np.stack([prepare_cell(field, self.contract)])
-        else:
-            crops = (
-                np.stack([crop_cell(field, c.box, c.mask, self.contract, um_per_px=um) for c in found])
-                if found
-                else None
-            )
-        timings["crop"] = _ms(t)
-
-        # Each cell's overlay, hash and stored images in one task, one cell per thread (NumPy, OpenCV and
-        # libjpeg release the GIL on whole crops), started as soon as the cell's prediction is out: the
-        # encoding runs beside the model's next crop instead of after the last one.
-        t = time.perf_counter()
+        # CLASSIFY_BATCH cells at a time: wait for their cuts, crop them, classify them, and start each one's
+        # overlay, hash and stored images in a worker thread, beside the model's next crop. The interpreter's
+        # threads leave the cores idle at times; this work fills them instead of following the last crop.
         cam_scale = self.classifier.cam_scale
-        preds, drawing = [], []
-        if crops is not None:
-            for crop, p in zip(crops, self.classifier.iter_classify(crops, batch_size=CLASSIFY_BATCH), strict=True):
-                preds.append(p)
-                drawing.append(_ENCODERS.submit(_pictures, crop, p.cam, cam_scale))
-        timings["classify"] = _ms(t)
+        found: list[finder.FoundCell] = []
+        crops: list[np.ndarray] = []
+        preds: list[CellPrediction] = []
+        drawing = []
+        timings["crop"] = timings["classify"] = 0.0
+        for start in range(0, len(cutting), CLASSIFY_BATCH):
+            t = time.perf_counter()
+            batch = [f.result() for f in cutting[start : start + CLASSIFY_BATCH]]
+            _add_ms(timings, "find", t)
+            t = time.perf_counter()
+            if single_cell:
+                # An uploaded cell goes through exactly the training path (prepare_cell, no margin): training
+                # images are used as they are, so an upload of the same file gives the model the same input.
+                batch_crops = [prepare_cell(field, self.contract)]
+            else:
+                batch_crops = [crop_cell(field, c.box, c.mask, self.contract, um_per_px=um) for c in batch]
+            _add_ms(timings, "crop", t)
+            t = time.perf_counter()
+            batch_preds = self.classifier.classify(np.stack(batch_crops), batch_size=CLASSIFY_BATCH)
+            _add_ms(timings, "classify", t)
+            for crop, p in zip(batch_crops, batch_preds, strict=True):
+                drawing.append(_CELL_WORK.submit(_pictures, crop, p.cam, cam_scale))
+            found += batch
+            crops += batch_crops
+            preds += batch_preds
 
         t = time.perf_counter()
-        cells = list(zip(found, preds, crops if crops is not None else [], strict=True))
+        cells = list(zip(found, preds, crops, strict=True))
         pictures = [d.result() for d in drawing]
         results = tuple(
             ClassifiedCell(
@@ -187,10 +193,9 @@ class Analyzer:
                 heatmap=heatmap,
                 cam=p.cam,
                 dhash=dhash,
-                crop_png=crop_png,
                 heatmap_jpeg=heatmap_jpeg,
             )
-            for (c, p, crop), (heatmap, dhash, crop_png, heatmap_jpeg) in zip(cells, pictures, strict=True)
+            for (c, p, crop), (heatmap, dhash, heatmap_jpeg) in zip(cells, pictures, strict=True)
         )
         timings["cells"] = _ms(t)
 
@@ -276,10 +281,11 @@ def to_record(
     camera: dict | None = None,
     extra_timings: dict | None = None,
 ) -> CaptureRecord:
-    """Package an analysis for `Store.save_capture` (the cells' images were encoded by `Analyzer.analyse`).
+    """Package an analysis for `Store.save_capture` (the cells' heatmaps were encoded by `Analyzer.analyse`).
 
-    The record carries no field JPEG: the caller stores the result first and attaches the field
-    image when it is encoded (`encode_field`, `Store.attach_field_image`), so encoding a 12 MP JPEG
+    The record carries neither the field JPEG nor the cells' crop PNGs, the two archival copies: the
+    caller stores the result first and attaches them when they are encoded (`encode_crops` and
+    `Store.attach_cell_crops`, `encode_field` and `Store.attach_field_image`), so that encoding them
     never holds the result back.
     """
     cells = tuple(_cell_record(c) for c in analysis.cells)
@@ -315,22 +321,24 @@ def _cell_record(c: ClassifiedCell) -> CellRecord:
         label=c.label,
         positive=c.positive,
         needs_review=c.needs_review,
-        # Made by `Analyzer.analyse` beside the overlay; a cell built elsewhere without them is encoded here.
-        crop_png=c.crop_png or encode_crop_png(c.crop),
+        crop_png=None,  # encoded and attached after the result (`encode_crops`, `Store.attach_cell_crops`)
+        # Made by `Analyzer.analyse` beside the overlay; a cell built elsewhere without it is encoded here.
         heatmap_jpeg=c.heatmap_jpeg or encode_heatmap(c.heatmap),
         dhash=c.dhash,
+        crop_nbytes=c.crop.nbytes,
     )
 
 
-def _pictures(crop: np.ndarray, cam: np.ndarray, cam_scale: float) -> tuple[np.ndarray, int | None, bytes, bytes]:
-    """A cell's heatmap overlay, the crop's hash, and both images encoded as they are stored."""
+def _pictures(crop: np.ndarray, cam: np.ndarray, cam_scale: float) -> tuple[np.ndarray, int | None, bytes]:
+    """A cell's heatmap overlay, the crop's hash, and the overlay encoded as it is stored (the crop's lossless
+    PNG, an archival copy, is encoded after the result: `encode_crops`)."""
     heatmap = evidence_overlay(crop, cam, cam_scale)
-    return (
-        heatmap,
-        crop_dhash(crop),
-        encode_crop_png(crop),
-        encode_heatmap(heatmap),
-    )
+    return heatmap, crop_dhash(crop), encode_heatmap(heatmap)
+
+
+def encode_crops(analysis: FieldAnalysis) -> list[bytes]:
+    """The cells' crop PNGs, in order, for `Store.attach_cell_crops` after the result is stored."""
+    return [encode_crop_png(c.crop) for c in analysis.cells]
 
 
 def png_fast_options(cv=cv2) -> tuple[int, ...]:
@@ -365,6 +373,18 @@ def encode_heatmap(heatmap: np.ndarray) -> bytes:
 def encode_field(field: np.ndarray) -> bytes:
     """The archival field JPEG."""
     return encode_image(field, "JPEG", quality=FIELD_JPEG_QUALITY)
+
+
+def _done(value) -> Future:
+    """A future that already holds value."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _add_ms(timings: dict[str, float], stage: str, t0: float) -> None:
+    """Add the milliseconds since t0 to a stage's timing (a stage that runs once per cell)."""
+    timings[stage] = timings.get(stage, 0.0) + _ms(t0)
 
 
 def _ms(t0: float) -> float:

@@ -26,7 +26,7 @@ from device.classifier import SelfTestResult
 from device.config import Config
 from device.errors import BusyError, CameraError, ImageError, InputError, LeukoCamError
 from device.imaging import decode_image
-from device.pipeline import Analyzer, encode_field, to_record
+from device.pipeline import Analyzer, FieldAnalysis, encode_crops, encode_field, to_record
 from device.store import ReconcileReport, Store
 from device.trigger import Trigger
 
@@ -318,11 +318,12 @@ class Appliance:
                     extra_timings=extra,
                 )
                 capture_id = self.store.save_capture(record)  # records its own "store" time
-                # The result is stored; the 12 MP archival JPEG and the scale check follow in the background.
+                # The result is stored; the archival copies (the cells' crop PNGs, the 12 MP field JPEG) and
+                # the scale check follow in the background.
                 calibrated = self.config.finder.um_per_px or None
                 check = calibrated is not None and self.config.finder.scale_check and analysis.status == "ok"
                 self._archiving = self._encoder.submit(
-                    self._after_result, capture_id, image, analysis.working if check else None, calibrated
+                    self._after_result, capture_id, image, analysis, analysis.working if check else None, calibrated
                 )
                 if self.config.store.max_images_mb:
                     self.retention = self.store.apply_retention(self.config.store.max_images_mb)
@@ -340,16 +341,20 @@ class Appliance:
         self.last_outcome = outcome
         return outcome
 
-    def _after_result(self, capture_id: int, image, working, calibrated: float | None) -> None:
-        """What follows a stored result, on the encoder thread: the archival field JPEG, then (given the
-        analysis' working copy) the cheap check of the calibrated pixel size against the red cells."""
+    def _after_result(self, capture_id: int, image, analysis: FieldAnalysis, working, calibrated: float | None) -> None:
+        """What follows a stored result, on the encoder thread: the archival copies (the cells' lossless crop
+        PNGs, then the field JPEG), then (given the analysis' working copy) the cheap check of the calibrated
+        pixel size against the red cells."""
         t = time.perf_counter()
-        try:
-            self.store.attach_field_image(capture_id, encode_field(image))
-            self.store.add_timing(capture_id, "archive", (time.perf_counter() - t) * 1000)
-        except (LeukoCamError, OSError) as exc:
-            self.last_error = f"capture {capture_id}: field image not saved: {exc}"
-            log.error(self.last_error)
+        crops = self._archive(
+            capture_id, "cell crops", lambda: self.store.attach_cell_crops(capture_id, encode_crops(analysis))
+        )
+        field = self._archive(
+            capture_id, "field image", lambda: self.store.attach_field_image(capture_id, encode_field(image))
+        )
+        if crops and field:
+            ms = (time.perf_counter() - t) * 1000
+            self._archive(capture_id, "archive time", lambda: self.store.add_timing(capture_id, "archive", ms))
         if working is None or calibrated is None:
             return
         t = time.perf_counter()
@@ -359,6 +364,16 @@ class Appliance:
             log.warning("capture %d: %s", capture_id, warning)
             self.scale_warning = f"capture {capture_id}: {warning}"
             self.store.add_note(capture_id, warning)
+
+    def _archive(self, capture_id: int, what: str, write) -> bool:
+        """Run one write that follows a stored result; on a failure, log it and show it on the status page."""
+        try:
+            write()
+            return True
+        except (LeukoCamError, OSError) as exc:
+            self.last_error = f"capture {capture_id}: {what} not saved: {exc}"
+            log.error(self.last_error)
+            return False
 
     def wait_archived(self, timeout: float | None = None) -> None:
         """Block until the last capture's field image is on disk (tests, benchmarks, shutdown)."""

@@ -18,6 +18,7 @@ from device.cells import (
     FoundCell,
     estimate_um_per_px,
     find_white_cells,
+    locate_white_cells,
     single_cell,
 )
 from device.imaging import decode_image
@@ -199,3 +200,28 @@ def test_synthetic_fields():
         tp, fp, fn = tp + m.true_positives, fp + m.false_positives, fn + m.false_negatives
         assert estimate_um_per_px(rgb) == pytest.approx(um, rel=0.3)
     assert tp / (tp + fn) >= 0.85 and tp / (tp + fp) >= 0.85
+
+
+def test_cells_cut_in_threads_and_in_any_order_are_the_finders_cells():
+    # The pipeline locates the nuclei, then cuts each kept cell out in a worker thread while the model classifies
+    # the cells cut before it: the cuts must not depend on each other, on their order, or on the thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.synth import render_field
+
+    rgb, _ = render_field(np.random.default_rng(3), 1600, 1200, 12, um_per_px=0.2)
+    options = FinderParams(um_per_px=0.2)
+    whole = find_white_cells(rgb, options)
+    located = locate_white_cells(rgb, options)
+    assert len(located) == len(whole) >= 8
+    assert [located.score(i) for i in range(len(located))] == [c.score for c in whole]
+    assert [c.score for c in whole] == sorted((c.score for c in whole), reverse=True)  # strongest stain first
+    with ThreadPoolExecutor(4) as pool:
+        cut = dict(
+            zip(reversed(range(len(located))), pool.map(located.cut, reversed(range(len(located)))), strict=True)
+        )
+    for i, c in enumerate(whole):
+        assert cut[i].box == c.box and cut[i].touches_border == c.touches_border
+        assert cut[i].nucleus_area_um2 == c.nucleus_area_um2
+        np.testing.assert_array_equal(cut[i].mask, c.mask)
+    assert len(locate_white_cells(np.full((300, 300, 3), 255, np.uint8))) == 0  # a blank field: nothing to cut

@@ -32,24 +32,6 @@ def test_batch_and_single_calls_agree(clf):
     np.testing.assert_allclose(batched, single, atol=1e-6)
 
 
-def test_predictions_stream_one_batch_at_a_time(clf, monkeypatch):
-    """The pipeline encodes a cell's pictures while the model runs the next crop: iter_classify must hand out each
-    prediction as soon as its batch is done, the same predictions as classify, in crop order."""
-    crops = clf.bundle.golden.crops[:3]
-    calls = []
-    raw = clf.raw
-    monkeypatch.setattr(clf, "raw", lambda batch: calls.append(len(batch)) or raw(batch))
-    stream = clf.iter_classify(crops, batch_size=1)
-    first = next(stream)
-    assert calls == [1]  # the second crop has not been run yet
-    rest = list(stream)
-    assert calls == [1, 1, 1]
-    whole = clf.classify(crops, batch_size=3)
-    np.testing.assert_allclose([p.probability for p in [first, *rest]], [p.probability for p in whole], atol=1e-6)
-    assert [p.label for p in [first, *rest]] == [p.label for p in whole]
-    assert list(clf.iter_classify(crops[:0])) == []
-
-
 def test_labels_follow_threshold_and_review_band(clf):
     low, high = clf.bundle.review_band
     for p in clf.classify(clf.bundle.golden.crops):

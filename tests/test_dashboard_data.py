@@ -18,7 +18,7 @@ from device.bundle import load_bundle
 from device.classifier import Classifier
 from device.heatmap import upsample_signed
 from device.imaging import decode_image
-from device.pipeline import Analyzer, to_record
+from device.pipeline import Analyzer, encode_crops, to_record
 from device.service import Appliance
 from device.store import Store
 from device.store.duplicates import MAX_HAMMING, hamming
@@ -49,7 +49,9 @@ def _save(store: Store, analysis, slide: str, source: str, clf: Classifier) -> i
         model_sha256=clf.bundle.sha256,
         model_synthetic=True,
     )
-    return store.save_capture(rec)
+    capture_id = store.save_capture(rec)
+    store.attach_cell_crops(capture_id, encode_crops(analysis))  # the archival crops follow the result
+    return capture_id
 
 
 def test_the_same_field_captured_twice_counts_once(tmp_path, clf, analyses, demo_fields_dir):

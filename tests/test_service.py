@@ -287,27 +287,53 @@ def test_field_image_and_scale_check_follow_the_stored_result(config, demo_field
         assert cap["n_cells"] > 0  # the warning does not touch the result
 
 
-def test_full_disk_while_archiving_keeps_the_result_and_says_so(config, monkeypatch):
+@pytest.mark.parametrize(("full_for", "what"), [("field.jpg", "field image"), ("cell_000.png", "cell crops")])
+def test_full_disk_while_archiving_keeps_the_result_and_says_so(config, monkeypatch, full_for, what):
+    # The archival copies follow the stored result: the crop PNGs, then the field JPEG. A full disk while
+    # writing either keeps the result (and the other copy) and says which one is missing.
     import errno
 
     from device.store import captures as store_module
 
     with Appliance(config) as app:
-        real_write = store_module.atomic_write_bytes
+        real_write = store_module.atomic_write_files
 
-        def full_for_fields(path, data):
-            if str(path).endswith("field.jpg"):
+        def full_for_one(folder, files):
+            if full_for in files:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real_write(path, data)
+            return real_write(folder, files)
 
-        monkeypatch.setattr(store_module, "atomic_write_bytes", full_for_fields)
+        monkeypatch.setattr(store_module, "atomic_write_files", full_for_one)
         outcome = app.capture_now("test")
         app.wait_archived(60)
         cap = app.store.get_capture(outcome.capture_id)
         assert outcome.status == "ok" and cap["n_cells"] > 0
-        assert all(app.store.image_file("crop", c["id"]).is_file() for c in cap["cells"])
-        assert not app.store.image_file("field", outcome.capture_id).is_file()
-        assert "field image not saved" in app.health()["last_error"] and "disk full" in app.health()["last_error"]
+        assert all(app.store.image_file("heatmap", c["id"]).is_file() for c in cap["cells"])
+        crops = [app.store.image_file("crop", c["id"]).is_file() for c in cap["cells"]]
+        assert crops == [what != "cell crops"] * len(crops)
+        assert app.store.image_file("field", outcome.capture_id).is_file() is (what != "field image")
+        error = app.health()["last_error"]
+        assert f"{what} not saved" in error and "disk full" in error, error
+        assert "archive" not in app.store.get_capture(outcome.capture_id)["timings"]
+
+
+def test_an_image_asked_for_while_it_is_written_is_served_when_written(config, monkeypatch):
+    # The dashboard shows a result as soon as it is stored; its crops and field image are written a moment
+    # later. A request in that moment waits for them instead of failing.
+    import device.service
+    from device.web import create_app
+
+    real = device.service.encode_crops
+    monkeypatch.setattr(device.service, "encode_crops", lambda analysis: time.sleep(1.0) or real(analysis))
+    with Appliance(config) as app:
+        client = create_app(app).test_client()
+        outcome = app.capture_now("test")
+        cell = app.store.get_capture(outcome.capture_id)["cells"][0]
+        assert not app.store.image_file("crop", cell["id"]).is_file()  # still being written
+        reply = client.get(f"/images/crop/{cell['id']}")
+        assert reply.status_code == 200
+        np.testing.assert_array_equal(decode_image(reply.data), decode_image(app.store.image_file("crop", cell["id"])))
+        assert client.get(f"/images/field/{outcome.capture_id}").status_code == 200
 
 
 def test_capture_page_says_when_the_field_image_is_missing(config):

@@ -16,6 +16,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ import device.store
 import device.store.base
 import device.store.captures
 import device.store.files
-from device.errors import LeukoCamError, StoreError, StoreFullError
+from device.errors import LeukoCamError, NotFoundError, StoreError, StoreFullError
 from device.imaging import decode_image, encode_image
 from device.store import (
     DB_FILE,
@@ -727,6 +728,32 @@ def test_reconcile_reports_missing_files(store):
     assert report.orphan_dirs == () and report.temp_files == ()
     assert "1 missing file(s)" in report.summary()
     assert store.reconcile().summary() == report.summary()
+
+
+def test_crops_written_after_the_result_are_attached_in_cell_order(store):
+    # The appliance stores a result first and writes the archival crop PNGs just after it (as the field JPEG):
+    # until then the crops are missing files, reserved by the space check; then they are whole and counted.
+    crops = [encode_image(_rgb(16, 16, s), "PNG") for s in (31, 32)]
+    pending = tuple(dataclasses.replace(c, crop_png=None, crop_nbytes=16 * 16 * 3) for c in _record(seed=30).cells)
+    rec = dataclasses.replace(_record(seed=30), cells=pending)
+    cid = store.save_capture(rec)
+    cap = store.get_capture(cid)
+    names = [c["crop_file"] for c in cap["cells"]]
+    assert store.reconcile().missing_files == tuple(names)
+    with pytest.raises(NotFoundError, match="2 cell"):
+        store.attach_cell_crops(cid, crops[:1])
+    store.attach_cell_crops(cid, crops)
+    assert [store.image_file("crop", c["id"]).read_bytes() for c in cap["cells"]] == crops
+    assert store.reconcile(min_age_s=0).clean
+    assert store.images_bytes() == sum(p.stat().st_size for p in store.images_dir.rglob("*") if p.is_file())
+    empty = store.save_capture(dataclasses.replace(_record(seed=33), cells=()))
+    store.attach_cell_crops(empty, [])  # a field without cells has nothing to attach
+    # The space check counts a crop still to come at its raw size.
+    store.min_free_mb = 0
+    free = shutil.disk_usage(store.data_dir).free
+    huge = tuple(dataclasses.replace(c, crop_nbytes=free) for c in pending)
+    with pytest.raises(StoreFullError):
+        store.save_capture(dataclasses.replace(rec, cells=huge))
 
 
 def test_clean_store_reconciles_clean(store):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from device.errors import NotFoundError, StoreError, StoreFullError
-from device.imaging import atomic_write_bytes, fsync_dir
+from device.imaging import atomic_write_files
 from device.store.duplicates import from_hex, group_latest_review, group_reviewed, match_repeats, to_hex
 from device.store.files import FULL_ADVICE, disk_full_error, is_disk_full, remove_folder, write_capture_files
 from device.store.records import CaptureRecord
@@ -43,7 +43,9 @@ class CaptureQueries:
         t0 = time.perf_counter()
         # A field JPEG still to come is reserved at a generous bits-per-pixel of a smear at quality 90.
         field_bytes = len(rec.field_jpeg) if rec.field_jpeg is not None else rec.width * rec.height // 3
-        self.check_space(field_bytes + sum(len(c.crop_png) + len(c.heatmap_jpeg) for c in rec.cells))
+        # So are crop PNGs still to come, at their raw size.
+        crop_bytes = sum(len(c.crop_png) if c.crop_png is not None else c.crop_nbytes for c in rec.cells)
+        self.check_space(field_bytes + crop_bytes + sum(len(c.heatmap_jpeg) for c in rec.cells))
         uid = uuid.uuid4().hex
         now = datetime.now(UTC)
         rel_dir = Path(now.strftime("%Y/%m/%d")) / uid
@@ -160,21 +162,46 @@ class CaptureQueries:
             row = conn.execute("SELECT field_file FROM captures WHERE id = ?", (capture_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no capture {capture_id} to attach a field image to")
-        path = self.images_dir / row["field_file"]
+        self._attach_files(
+            capture_id, {row["field_file"]: jpeg}, "field image", "its cells are stored, the field image is not"
+        )
+
+    def attach_cell_crops(self, capture_id: int, pngs: list[bytes]) -> None:
+        """Write the crop PNGs of a capture saved without them (the result comes first), one per cell in order.
+
+        Raises:
+            StoreFullError: the disk filled up; the capture keeps its results and heatmaps, without the crops.
+            NotFoundError: no such capture, or not that many cells.
+        """
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT crop_file FROM cells WHERE capture_id = ? ORDER BY idx", (capture_id,)
+            ).fetchall()
+        if len(rows) != len(pngs):
+            raise NotFoundError(f"capture {capture_id} has {len(rows)} cell(s), not the {len(pngs)} crops to attach")
+        if not pngs:
+            return
+        files = {r["crop_file"]: png for r, png in zip(rows, pngs, strict=True)}
+        self._attach_files(capture_id, files, "cell crops", "its results and heatmaps are stored, the crops are not")
+
+    def _attach_files(self, capture_id: int, files: dict[str, bytes], what: str, kept: str) -> None:
+        """Write images into a stored capture's folder (paths relative to images/), durably; count their bytes."""
+        folder = (self.images_dir / next(iter(files))).parent
         try:
-            atomic_write_bytes(path, jpeg)
-            fsync_dir(path.parent)
+            atomic_write_files(folder, {Path(name).name: data for name, data in files.items()})
         except OSError as exc:
             if is_disk_full(exc):
                 raise disk_full_error(
                     self.data_dir,
-                    f"writing the field image of capture {capture_id}",
-                    "its cells are stored, the field image is not; export and delete old results or use a "
-                    "larger SD card",
+                    f"writing the {what} of capture {capture_id}",
+                    f"{kept}; export and delete old results or use a larger SD card",
                 ) from None
             raise
         with self.connect() as conn:
-            conn.execute("UPDATE captures SET bytes = COALESCE(bytes, 0) + ? WHERE id = ?", (len(jpeg), capture_id))
+            conn.execute(
+                "UPDATE captures SET bytes = COALESCE(bytes, 0) + ? WHERE id = ?",
+                (sum(len(b) for b in files.values()), capture_id),
+            )
 
     def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
         """Newest captures first, each with its cell counts (`CELL_COUNTS`)."""

@@ -60,7 +60,9 @@ def write_capture_files(images_dir: Path, rel_dir: Path, field_jpeg: bytes | Non
         cell_files = []
         for i, cell in enumerate(cells):
             crop_name, heat_name = f"cell_{i:03d}.png", f"cell_{i:03d}_cam.jpg"
-            data[crop_name], data[heat_name] = cell.crop_png, cell.heatmap_jpeg
+            data[heat_name] = cell.heatmap_jpeg
+            if cell.crop_png is not None:  # None: written after the result (Store.attach_cell_crops)
+                data[crop_name] = cell.crop_png
             cell_files.append((rel_dir / crop_name, rel_dir / heat_name))
         atomic_write_files(folder, data)
         total = sum(len(v) for v in data.values())

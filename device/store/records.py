@@ -15,12 +15,14 @@ class CellRecord:
     label: str
     positive: bool
     needs_review: bool
-    crop_png: bytes
-    """The model's input, lossless."""
+    crop_png: bytes | None
+    """The model's input, lossless; None when it is written after the result (`Store.attach_cell_crops`)."""
     heatmap_jpeg: bytes
     """The crop with its signed CAM overlaid on the capture's fixed scale (device.heatmap), for people."""
     dhash: int | None = None
     """64-bit perceptual hash of the crop (device.store.duplicates.crop_dhash); None = not checked for repeats."""
+    crop_nbytes: int = 0
+    """The crop's raw size in bytes: what the space check reserves for a crop PNG still to come (crop_png None)."""
 
 
 @dataclass(frozen=True)

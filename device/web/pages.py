@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from flask import (
     Blueprint,
     abort,
@@ -27,6 +29,10 @@ from device.web.common import (
 )
 
 bp = Blueprint("pages", __name__)
+ARCHIVAL = {"field": "field image of capture", "crop": "crop of cell"}
+"""The images written after the result is stored (device.service.Appliance._after_result)."""
+ARCHIVE_WAIT_S = 10.0
+"""How long a request for an archival image still being written waits for it."""
 
 
 def appliance_or_none():
@@ -180,12 +186,17 @@ def upload():
 def image(kind: str, item_id: int):
     """A stored image by id: kind is field (capture id), crop or heatmap (cell id)."""
     path = store().image_file(kind, item_id)
+    if path is not None and not path.is_file() and kind in ARCHIVAL:
+        # The archival copies (field JPEG, crop PNGs) are written just after the result is stored: a page
+        # opened at once may ask for one a moment early.
+        with contextlib.suppress(TimeoutError):
+            appliance().wait_archived(ARCHIVE_WAIT_S)
     if path is None or not path.is_file():
-        if path is not None and kind == "field":
+        if path is not None and kind in ARCHIVAL:
             abort(
                 404,
                 description=(
-                    f"the field image of capture {item_id} is not on disk: it is written just after "
+                    f"the {ARCHIVAL[kind]} {item_id} is not on disk: it is written just after "
                     "the result (reload in a moment), or it was lost in a power cut or a full disk"
                 ),
             )

@@ -389,7 +389,8 @@ def pipeline_markdown(r: dict) -> str:
         "",
         f"Pure model time for the same {r['found_cells']} crops: {r['model_ms']:.1f} ms = "
         f"{r['model_share']:.0%} of capture-to-result. Everything after the frame arrived until the result is "
-        f"stored (QC, find, crop, classify, CAM overlays and cell images, store; the field JPEG and the scale check follow it): "
+        "stored (QC, find, crop, classify, CAM overlays and heatmap JPEGs, store; the archival crop PNGs and "
+        f"field JPEG, and the scale check, follow it): "
         f"{r['after_frame_ms']:.0f} ms, **{r['after_frame_vs_model']:.2f}× the pure model time** (median of "
         f"the per-capture ratios, each against a model run right after it; target ≤ 2×). Peak RSS of the appliance process: {r['peak_rss_mb']:.0f} MB "
         "(target ≤ 300 MB).",

@@ -268,7 +268,7 @@ with Appliance(cfg) as app:
         t = time.perf_counter()
         out = app.capture_now("bench")
         total = (time.perf_counter() - t) * 1000
-        app.wait_archived()  # the field JPEG follows the result; an operator moves the stage meanwhile
+        app.wait_archived()  # the crop PNGs and field JPEG follow the result; the operator moves the stage meanwhile
         cap = app.store.get_capture(out.capture_id)
         # Pure model time on as many crops, batched as the pipeline batches them, right after each
         # capture: side by side, so a noisy machine slows both alike.

@@ -860,15 +860,18 @@ class LocatedCells:
     `find_white_cells` is `[located.cut(i) for i in range(len(located))]`.
     """
 
-    def __init__(self, shape: tuple[int, int], order: list[int], scores: list[float], areas_um2: list[float], bodies):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        order: list[int],
+        scores: list[float],
+        areas_um2: list[float],
+        bodies: _BodyCutter | None,
+    ):
         self._shape, self._order, self._scores, self._areas, self._bodies = shape, order, scores, areas_um2, bodies
 
     def __len__(self) -> int:
         return len(self._order)
-
-    def score(self, i: int) -> float:
-        """The i-th cell's score (see FoundCell.score): known before the cell is cut."""
-        return self._scores[self._order[i]]
 
     def cut(self, i: int) -> FoundCell:
         """The i-th cell (strongest stain first), cut out: box and mask in field pixels."""

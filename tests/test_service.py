@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 
 import numpy as np
@@ -315,6 +316,52 @@ def test_full_disk_while_archiving_keeps_the_result_and_says_so(config, monkeypa
         error = app.health()["last_error"]
         assert f"{what} not saved" in error and "disk full" in error, error
         assert "archive" not in app.store.get_capture(outcome.capture_id)["timings"]
+
+
+def test_a_failing_scale_check_is_reported_and_never_breaks_the_next_capture(config, monkeypatch):
+    # What follows a result runs on the encoder thread; an unexpected error there (here in the scale check)
+    # is logged and shown, and neither waiting for the archive nor the next capture or upload fails on it.
+    import device.service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated fault in the scale check")
+
+    monkeypatch.setattr(device.service, "check_scale", broken)
+    cfg = dataclasses.replace(config, finder=dataclasses.replace(config.finder, um_per_px=0.1))
+    with Appliance(cfg) as app:
+        first = app.capture_now("test")
+        app.wait_archived(60)  # does not raise
+        assert "scale check result not saved" in app.health()["last_error"]
+        assert "simulated fault" in app.health()["last_error"]
+        cap = app.store.get_capture(first.capture_id)
+        assert all(app.store.image_file("crop", c["id"]).is_file() for c in cap["cells"])
+        assert "archive" in cap["timings"]
+        second = app.capture_now("test")
+        assert second.status == "ok" and second.capture_id == first.capture_id + 1
+
+
+def test_a_capture_deleted_before_its_copies_are_written_is_no_error(config, monkeypatch):
+    # Retention runs right after a result is stored and may delete it (a retake on a reviewed slide): its
+    # archival copies are then not wanted, and writing them must neither fail loudly nor leave a folder behind.
+    import device.service
+
+    real = device.service.encode_crops
+
+    def deleted_first(analysis):
+        cap = app.store.get_capture(app.archival.capture_id)
+        with app.store.connect() as conn:
+            conn.execute("DELETE FROM cells WHERE capture_id = ?", (cap["id"],))
+            conn.execute("DELETE FROM captures WHERE id = ?", (cap["id"],))
+        shutil.rmtree((app.store.images_dir / cap["field_file"]).parent)
+        return real(analysis)
+
+    monkeypatch.setattr(device.service, "encode_crops", deleted_first)
+    with Appliance(config) as app:
+        outcome = app.capture_now("test")
+        app.wait_archived(60)
+        assert app.store.get_capture(outcome.capture_id) is None
+        assert app.health()["last_error"] is None
+        assert app.store.reconcile(min_age_s=0).clean  # no orphan folder made by the late writes
 
 
 def test_an_image_asked_for_while_it_is_written_is_served_when_written(config, monkeypatch):

@@ -740,7 +740,7 @@ def test_crops_written_after_the_result_are_attached_in_cell_order(store):
     cap = store.get_capture(cid)
     names = [c["crop_file"] for c in cap["cells"]]
     assert store.reconcile().missing_files == tuple(names)
-    with pytest.raises(NotFoundError, match="2 cell"):
+    with pytest.raises(StoreError, match="2 cell"):
         store.attach_cell_crops(cid, crops[:1])
     store.attach_cell_crops(cid, crops)
     assert [store.image_file("crop", c["id"]).read_bytes() for c in cap["cells"]] == crops
@@ -754,6 +754,47 @@ def test_crops_written_after_the_result_are_attached_in_cell_order(store):
     huge = tuple(dataclasses.replace(c, crop_nbytes=free) for c in pending)
     with pytest.raises(StoreFullError):
         store.save_capture(dataclasses.replace(rec, cells=huge))
+
+
+def test_images_of_a_capture_deleted_meanwhile_are_not_written(store, monkeypatch):
+    # The archival copies follow the result; retention may delete the capture first. No write may then bring
+    # its folder back (an orphan for start-up to quarantine), whether the row or the folder goes first.
+    def pending(seed):
+        rec = _record(seed=seed)
+        cells = tuple(dataclasses.replace(c, crop_png=None, crop_nbytes=16 * 16 * 3) for c in rec.cells)
+        return dataclasses.replace(rec, field_jpeg=None, cells=cells)
+
+    def delete(cid, folder_too):
+        cap = store.get_capture(cid)
+        with _db(store) as conn:
+            conn.execute("DELETE FROM cells WHERE capture_id = ?", (cid,))
+            conn.execute("DELETE FROM captures WHERE id = ?", (cid,))
+        if folder_too:
+            shutil.rmtree((store.images_dir / cap["field_file"]).parent)
+
+    crops = [encode_image(_rgb(16, 16, s), "PNG") for s in (41, 42)]
+    jpeg = encode_image(_rgb(30, 40, 43), "JPEG")
+    gone = store.save_capture(pending(40))
+    delete(gone, folder_too=True)
+    with pytest.raises(NotFoundError):
+        store.attach_cell_crops(gone, crops)
+    with pytest.raises(NotFoundError):
+        store.attach_field_image(gone, jpeg)
+    # The row goes while the files are written: they are removed again.
+    racing = store.save_capture(pending(44))
+    real_write = device.store.captures.atomic_write_files
+
+    def write_then_delete(folder, files):
+        real_write(folder, files)
+        delete(racing, folder_too=False)
+
+    monkeypatch.setattr(device.store.captures, "atomic_write_files", write_then_delete)
+    with pytest.raises(NotFoundError, match="deleted before its cell crops"):
+        store.attach_cell_crops(racing, crops)
+    monkeypatch.undo()
+    assert store.count_captures() == 0
+    assert store.reconcile(min_age_s=0).clean
+    assert not any(store.images_dir.glob("*/*/*/*"))
 
 
 def test_clean_store_reconciles_clean(store):

@@ -177,16 +177,25 @@ class CaptureQueries:
             rows = conn.execute(
                 "SELECT crop_file FROM cells WHERE capture_id = ? ORDER BY idx", (capture_id,)
             ).fetchall()
+        if not rows and pngs and self.get_capture(capture_id) is None:
+            raise NotFoundError(f"no capture {capture_id} to attach cell crops to")
         if len(rows) != len(pngs):
-            raise NotFoundError(f"capture {capture_id} has {len(rows)} cell(s), not the {len(pngs)} crops to attach")
+            raise StoreError(f"capture {capture_id} has {len(rows)} cell(s), not the {len(pngs)} crops to attach")
         if not pngs:
             return
         files = {r["crop_file"]: png for r, png in zip(rows, pngs, strict=True)}
         self._attach_files(capture_id, files, "cell crops", "its results and heatmaps are stored, the crops are not")
 
     def _attach_files(self, capture_id: int, files: dict[str, bytes], what: str, kept: str) -> None:
-        """Write images into a stored capture's folder (paths relative to images/), durably; count their bytes."""
+        """Write images into a stored capture's folder (paths relative to images/), durably; count their bytes.
+
+        A capture deleted meanwhile (retention runs right after a result is stored) gets no new folder: its
+        folder is gone, or it goes again when the row turns out to be gone (NotFoundError either way).
+        """
         folder = (self.images_dir / next(iter(files))).parent
+        gone = NotFoundError(f"capture {capture_id} was deleted before its {what} could be written")
+        if not folder.is_dir():
+            raise gone
         try:
             atomic_write_files(folder, {Path(name).name: data for name, data in files.items()})
         except OSError as exc:
@@ -198,10 +207,13 @@ class CaptureQueries:
                 ) from None
             raise
         with self.connect() as conn:
-            conn.execute(
+            counted = conn.execute(
                 "UPDATE captures SET bytes = COALESCE(bytes, 0) + ? WHERE id = ?",
                 (sum(len(b) for b in files.values()), capture_id),
-            )
+            ).rowcount
+        if not counted:
+            remove_folder(folder)
+            raise gone
 
     def recent_captures(self, limit: int = 20, offset: int = 0) -> list[dict]:
         """Newest captures first, each with its cell counts (`CELL_COUNTS`)."""

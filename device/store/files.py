@@ -1,7 +1,10 @@
-"""The image files of captures: written atomically before any row points at them.
+"""The image files of captures, each written atomically (temp, fsync, rename).
 
 Each capture owns one folder, images/YYYY/MM/DD/<uid>/, holding field.jpg and,
 per cell, cell_NNN.png (the model's input) and cell_NNN_cam.jpg (its heatmap).
+The heatmaps are written before the capture's rows commit; the appliance writes
+the archival copies (the crop PNGs and field.jpg) just after
+(`Store.attach_cell_crops`, `Store.attach_field_image`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from flask import (
     Blueprint,
     abort,
@@ -31,8 +29,9 @@ from device.web.common import (
 bp = Blueprint("pages", __name__)
 ARCHIVAL = {"field": "field image of capture", "crop": "crop of cell"}
 """The images written after the result is stored (device.service.Appliance._after_result)."""
-ARCHIVE_WAIT_S = 10.0
-"""How long a request for an archival image still being written waits for it."""
+ARCHIVE_WAIT_S = 5.0
+"""How long a request for an archival image of the last result, still being written, waits for it (the crop
+PNGs take milliseconds, the 12 MP field JPEG a fraction of a second on a Pi)."""
 
 
 def appliance_or_none():
@@ -187,10 +186,9 @@ def image(kind: str, item_id: int):
     """A stored image by id: kind is field (capture id), crop or heatmap (cell id)."""
     path = store().image_file(kind, item_id)
     if path is not None and not path.is_file() and kind in ARCHIVAL:
-        # The archival copies (field JPEG, crop PNGs) are written just after the result is stored: a page
+        # The archival copies (crop PNGs, field JPEG) are written just after the result is stored: a page
         # opened at once may ask for one a moment early.
-        with contextlib.suppress(TimeoutError):
-            appliance().wait_archived(ARCHIVE_WAIT_S)
+        appliance().wait_for_image(kind, ARCHIVE_WAIT_S)
     if path is None or not path.is_file():
         if path is not None and kind in ARCHIVAL:
             abort(

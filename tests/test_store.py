@@ -585,6 +585,84 @@ def test_power_cut_while_saving_keeps_the_store_consistent(tmp_path):
     assert store.get_capture(cid)["n_cells"] == 2
 
 
+LATE_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from device.imaging import encode_image
+    from device.store import CaptureRecord, CellRecord, Store
+
+    store = Store(sys.argv[1], min_free_mb=0)
+    rng = np.random.default_rng(int(sys.argv[2]))
+
+    def png(h, w):
+        return encode_image(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "PNG")
+
+    while True:  # as the appliance stores: the result, then its crop PNGs, then its field JPEG
+        cells = tuple(
+            CellRecord(box=(i, i, i + 8, i + 8), probability=0.5, logit=0.0, label="normal", positive=False,
+                       needs_review=False, crop_png=None, heatmap_jpeg=png(24, 24), crop_nbytes=24 * 24 * 3)
+            for i in range(3)
+        )
+        cid = store.save_capture(CaptureRecord(
+            slide_id="power-cut", source="test", trigger="loop", status="ok", message="",
+            width=64, height=48, um_per_px=None, model_sha256="0" * 64, model_synthetic=True,
+            field_jpeg=None, cells=cells,
+        ))
+        store.attach_cell_crops(cid, [png(24, 24) for _ in range(3)])
+        store.attach_field_image(cid, encode_image(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)))
+    """
+)
+
+
+def test_power_cut_between_a_result_and_its_archival_copies_loses_only_those_copies(tmp_path):
+    # The appliance commits a result (rows and heatmaps), then writes the crop PNGs and the field JPEG. A power
+    # cut in between may lose those copies of the last capture, never a result, and never leaves half a file.
+    data = tmp_path / "data"
+    store = Store(data, min_free_mb=0)
+    rnd = random.Random(20261127)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    target = 0
+    for round_no in range(max(POWER_CUTS, 5)):
+        target += 3
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LATE_WRITER, str(data), str(round_no)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _wait_for(store, target, proc)
+            time.sleep(rnd.uniform(0.0, 0.03))
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            proc.stderr.close()
+        target = store.count_captures()
+    committed = store.count_captures()
+    late = {"field": 0, "crop": 0}
+    for cap in store.recent_captures(limit=10_000):
+        full = store.get_capture(cap["id"])
+        assert full["n_cells"] == 3  # a result is committed whole
+        for cell in full["cells"]:
+            assert decode_image(store.image_file("heatmap", cell["id"])).shape == (24, 24, 3)
+            crop = store.image_file("crop", cell["id"])
+            late["crop"] += not crop.is_file()
+            assert not crop.is_file() or decode_image(crop).shape == (24, 24, 3)  # whole, or not there
+        field = store.image_file("field", cap["id"])
+        late["field"] += not field.is_file()
+        assert not field.is_file() or decode_image(field).shape == (48, 64, 3)
+    report = store.reconcile(min_age_s=0)
+    assert all(f.endswith((".png", "field.jpg")) and not f.endswith("_cam.jpg") for f in report.missing_files)
+    assert len(report.missing_files) == late["crop"] + late["field"]
+    # at most the copies of the capture each cut interrupted
+    assert late["field"] <= max(POWER_CUTS, 5) and late["crop"] <= 3 * max(POWER_CUTS, 5)
+    assert store.count_captures() == committed >= 3 * max(POWER_CUTS, 5)
+
+
 def _quarantined(report) -> dict[str, bytes]:
     """Every file moved into the report's quarantine folder, by its old path relative to images/ -> content."""
     moved = Path(report.quarantine_dir) / IMAGES_DIR

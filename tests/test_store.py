@@ -503,6 +503,28 @@ def _wait_for(store: Store, count: int, proc: subprocess.Popen, timeout: float =
         time.sleep(0.01)
 
 
+def _cut_power(store: Store, data: Path, writer: str, round_no: int, at_least: int, rnd: random.Random) -> None:
+    """Run a writer process on the store at data until it holds at_least captures, then SIGKILL it somewhere
+    inside a later capture (a power cut)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, str(data), str(round_no)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(store, at_least, proc)
+        time.sleep(rnd.uniform(0.0, 0.03))
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _assert_consistent(store: Store) -> None:
     with _db(store) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -528,28 +550,8 @@ def test_power_cut_while_saving_keeps_the_store_consistent(tmp_path):
     data = tmp_path / "data"
     store = Store(data, min_free_mb=0)  # migrate before the writer starts
     rnd = random.Random(20260101)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    target = 0
     for round_no in range(POWER_CUTS):
-        target += 5
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(data), str(round_no)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            _wait_for(store, target, proc)
-            time.sleep(rnd.uniform(0.0, 0.03))  # somewhere inside a later capture
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
-        target = store.count_captures()
+        _cut_power(store, data, WRITER, round_no, store.count_captures() + 5, rnd)
         _assert_consistent(store)
 
     assert store.count_captures() >= 5 * POWER_CUTS
@@ -621,27 +623,8 @@ def test_power_cut_between_a_result_and_its_archival_copies_loses_only_those_cop
     data = tmp_path / "data"
     store = Store(data, min_free_mb=0)
     rnd = random.Random(20261127)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    target = 0
     for round_no in range(max(POWER_CUTS, 5)):
-        target += 3
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LATE_WRITER, str(data), str(round_no)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            _wait_for(store, target, proc)
-            time.sleep(rnd.uniform(0.0, 0.03))
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            proc.stderr.close()
-        target = store.count_captures()
+        _cut_power(store, data, LATE_WRITER, round_no, store.count_captures() + 3, rnd)
     committed = store.count_captures()
     late = {"field": 0, "crop": 0}
     for cap in store.recent_captures(limit=10_000):

@@ -171,7 +171,8 @@ class CaptureQueries:
 
         Raises:
             StoreFullError: the disk filled up; the capture keeps its results and heatmaps, without the crops.
-            NotFoundError: no such capture, or not that many cells.
+            NotFoundError: no such capture (deleted meanwhile, as by retention).
+            StoreError: the capture has not that many cells.
         """
         with self.read() as conn:
             rows = conn.execute(

@@ -150,7 +150,8 @@ def quantization_speed(q) -> dict | None:
     if not isinstance(ms, int | float):
         return None
     factor = q.speed_vs_int8
-    if factor is None or (q.mode == "int8" and not q.float_layers):  # int8 kernels (also after fine-tuning)
+    int8_kernels = q.mode == "int8" and not q.float_layers  # also after quantization-aware fine-tuning
+    if factor is None or int8_kernels:
         note = f"{q.label}: {_ms(ms)} ms per cell, measured at conversion"
     else:
         times = f"{factor:.0f}×" if factor >= 10 else f"{factor:.1f}×"
@@ -166,6 +167,7 @@ def quantization_speed(q) -> dict | None:
         "threads": lat.get("threads"),
         "cpu": lat.get("cpu"),
         "note": note,
+        "slower_than_int8": factor is not None and not int8_kernels,
     }
 
 

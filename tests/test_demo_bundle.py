@@ -33,7 +33,7 @@ def test_the_gate_says_how_many_crops_it_measured_and_every_rung_was_timed(meta,
     gate, verification, quant = meta["gate"], meta["verification"], meta["quantization"]
     assert gate["passed"] and not gate["forced"]
     assert gate["min_agreement"] >= 0.99 and gate["max_delta_sensitivity"] <= 0.01
-    # Fewer held-out crops than the gate's minimum is said, not hidden (docs/demo.md: 560 validation crops).
+    # Fewer held-out crops than the gate's minimum is said, not hidden (a bundle converted on fewer than 1,000).
     enough = verification["gate_crops"] >= gate["min_crops"]
     assert verification["gate_crops_enough"] == enough
     assert enough or any("held-out crops" in w for w in gate["warnings"])

@@ -183,22 +183,30 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
     assert "int8 quantization-aware" in row and "slower" not in row and "warn" not in row
     assert "fallback" in row and [f["mode"] for f in model["fallbacks"]] == ["int8"]  # never silent
     assert "label agreement" in row
-    # A bundle from before the timed ladder: the mode and the fallbacks it recorded, no cost.
+    # A bundle from before the timed ladder (dynamic range shipped after int8 failed; no ladder, no times, no
+    # "chosen" mark): the mode and the fallbacks it recorded, no cost.
     old = tmp_path / "old"
     shutil.copytree(demo_bundle_dir, old)
     meta = json.loads((old / "model.json").read_text())
     del meta["quantization"]["ladder"], meta["quantization"]["latency"]
-    for attempt in meta["quantization"]["attempts"]:
-        attempt.pop("latency_ms", None)
+    meta["quantization"].update(
+        mode="dynamic",
+        float_layers=[],
+        attempts=[
+            {"mode": "int8", "passed": False, "failures": ["label agreement 0.946 < 0.99"]},
+            {"mode": "dynamic", "passed": True, "failures": []},
+        ],
+    )
     (old / "model.json").write_text(json.dumps(meta))
     with Appliance(dataclasses.replace(config, model=dataclasses.replace(config.model, bundle=str(old)))) as appliance:
         client = create_app(appliance).test_client()
         html = client.get("/status").get_data(as_text=True)
         model = client.get("/api/status").get_json()["model"]
-    assert model["quantization_label"] == "int8 quantization-aware" and model["speed"] is None
+    assert model["quantization"] == model["quantization_label"] == "dynamic" and model["speed"] is None
     row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
-    assert model["quantization"] in row and "slower" not in row
-    assert "fallback" in row and model["fallbacks"][0]["mode"] in row
+    assert row.startswith("dynamic") and "slower" not in row
+    assert model["fallbacks"] == [{"mode": "int8", "failures": ["label agreement 0.946 < 0.99"]}]
+    assert "fallback" in row and "int8 (label agreement 0.946 &lt; 0.99)" in row
     # A bundle whose ladder convert timed: int16x8 shipped after int8 failed; the status page says the cost.
     bundle = tmp_path / "ladder"
     shutil.copytree(demo_bundle_dir, bundle)

@@ -59,11 +59,12 @@ def test_the_gate_says_how_many_crops_it_measured_and_every_rung_was_timed(meta,
 
 
 def test_the_docs_show_what_the_bundle_does_on_the_nine_real_cells(demo_bundle_dir):
-    """docs/demo.md's table is the bundle's own output on tests/data/cnmc-sample (regenerate it with
+    """The tables in docs/demo.md and the README are the bundle's own output on tests/data/cnmc-sample (regenerate it with
     `python -c "from convert.demo import *; print(real_cells_markdown(real_cell_predictions(...)))"`)."""
     rows = real_cell_predictions(demo_bundle_dir, REPO / "tests" / "data" / "cnmc-sample")
     assert len(rows) == 9 and {r["truth"] for r in rows} == {"blast", "normal"}
-    text = DOCS.read_text()
-    assert REAL_CELLS_BEGIN in text and REAL_CELLS_END in text
-    shown = text[text.index(REAL_CELLS_BEGIN) : text.index(REAL_CELLS_END) + len(REAL_CELLS_END)]
-    assert shown == real_cells_markdown(rows)
+    for doc in (DOCS, REPO / "README.md"):
+        text = doc.read_text()
+        assert REAL_CELLS_BEGIN in text and REAL_CELLS_END in text, doc
+        shown = text[text.index(REAL_CELLS_BEGIN) : text.index(REAL_CELLS_END) + len(REAL_CELLS_END)]
+        assert shown == real_cells_markdown(rows), f"{doc.name}: regenerate the table from the bundle"

@@ -179,6 +179,7 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
         model = client.get("/api/status").get_json()["model"]
     assert model["quantization"] == "int8" and model["quantization_label"] == "int8 quantization-aware"
     assert model["speed"]["note"].startswith("int8 quantization-aware: ") and "ms per cell" in model["speed"]["note"]
+    assert model["speed"]["int8_kernels"] is True
     row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
     assert "int8 quantization-aware" in row and "slower" not in row and "warn" not in row
     assert "fallback" in row and [f["mode"] for f in model["fallbacks"]] == ["int8"]  # never silent
@@ -228,6 +229,7 @@ def test_status_page_shows_the_quantization_mode_and_its_measured_cost(config, t
         html = client.get("/status").get_data(as_text=True)
         model = client.get("/api/status").get_json()["model"]
     assert model["speed"]["vs_int8"] == 65.0 and model["speed"]["ms_per_crop"] == 780.0
+    assert model["speed"]["int8_kernels"] is False
     row = re.search(r'<td id="quantization">(.*?)</td>', html, re.S).group(1)
     assert '<strong class="warn">int16x8: 65× slower per cell than int8, measured at conversion' in row
     assert "780.0 ms against 12.0 ms per cell" in row

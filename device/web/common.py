@@ -167,7 +167,7 @@ def quantization_speed(q) -> dict | None:
         "threads": lat.get("threads"),
         "cpu": lat.get("cpu"),
         "note": note,
-        "slower_than_int8": factor is not None and not int8_kernels,
+        "int8_kernels": int8_kernels,
     }
 
 
